@@ -1,0 +1,22 @@
+# seg4diff-repro: the appendix analyses of Seg4Diff as one Snakemake workflow.
+# `snakemake --cores 2` builds what config.yaml's `run` asks for (by default the offline toy world).
+
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/toy.smk"
+include: "workflow/rules/attention.smk"
+include: "workflow/rules/segmentation.smk"
+
+
+rule all:
+    input:
+        per_layer_targets(),
+    default_target: True

@@ -1,0 +1,94 @@
+"""The on-disk attention cache: one small .npz per image, written atomically.
+
+Each file holds the head-mean post-softmax I2T maps of the recorded layers (float16, image tokens ×
+the 77 CLIP text positions), the prompt with each class's token span, the noise seed, and the key of
+the settings that produced it, so that a changed setting never reuses a stale file and an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class CachedImage:
+    image_id: str
+    key: str
+    layers: np.ndarray  # [L] joint-layer indices
+    i2t: np.ndarray  # [L, n_image_tokens, 77] float16
+    token_grid: tuple[int, int]
+    prompt: str
+    class_ids: np.ndarray  # [C] class ids in prompt order
+    spans: np.ndarray  # [C, 2] half-open text positions per class
+    seed: int
+    box: tuple[int, int, int, int]  # region of the original image the input showed (top, left, bottom, right)
+
+
+def cache_path(folder: Path, image_id: str) -> Path:
+    return Path(folder) / f"{image_id}.npz"
+
+
+def write_cached_image(folder: Path, entry: CachedImage) -> Path:
+    """Write atomically: a reader never sees a half-written file, even if the run is killed."""
+    path = cache_path(folder, entry.image_id)
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        key=np.array(entry.key),
+        layers=entry.layers.astype(np.int16),
+        i2t=entry.i2t.astype(np.float16),
+        token_grid=np.array(entry.token_grid, dtype=np.int32),
+        prompt=np.array(entry.prompt),
+        class_ids=entry.class_ids.astype(np.int32),
+        spans=entry.spans.astype(np.int32).reshape(-1, 2),
+        seed=np.array(entry.seed, dtype=np.int64),
+        box=np.array(entry.box, dtype=np.int64),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(buffer.getvalue())
+    os.replace(tmp.name, path)
+    return path
+
+
+def read_cached_image(folder: Path, image_id: str) -> CachedImage:
+    path = cache_path(folder, image_id)
+    try:
+        with np.load(path) as data:
+            return CachedImage(
+                image_id=image_id,
+                key=str(data["key"]),
+                layers=data["layers"].astype(np.int64),
+                i2t=data["i2t"],
+                token_grid=tuple(int(v) for v in data["token_grid"]),
+                prompt=str(data["prompt"]),
+                class_ids=data["class_ids"].astype(np.int64),
+                spans=data["spans"].astype(np.int64),
+                seed=int(data["seed"]),
+                box=tuple(int(v) for v in data["box"]),
+            )
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"attention cache file {path} is missing: re-run the extraction rule that writes {Path(folder)}"
+        ) from None
+
+
+def cached_key(folder: Path, image_id: str) -> str | None:
+    """The settings key stored in an image's cache file, or None if it is absent or unreadable."""
+    try:
+        with np.load(cache_path(folder, image_id)) as data:
+            return str(data["key"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def settings_key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True)

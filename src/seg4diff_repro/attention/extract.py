@@ -1,0 +1,145 @@
+"""Extraction stage: run the Seg4Diff forward pass over a dataset and cache the I2T maps per image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from seg4diff_repro import __version__
+from seg4diff_repro.attention.cache import CachedImage, cached_key, settings_key, write_cached_image
+from seg4diff_repro.attention.recorder import AttentionRecorder
+from seg4diff_repro.datasets import SegmentationDataset
+from seg4diff_repro.datasets.layout import atomic_write_json
+from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
+from seg4diff_repro.models.sd3 import CLIP_TOKENS, SD3Adapter, describe_model_source
+from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything that determines the cached maps (a change invalidates the cache)."""
+
+    model: str
+    dataset: str
+    source: str
+    dtype: str
+    timestep: int
+    num_steps: int
+    layers: tuple[int, ...] | None
+    seed: int
+    short_side: int | None
+    resize: str
+    prompt: str
+    background_name: str
+    split: str
+    drop_background: bool
+    limit: int | None
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> ExtractionSettings:
+        layers = spec.get("layers")
+        return cls(**{**spec, "layers": None if layers in (None, "all") else tuple(layers)})
+
+
+def image_seed(base_seed: int, image_id: str) -> int:
+    """Noise seed of one image: fixed by the base seed and the image id, whatever the batching."""
+    digest = hashlib.sha256(f"{base_seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def extract_attention(
+    settings: ExtractionSettings,
+    dataset_root: Path,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> dict:
+    """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
+
+    Images whose cache file already carries the current settings key are skipped, so an interrupted
+    run resumes without recomputing them.
+    """
+    out_dir = Path(out_dir)
+    dataset = SegmentationDataset(
+        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
+    )
+    adapter = SD3Adapter.from_pretrained(settings.source, dtype=getattr(torch, settings.dtype), device=device)
+    noising = adapter.noising(settings.timestep, settings.num_steps)
+    layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
+    key = settings_key({**asdict(settings), "code_version": __version__})
+    todo = [i for i, image_id in enumerate(dataset.ids) if cached_key(out_dir, image_id) != key]
+    log.info(
+        "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
+        out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
+    )
+    for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
+        samples = [dataset[i] for i in todo[start : start + batch_size]]
+        _extract_batch(adapter, samples, dataset.class_names, settings, noising, layers, key, out_dir)
+
+    manifest = {
+        "settings": asdict(settings),
+        "noising": asdict(noising),
+        "layers": layers,
+        "token_grid": list(adapter.token_grid),
+        "image_ids": dataset.ids,
+        "class_names": dataset.class_names,
+        "ignore_index": dataset.ignore_index,
+        "model": describe_model_source(settings.source),
+        "code_version": __version__,
+        "seed_rule": "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1",
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _extract_batch(adapter, samples, class_names, settings, noising, layers, key, out_dir) -> None:
+    prepared = [
+        prepare_image(s.image, adapter.image_size, settings.short_side, settings.resize) for s in samples
+    ]
+    prompts = [
+        build_class_prompt(
+            prompt_class_ids(crop_to_box(s.label, box), len(class_names), settings.prompt),
+            class_names,
+            adapter.tokenizer,
+            settings.background_name,
+        )
+        for s, (_, box) in zip(samples, prepared)
+    ]
+    seeds = [image_seed(settings.seed, s.image_id) for s in samples]
+    latents = adapter.encode_images(torch.stack([pixels for pixels, _ in prepared]))
+    noisy = adapter.noise_latents(latents, noising, seeds)
+    prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
+    with AttentionRecorder(adapter.transformer, layers=layers, record=("i2t",), heads="mean") as recorder:
+        adapter.forward(noisy, noising, prompt_embeds, pooled)
+    # [B, L, n_image_tokens, 77]: the CLIP text positions only, as the official slice.
+    i2t = torch.stack([recorder.i2t[layer][:, 0, :, :CLIP_TOKENS] for layer in layers], dim=1).cpu().numpy()
+    for b, (sample, prompt) in enumerate(zip(samples, prompts)):
+        write_cached_image(
+            out_dir,
+            CachedImage(
+                image_id=sample.image_id,
+                key=key,
+                layers=np.array(layers),
+                i2t=i2t[b],
+                token_grid=adapter.token_grid,
+                prompt=prompt.text,
+                class_ids=np.array(prompt.class_ids),
+                spans=np.array(prompt.spans),
+                seed=seeds[b],
+                box=prepared[b][1],
+            ),
+        )
+
+
+def load_manifest(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

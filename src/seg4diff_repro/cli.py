@@ -1,0 +1,118 @@
+"""`seg4diff-repro` command line: the entry points the Snakemake rules call.
+
+Each subcommand does one stage; the rules pass paths and settings, and logs go to stderr, which the
+rules redirect to `logs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+
+def _build_tiny_model(args: argparse.Namespace) -> None:
+    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+    write_tiny_sd3_pipeline(Path(args.out), seed=args.seed)
+
+
+def _make_toy_shapes(args: argparse.Namespace) -> None:
+    from seg4diff_repro.datasets.toy_shapes import generate_toy_shapes
+
+    generate_toy_shapes(
+        Path(args.root), n_train=args.n_train, n_val=args.n_val, image_size=args.image_size, seed=args.seed
+    )
+
+
+def _extract_attention(args: argparse.Namespace) -> None:
+    from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention
+
+    settings = ExtractionSettings.from_dict(json.loads(args.settings))
+    extract_attention(
+        settings, Path(args.dataset_root), Path(args.out_dir), device=args.device, batch_size=args.batch_size
+    )
+
+
+def _score_layers(args: argparse.Namespace) -> None:
+    from seg4diff_repro.datasets.layout import atomic_write_bytes
+    from seg4diff_repro.segmentation.score import ScoringSettings, score_layers
+
+    scores = score_layers(Path(args.cache), Path(args.dataset_root), ScoringSettings(**json.loads(args.settings)))
+    atomic_write_bytes(Path(args.out), scores.to_csv(index=False).encode())
+
+
+def _per_layer_table(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.tables.per_layer import write_per_layer_table
+
+    paper_model, paper_dataset = (None if name == "none" else name for name in (args.paper_model, args.paper_dataset))
+    write_per_layer_table(pd.read_csv(args.scores), paper_model, paper_dataset, args.csv, args.markdown)
+
+
+def _per_layer_figure(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.figures.per_layer import plot_per_layer
+
+    plot_per_layer(pd.read_csv(args.table), Path(args.png), Path(args.pdf))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    command = commands.add_parser("build-tiny-model", help="write a tiny random-weight SD3-architecture pipeline")
+    command.add_argument("--out", required=True)
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=_build_tiny_model)
+
+    command = commands.add_parser("make-toy-shapes", help="generate the toy-shapes dataset (VOC layout)")
+    command.add_argument("--root", required=True)
+    command.add_argument("--n-train", type=int, default=512)
+    command.add_argument("--n-val", type=int, default=64)
+    command.add_argument("--image-size", type=int, default=64)
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=_make_toy_shapes)
+
+    command = commands.add_parser("extract-attention", help="cache I2T attention maps of a dataset split")
+    command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")
+    command.add_argument("--dataset-root", required=True)
+    command.add_argument("--out-dir", required=True)
+    command.add_argument("--device", default="cpu")
+    command.add_argument("--batch-size", type=int, default=8)
+    command.set_defaults(handler=_extract_attention)
+
+    command = commands.add_parser("score-layers", help="per-layer segmentation scores from the cache")
+    command.add_argument("--cache", required=True, help="manifest.json of the attention cache")
+    command.add_argument("--dataset-root", required=True)
+    command.add_argument("--settings", required=True, help="JSON of ScoringSettings")
+    command.add_argument("--out", required=True)
+    command.set_defaults(handler=_score_layers)
+
+    command = commands.add_parser("per-layer-table", help="paper_tables/ per-layer table (CSV + Markdown)")
+    command.add_argument("--scores", required=True)
+    command.add_argument("--paper-model", default="none", help="row of the paper's tables, or none")
+    command.add_argument("--paper-dataset", default="none", help="column of the paper's tables, or none")
+    command.add_argument("--csv", required=True)
+    command.add_argument("--markdown", required=True)
+    command.set_defaults(handler=_per_layer_table)
+
+    command = commands.add_parser("per-layer-figure", help="figures/ per-layer curves (PNG + PDF)")
+    command.add_argument("--table", required=True)
+    command.add_argument("--png", required=True)
+    command.add_argument("--pdf", required=True)
+    command.set_defaults(handler=_per_layer_figure)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

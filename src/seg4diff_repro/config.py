@@ -1,0 +1,119 @@
+"""Checks of the pipeline config that name the offending key and the allowed values.
+
+The Snakefile calls `check_config` before Snakemake's own `validate`, so that a bad config fails
+when the DAG is built with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+# Joint (MM-DiT) layer counts of the hub models, so that the DAG can be checked without downloading.
+KNOWN_LAYER_COUNTS = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": 24,
+    "stabilityai/stable-diffusion-3.5-medium": 24,
+}
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the key and what is allowed."""
+
+
+def _key_path(path) -> str:
+    parts = []
+    for part in path:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}" if parts else str(part))
+    return "".join(parts) or "<top level>"
+
+
+def _subschema_at(schema: dict, path) -> dict:
+    node = schema
+    for part in path:
+        if isinstance(part, int):
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(part) or node.get("additionalProperties") or {}
+    return node
+
+
+def _explain(error: jsonschema.ValidationError, schema: dict) -> str:
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(_subschema_at(schema, error.absolute_path).get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        return f"unknown key(s) {unknown} in {where}; allowed keys: {allowed}"
+    if error.validator == "enum":
+        return f"{where} = {error.instance!r} is not allowed; allowed values: {error.validator_value}"
+    if error.validator in ("minimum", "maximum"):
+        node = error.schema
+        return (f"{where} = {error.instance!r} is out of range; allowed: "
+                f"{node.get('minimum', '-inf')}..{node.get('maximum', 'inf')}")
+    if error.validator == "oneOf":
+        return f"{where} = {error.instance!r} is invalid; expected: {error.schema.get('description', error.message)}"
+    return f"{where}: {error.message}"
+
+
+def load_schema(schema_path: str | Path) -> dict:
+    return yaml.safe_load(Path(schema_path).read_text())
+
+
+def model_num_layers(model: dict) -> int | None:
+    """Number of joint layers of a configured model, or None if it cannot be known before loading it."""
+    source = str(model["source"])
+    transformer_config = Path(source) / "transformer" / "config.json"
+    if transformer_config.is_file():
+        return json.loads(transformer_config.read_text())["num_layers"]
+    if "build" in model:
+        from seg4diff_repro.models.tiny import TinySD3Config
+
+        return TinySD3Config().num_layers
+    return KNOWN_LAYER_COUNTS.get(source)
+
+
+def check_config(config: dict, schema_path: str | Path) -> None:
+    """Raise ConfigError for the first schema violation or out-of-range layer, timestep or name."""
+    schema = load_schema(schema_path)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(_explain(e, schema) for e in errors[:5]))
+
+    for kind in ("models", "datasets"):
+        for name in config["run"][kind]:
+            if name not in config[kind]:
+                raise ConfigError(f"run.{kind} names {name!r}, which is not defined; defined {kind}: {sorted(config[kind])}")
+
+    attention = config["attention"]
+    for name in config["run"]["models"]:
+        model = config["models"][name]
+        steps = model["num_inference_steps"]
+        if not 1 <= attention["timestep"] <= steps:
+            raise ConfigError(
+                f"attention.timestep = {attention['timestep']} is out of range for model {name!r}: "
+                f"allowed 1..{steps} (k steps before the end of its {steps}-step schedule)"
+            )
+        layers = attention["layers"]
+        count = model_num_layers(model)
+        if layers != "all" and count is not None:
+            bad = [layer for layer in layers if not 0 <= layer < count]
+            if bad:
+                raise ConfigError(
+                    f"attention.layers contains {bad}, out of range for model {name!r}: "
+                    f"allowed 0..{count - 1} (0-based joint layers) or \"all\""
+                )
+
+
+def apply_defaults(config: dict, schema: dict) -> dict:
+    """Fill the schema's defaults in place, also inside maps such as `models.<name>` (which `validate` skips)."""
+    properties = schema.get("properties", {})
+    for key, subschema in properties.items():
+        if key not in config and "default" in subschema:
+            config[key] = json.loads(json.dumps(subschema["default"]))
+    for key, value in config.items():
+        subschema = properties.get(key) or schema.get("additionalProperties")
+        if isinstance(value, dict) and isinstance(subschema, dict):
+            apply_defaults(value, subschema)
+    return config

@@ -1,0 +1,274 @@
+"""Where every evaluation dataset comes from: URLs, archive names, published checksums, counts, disk sizes.
+
+This module is deliberately standard-library only: ``workflow/rules/datasets.smk`` loads it by file path
+(without importing the package) to name the download jobs.
+
+Checksums are the values *published* by well-known public dataset loaders (each entry cites where); they are
+verified after every download and before every preparation. Sizes are the published archive sizes
+(approximate, for the disk-budget table in ``docs/datasets.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Prepared-dataset names handled here (``toy_shapes`` is generated, not downloaded; ``voc20`` is a view of
+#: ``voc21``: the reader's ``drop_background=True``).
+DATASET_NAMES = ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
+#: Target aliases: ``prepare_<alias>`` builds the dataset it points to.
+ALIASES = {"voc20": "voc21"}
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One file to fetch (or, for login-only sources, to be supplied by the user)."""
+
+    key: str
+    filename: str
+    urls: tuple[str, ...]
+    #: ("md5" | "sha1" | "sha256", hex digest) as published, or None where no checksum is published.
+    checksum: tuple[str, str] | None
+    checksum_source: str
+    size_gb: float
+    login_required: bool = False
+    #: Printed when a login-only archive is missing: where to get it and where to put it.
+    instructions: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    name: str
+    title: str
+    archives: tuple[str, ...]
+    split: str
+    expected_count: int | None
+    #: Approximate disk use in GB: downloads (shared archives counted for each user), peak temporary
+    #: extraction, and the prepared folder.
+    download_gb: float
+    extract_gb: float
+    prepared_gb: float
+    #: What a folder given as ``data.paths.<name>`` must contain (relative paths, globs allowed).
+    raw_layout: tuple[str, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+_CITYSCAPES_HELP = (
+    "Cityscapes needs a (free) login, so it is never downloaded automatically.\n"
+    "  1. Register and log in at https://www.cityscapes-dataset.com/login/\n"
+    "  2. From https://www.cityscapes-dataset.com/downloads/ download\n"
+    "       gtFine_trainvaltest.zip       (packageID=1, 241 MB)\n"
+    "       leftImg8bit_trainvaltest.zip  (packageID=3, 11 GB)\n"
+    "  3. Put both files, unrenamed, in {downloads_dir}/\n"
+    "     -- or set data.paths.cityscapes to a folder that already holds the extracted\n"
+    "        gtFine/val/<city>/*_gtFine_labelIds.png and leftImg8bit/val/<city>/*_leftImg8bit.png\n"
+    "  4. Re-run: snakemake prepare_cityscapes"
+)
+
+ARCHIVES: dict[str, Archive] = {
+    a.key: a
+    for a in (
+        Archive(
+            key="voc2012_trainval",
+            filename="VOCtrainval_11-May-2012.tar",
+            urls=(
+                "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+                "https://pjreddie.com/media/files/VOCtrainval_11-May-2012.tar",
+            ),
+            checksum=("md5", "6cd6e144f989b92b3379bac3b3de84fd"),
+            checksum_source="torchvision.datasets.VOCSegmentation (DATASET_YEAR_DICT['2012'])",
+            size_gb=2.0,
+        ),
+        Archive(
+            key="voc2010_trainval",
+            filename="VOCtrainval_03-May-2010.tar",
+            urls=("http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",),
+            checksum=("md5", "da459979d0c395079b5c75ee67908abb"),
+            checksum_source="torchvision.datasets.VOCSegmentation (DATASET_YEAR_DICT['2010'])",
+            size_gb=1.3,
+        ),
+        Archive(
+            key="pascal_context_trainval_merged",
+            filename="trainval_merged.json",
+            urls=("https://codalabuser.blob.core.windows.net/public/trainval_merged.json",),
+            checksum=("sha1", "169325d9f7e9047537fedca7b04de4dddf10b881"),
+            checksum_source="PyTorch-Encoding / GluonCV scripts/prepare_pcontext.py (Detail-API json)",
+            size_gb=0.6,  # not published; estimate
+        ),
+        Archive(
+            key="ade20k_challenge",
+            filename="ADEChallengeData2016.zip",
+            urls=("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",),
+            checksum=("sha1", "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"),
+            checksum_source="GluonCV scripts/datasets/ade20k.py; Segmenter prepare_ade20k.py",
+            size_gb=0.92,
+        ),
+        Archive(
+            key="coco_val2017_images",
+            filename="val2017.zip",
+            urls=("http://images.cocodataset.org/zips/val2017.zip",),
+            checksum=("sha1", "4950dc9d00dbe1c933ee0170f5797584351d2a41"),
+            checksum_source="GluonCV scripts/datasets/mscoco.py (also its docs' download table)",
+            size_gb=0.78,
+        ),
+        Archive(
+            key="coco_annotations_trainval2017",
+            filename="annotations_trainval2017.zip",
+            urls=("http://images.cocodataset.org/annotations/annotations_trainval2017.zip",),
+            checksum=("sha1", "8551ee4bb5860311e79dace7e79cb91e432e78b3"),
+            checksum_source="GluonCV scripts/datasets/mscoco.py (also its docs' download table)",
+            size_gb=0.24,
+        ),
+        Archive(
+            key="cocostuff_stuffthingmaps_trainval2017",
+            filename="stuffthingmaps_trainval2017.zip",
+            urls=(
+                "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
+                "stuffthingmaps_trainval2017.zip",
+            ),
+            checksum=None,
+            checksum_source=(
+                "none published (github.com/nightrome/cocostuff lists only the size, 659 MB): the sha256 "
+                "is recorded on first download (trust on first use) and in the manifest; pin it with "
+                "data.source_overrides.cocostuff_stuffthingmaps_trainval2017.checksum"
+            ),
+            size_gb=0.66,
+        ),
+        Archive(
+            key="cityscapes_gtfine_trainvaltest",
+            filename="gtFine_trainvaltest.zip",
+            urls=("https://www.cityscapes-dataset.com/file-handling/?packageID=1",),
+            checksum=("sha1", "99f532cb1af174f5fcc4c5bc8feea8c66246ddbc"),
+            checksum_source="Segmenter (rstrudel/segmenter) segm/scripts/prepare_cityscapes.py",
+            size_gb=0.24,
+            login_required=True,
+            instructions=_CITYSCAPES_HELP,
+        ),
+        Archive(
+            key="cityscapes_leftimg8bit_trainvaltest",
+            filename="leftImg8bit_trainvaltest.zip",
+            urls=("https://www.cityscapes-dataset.com/file-handling/?packageID=3",),
+            checksum=("sha1", "2c0b77ce9933cc635adda307fbba5566f5d9d404"),
+            checksum_source="Segmenter (rstrudel/segmenter) segm/scripts/prepare_cityscapes.py",
+            size_gb=11.0,
+            login_required=True,
+            instructions=_CITYSCAPES_HELP,
+        ),
+    )
+}
+
+DATASETS: dict[str, DatasetSource] = {
+    d.name: d
+    for d in (
+        DatasetSource(
+            name="voc21",
+            title="PASCAL VOC 2012 val, 21 classes (background = 0); VOC20 is its drop_background view",
+            archives=("voc2012_trainval",),
+            split="val",
+            expected_count=1449,
+            download_gb=2.0,
+            extract_gb=0.2,
+            prepared_gb=0.15,
+            raw_layout=(
+                "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt",
+                "VOCdevkit/VOC2012/JPEGImages/<id>.jpg",
+                "VOCdevkit/VOC2012/SegmentationClass/<id>.png",
+            ),
+        ),
+        DatasetSource(
+            name="coco_object",
+            title="COCO-Object: COCO 2017 val, 80 things + background (0), from instance masks",
+            archives=("coco_val2017_images", "coco_annotations_trainval2017"),
+            split="val",
+            expected_count=5000,
+            download_gb=1.02,
+            extract_gb=1.25,
+            prepared_gb=0.85,
+            raw_layout=("val2017/<id>.jpg", "annotations/instances_val2017.json"),
+        ),
+        DatasetSource(
+            name="pc59",
+            title="PASCAL-Context-59: VOC2010 val with the 59 most frequent context classes",
+            archives=("voc2010_trainval", "pascal_context_trainval_merged"),
+            split="val",
+            expected_count=5105,
+            download_gb=1.9,
+            extract_gb=0.6,
+            prepared_gb=0.55,
+            raw_layout=("VOCdevkit/VOC2010/JPEGImages/<id>.jpg", "trainval_merged.json (or VOCdevkit/VOC2010/...)"),
+        ),
+        DatasetSource(
+            name="ade150",
+            title="ADE20K-150 (SceneParsing ADEChallengeData2016) val",
+            archives=("ade20k_challenge",),
+            split="val",
+            expected_count=2000,
+            download_gb=0.92,
+            extract_gb=0.25,
+            prepared_gb=0.25,
+            raw_layout=(
+                "ADEChallengeData2016/images/validation/<id>.jpg",
+                "ADEChallengeData2016/annotations/validation/<id>.png",
+            ),
+        ),
+        DatasetSource(
+            name="coco_stuff27",
+            title="COCO-Stuff-27 (PiCIE/STEGO coarse classes), all COCO 2017 val images",
+            archives=("coco_val2017_images", "cocostuff_stuffthingmaps_trainval2017"),
+            split="val",
+            expected_count=5000,
+            download_gb=1.44,
+            extract_gb=0.85,
+            prepared_gb=0.85,
+            raw_layout=(
+                "val2017/<id>.jpg (or images/val2017/)",
+                "stuffthingmaps_trainval2017/val2017/<id>.png (or annotations/val2017/ or val2017/<id>.png)",
+            ),
+            notes=("[assumption] all 5000 val2017 images (STEGO evaluates a curated 2175-image subset)",),
+        ),
+        DatasetSource(
+            name="cityscapes",
+            title="Cityscapes fine val, 19 trainIds",
+            archives=("cityscapes_gtfine_trainvaltest", "cityscapes_leftimg8bit_trainvaltest"),
+            split="val",
+            expected_count=500,
+            download_gb=11.24,
+            extract_gb=0.3,
+            prepared_gb=0.8,
+            raw_layout=(
+                "leftImg8bit/val/<city>/<id>_leftImg8bit.png",
+                "gtFine/val/<city>/<id>_gtFine_labelIds.png",
+            ),
+        ),
+    )
+}
+
+
+def resolve_name(name: str) -> str:
+    """Map a target alias (``voc20``) to the prepared dataset it is a view of."""
+    name = ALIASES.get(name, name)
+    if name not in DATASETS:
+        known = sorted([*DATASETS, *ALIASES])
+        raise KeyError(f"unknown dataset {name!r}; known: {known}")
+    return name
+
+
+def archives_for(name: str) -> list[Archive]:
+    return [ARCHIVES[k] for k in DATASETS[resolve_name(name)].archives]
+
+
+def archive_by_filename(filename: str) -> Archive:
+    for a in ARCHIVES.values():
+        if a.filename == filename:
+            return a
+    raise KeyError(f"no archive named {filename!r}; known: {sorted(a.filename for a in ARCHIVES.values())}")
+
+
+def parse_checksum(text: str) -> tuple[str, str]:
+    """``"sha256:abc…"`` -> ("sha256", "abc…"); the algorithm must be md5, sha1 or sha256."""
+    algo, sep, digest = text.partition(":")
+    algo = algo.strip().lower()
+    digest = digest.strip().lower()
+    lengths = {"md5": 32, "sha1": 40, "sha256": 64}
+    if not sep or algo not in lengths or len(digest) != lengths[algo] or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"checksum must look like 'md5:<32 hex>', 'sha1:<40 hex>' or 'sha256:<64 hex>', got {text!r}")
+    return algo, digest

@@ -1,0 +1,1 @@
+"""Figures for figures/ (seaborn, PNG and PDF)."""

@@ -1,0 +1,36 @@
+"""Per-layer segmentation curves (pACC, mACC, mIoU against the joint layer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # rules run without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from seg4diff_repro.tables.per_layer import METRICS  # noqa: E402
+
+
+def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
+    """One curve per metric; the paper's mIoU, where reported, as a star."""
+    long = table.melt(id_vars=["layer"], value_vars=METRICS, var_name="metric", value_name="score")
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=long, x="layer", y="score", hue="metric", marker="o", ax=ax)
+    paper = table.dropna(subset=["paper_mIoU"])
+    if not paper.empty:
+        ax.scatter(paper["layer"], paper["paper_mIoU"], marker="*", s=160, color="black", label="paper mIoU", zorder=3)
+        ax.legend()
+    first = table.iloc[0]
+    ax.set_title(f"{first['model']} on {first['dataset']}: segmentation from I2T attention per layer")
+    ax.set_xlabel("joint layer (0-based)")
+    ax.set_ylabel("score (%)")
+    ax.set_xticks(sorted(table["layer"].unique()))
+    fig.tight_layout()
+    for path in (png_path, pdf_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+    plt.close(fig)

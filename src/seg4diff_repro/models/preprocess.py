@@ -1,0 +1,50 @@
+"""Image geometry of the Seg4Diff evaluation: shorter side to 640, then a stretch (or crop) to the model size."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ResizeMode = Literal["stretch", "center_crop"]
+
+
+def center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the largest centred square."""
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return top, left, top + side, left + side
+
+
+def crop_to_box(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    top, left, bottom, right = box
+    return array[top:bottom, left:right]
+
+
+def prepare_image(
+    image: np.ndarray, size: int, short_side: int | None = None, resize: ResizeMode = "stretch"
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """An HxWx3 uint8 image → ([3, size, size] float in [0, 1], the region of the original it shows).
+
+    ``short_side`` reproduces detectron2's test mapper (PIL bilinear); ``stretch`` is the official
+    code's non-aspect-preserving resize, ``center_crop`` the paper's text. The returned box, in
+    original pixel coordinates, tells the scorer which part of the label map the prediction covers.
+    """
+    height, width = image.shape[:2]
+    box = (0, 0, height, width)
+    if resize == "center_crop":
+        box = center_crop_box(height, width)
+        image = image[box[0] : box[2], box[1] : box[3]]
+    elif resize != "stretch":
+        raise ValueError(f"resize={resize!r}: use 'stretch' (official code) or 'center_crop' (paper text)")
+    if short_side is not None:
+        h, w = image.shape[:2]
+        factor = short_side / min(h, w)
+        new_size = (int(round(w * factor)), int(round(h * factor)))
+        image = np.asarray(Image.fromarray(image).resize(new_size, Image.BILINEAR))
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+    pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return pixels, box

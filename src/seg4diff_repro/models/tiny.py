@@ -1,0 +1,263 @@
+"""Tiny random-weight SD3-architecture pipeline built offline from the real diffusers/transformers classes.
+
+It is saved with ``save_pretrained`` so the analysis code loads it through exactly the same
+``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`` call as
+``stabilityai/stable-diffusion-3-medium-diffusers``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from seg4diff_repro.models.clip_tokenizer import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_G_PAD_ID,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    build_sd3_tokenizers,
+)
+
+__all__ = ["MODEL_INFO_FILE", "TinySD3Config", "build_tiny_sd3_pipeline", "write_tiny_sd3_pipeline"]
+
+MODEL_INFO_FILE = "seg4diff_model.json"
+
+
+@dataclass(frozen=True)
+class TinySD3Config:
+    """Sizes of the tiny SD3-architecture pipeline (defaults: 64 px images, 16x16 = 256 image tokens)."""
+
+    image_size: int = 64
+    # VAE: two blocks -> one downsampling (factor 2); SD3's latent channels and latent normalisation.
+    vae_block_out_channels: tuple[int, ...] = (32, 64)
+    vae_layers_per_block: int = 1
+    vae_norm_num_groups: int = 32
+    latent_channels: int = 16
+    vae_shift_factor: float = 0.0609
+    vae_scaling_factor: float = 1.5305
+    # MM-DiT transformer.
+    sample_size: int = 32
+    patch_size: int = 2
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    caption_projection_dim: int = 128
+    joint_attention_dim: int = 64
+    pooled_projection_dim: int = 64
+    pos_embed_max_size: int = 32
+    # Each of the two CLIP text encoders (CLIP-L and CLIP-G get the same tiny sizes).
+    text_hidden_size: int = 32
+    text_intermediate_size: int = 64
+    text_num_layers: int = 2
+    text_num_heads: int = 2
+    text_projection_dim: int = 32
+    text_hidden_act: str = "quick_gelu"
+    # Scheduler: SD3's FlowMatchEulerDiscreteScheduler config.
+    num_train_timesteps: int = 1000
+    scheduler_shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        """Check the size relations diffusers' SD3 pipeline relies on, so mistakes fail here and not mid-run."""
+        vae_factor = 2 ** (len(self.vae_block_out_channels) - 1)
+        inner_dim = self.num_attention_heads * self.attention_head_dim
+        checks = [
+            (
+                self.image_size == self.sample_size * vae_factor,
+                f"image_size={self.image_size} must equal sample_size={self.sample_size} x VAE factor {vae_factor} "
+                f"(2 ** (len(vae_block_out_channels) - 1))",
+            ),
+            (
+                self.sample_size % self.patch_size == 0,
+                f"sample_size={self.sample_size} must be divisible by patch_size={self.patch_size}",
+            ),
+            (
+                self.sample_size // self.patch_size <= self.pos_embed_max_size,
+                f"pos_embed_max_size={self.pos_embed_max_size} must be >= sample_size / patch_size = "
+                f"{self.sample_size // self.patch_size} (diffusers crops the position embedding to the patch grid)",
+            ),
+            (
+                self.caption_projection_dim == inner_dim,
+                f"caption_projection_dim={self.caption_projection_dim} must equal num_attention_heads x "
+                f"attention_head_dim = {inner_dim} (text tokens join the image tokens in every block)",
+            ),
+            (
+                2 * self.text_hidden_size == self.joint_attention_dim,
+                f"joint_attention_dim={self.joint_attention_dim} must equal 2 x text_hidden_size = "
+                f"{2 * self.text_hidden_size} (CLIP-L and CLIP-G token embeddings are concatenated)",
+            ),
+            (
+                2 * self.text_projection_dim == self.pooled_projection_dim,
+                f"pooled_projection_dim={self.pooled_projection_dim} must equal 2 x text_projection_dim = "
+                f"{2 * self.text_projection_dim} (CLIP-L and CLIP-G pooled embeddings are concatenated)",
+            ),
+            (
+                all(c % self.vae_norm_num_groups == 0 for c in self.vae_block_out_channels),
+                f"every vae_block_out_channels {self.vae_block_out_channels} must be divisible by "
+                f"vae_norm_num_groups={self.vae_norm_num_groups}",
+            ),
+            (
+                self.text_hidden_size % self.text_num_heads == 0,
+                f"text_hidden_size={self.text_hidden_size} must be divisible by text_num_heads={self.text_num_heads}",
+            ),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("Invalid TinySD3Config: " + "; ".join(errors) + ". Fix these sizes.")
+
+
+def _text_encoder(config: TinySD3Config, pad_token_id: int) -> CLIPTextModelWithProjection:
+    """A random CLIP text encoder whose special-token ids match the offline tokenizers."""
+    text_config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=config.text_hidden_size,
+        intermediate_size=config.text_intermediate_size,
+        num_hidden_layers=config.text_num_layers,
+        num_attention_heads=config.text_num_heads,
+        projection_dim=config.text_projection_dim,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act=config.text_hidden_act,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=pad_token_id,
+    )
+    return CLIPTextModelWithProjection(text_config)
+
+
+def build_tiny_sd3_pipeline(
+    config: TinySD3Config = TinySD3Config(),
+    seed: int = 0,
+    tokenizer_dir: Path | None = None,
+) -> StableDiffusion3Pipeline:
+    """Build a tiny fp32 SD3 pipeline with random weights drawn from ``seed`` (no T5: text_encoder_3=None).
+
+    ``tokenizer_dir`` receives the offline CLIP BPE files; by default a temporary folder is used.
+    """
+    # Re-seeding before every module makes each module's weights depend only on (seed, config),
+    # so changing one module's sizes does not reshuffle the others.
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=config.sample_size,
+        patch_size=config.patch_size,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        num_layers=config.num_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.joint_attention_dim,
+        caption_projection_dim=config.caption_projection_dim,
+        pooled_projection_dim=config.pooled_projection_dim,
+        pos_embed_max_size=config.pos_embed_max_size,
+    )
+    torch.manual_seed(seed)
+    n_blocks = len(config.vae_block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=config.vae_block_out_channels,
+        layers_per_block=config.vae_layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.vae_norm_num_groups,
+        sample_size=config.image_size,
+        scaling_factor=config.vae_scaling_factor,
+        shift_factor=config.vae_shift_factor,
+        # SD3's VAE has no quant convs; matching it keeps the state-dict layout SD3-like.
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder(config, pad_token_id=CLIP_EOS_ID)
+    torch.manual_seed(seed)
+    text_encoder_2 = _text_encoder(config, pad_token_id=CLIP_G_PAD_ID)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=config.num_train_timesteps, shift=config.scheduler_shift
+    )
+    if tokenizer_dir is None:
+        with tempfile.TemporaryDirectory(prefix="seg4diff-clip-bpe-") as tmp:
+            tokenizer, tokenizer_2 = build_sd3_tokenizers(Path(tmp))
+    else:
+        tokenizer, tokenizer_2 = build_sd3_tokenizers(Path(tokenizer_dir))
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        # Modules follow torch's default dtype, which a caller may have changed; the toy world is fp32.
+        # nn.Module.float() rather than pipe.to(dtype=...), which logs a spurious diffusers warning.
+        module.float().eval()
+    return pipe
+
+
+def _replaceable(folder: Path) -> bool:
+    """Only an empty folder or a previous pipeline folder may be replaced, never unrelated user data."""
+    return not any(folder.iterdir()) or (folder / "model_index.json").is_file()
+
+
+def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config(), seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it (safetensors) into ``out_dir`` atomically; return ``out_dir``.
+
+    The folder also gets ``seg4diff_model.json`` = {"kind": "tiny-random", "seed": ..., "config": ...}.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder; remove it or choose another model folder.")
+    if out_dir.is_dir() and not _replaceable(out_dir):
+        raise FileExistsError(
+            f"{out_dir} is a non-empty folder without model_index.json; refusing to replace it. "
+            "Remove it or choose another model folder."
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (not tempfile.mkdtemp, which forces mode 0700) so the model folder gets the usual umask mode.
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    tmp_dir.mkdir()
+    try:
+        pipe = build_tiny_sd3_pipeline(config, seed=seed)
+        pipe.save_pretrained(tmp_dir, safe_serialization=True)
+        info = {"kind": "tiny-random", "seed": seed, "config": asdict(config)}
+        (tmp_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        # diffusers writes its safetensors with mode 0600; give every file the umask mode our json file got,
+        # so a model folder shared between users or containers stays readable.
+        file_mode = (tmp_dir / MODEL_INFO_FILE).stat().st_mode & 0o777
+        for path in tmp_dir.rglob("*"):
+            if path.is_file():
+                path.chmod(file_mode)
+        if out_dir.exists():
+            # Move the old folder aside first: a rename onto a non-empty folder fails, and deleting
+            # before the rename would leave no model at the target if the rename then failed.
+            old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
+            out_dir.rename(old_dir)
+            try:
+                tmp_dir.rename(out_dir)
+            except BaseException:
+                old_dir.rename(out_dir)
+                raise
+            shutil.rmtree(old_dir)
+        else:
+            tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,1 @@
+"""Semantic segmentation from attention maps, and its scores."""

@@ -1,0 +1,63 @@
+"""From cached token maps to class maps to a label map (method_spec §B.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NEVER = -1e30
+
+
+def _min_max(maps: np.ndarray) -> np.ndarray:
+    """Min–max over pixels (the last axis), per map."""
+    low = maps.min(axis=-1, keepdims=True)
+    high = maps.max(axis=-1, keepdims=True)
+    return (maps - low) / (high - low + 1e-12)
+
+
+def class_score_maps(
+    token_maps: np.ndarray,
+    spans: np.ndarray,
+    grid: tuple[int, int],
+    norm_before_merge: bool = False,
+    norm_after_merge: bool = False,
+) -> np.ndarray:
+    """[n_image_tokens, n_text] maps → [C, h, w]: each class the mean of its token columns.
+
+    A class whose span is empty (truncated out of the prompt) gets a huge negative score, so it is
+    never predicted (-inf would turn into NaN under bilinear interpolation).
+    """
+    maps = token_maps.astype(np.float32).T  # [n_text, n_image_tokens]
+    if norm_before_merge:
+        maps = _min_max(maps)
+    scores = np.full((len(spans), maps.shape[1]), NEVER, dtype=np.float32)
+    kept = np.array([end > start for start, end in spans], dtype=bool)
+    for i, (start, end) in enumerate(spans):
+        if kept[i]:
+            scores[i] = maps[start:end].mean(axis=0)
+    if norm_after_merge:
+        scores[kept] = _min_max(scores[kept])
+    return scores.reshape(len(spans), *grid)
+
+
+def predict_labels(
+    class_ids: np.ndarray, scores: np.ndarray, num_classes: int, out_shape: tuple[int, int]
+) -> np.ndarray:
+    """Bilinear upsampling to ``out_shape`` and argmax over the whole vocabulary.
+
+    As in the official code the vocabulary tensor is zero for classes missing from the prompt; the
+    result equals ``argmax`` of that full tensor (first maximum wins) without materialising it.
+    """
+    upsampled = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(scores))[None], size=out_shape, mode="bilinear", align_corners=False
+    )[0]
+    best_value, best_index = upsampled.max(dim=0)
+    class_ids = torch.as_tensor(class_ids)
+    prediction = class_ids[best_index]
+    absent = np.setdiff1d(np.arange(num_classes), class_ids.numpy())
+    if absent.size:
+        first_absent = int(absent[0])
+        zero_wins = (best_value < 0) | ((best_value == 0) & (prediction > first_absent))
+        prediction = torch.where(zero_wins, torch.tensor(first_absent), prediction)
+    return prediction.numpy()

@@ -1,0 +1,131 @@
+"""Semantic segmentation scores (pACC, mACC, mIoU) from an accumulated confusion matrix.
+
+Follows detectron2's SemSegEvaluator (Seg4Diff appendix A.4): pixels whose ground truth is
+the ignore index are dropped, and mACC / mIoU average only over classes that have
+ground-truth pixels (the newer detectron2 rule; torchmetrics' macro averages differ when a
+class is predicted but absent from the ground truth).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..datasets.layout import atomic_write_bytes
+
+
+def _to_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{what} must have an integer dtype (class indices), got {x.dtype}; take argmax first")
+    return x
+
+
+class ConfusionMatrix:
+    """Accumulates a [num_classes, num_classes] int64 confusion matrix (rows = GT, cols = prediction)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} collides with class indices 0..{num_classes - 1}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self._counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
+        """Add one batch/image of integer predictions and targets of the same shape."""
+        p = _to_numpy(pred, "pred")
+        t = _to_numpy(target, "target")
+        if p.shape != t.shape:
+            raise ValueError(f"pred shape {p.shape} differs from target shape {t.shape}")
+        keep = t != self.ignore_index
+        p = p[keep].astype(np.int64)
+        t = t[keep].astype(np.int64)
+        for what, values in (("target", t), ("pred", p)):
+            bad = values[(values < 0) | (values >= self.num_classes)]
+            if bad.size:
+                raise ValueError(
+                    f"{what} contains value(s) {np.unique(bad)[:10].tolist()} outside [0, {self.num_classes}) "
+                    f"at non-ignored pixels (ignore_index={self.ignore_index})"
+                )
+        # One bincount over combined indices is much faster than np.add.at or a per-class loop.
+        counts = np.bincount(self.num_classes * t + p, minlength=self.num_classes**2)
+        self._counts += counts.reshape(self.num_classes, self.num_classes)
+
+    def merge(self, other: ConfusionMatrix) -> None:
+        """Add the counts of another matrix with the same classes and ignore index."""
+        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
+            raise ValueError(
+                f"cannot merge a matrix with num_classes={other.num_classes}, ignore_index={other.ignore_index} "
+                f"into one with num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+            )
+        self._counts += other._counts
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """A copy of the counts, int64 [num_classes, num_classes], rows = GT, cols = prediction."""
+        return self._counts.copy()
+
+    def per_class_iou(self) -> np.ndarray:
+        """IoU per class in [0, 1] (float64); nan for classes without ground-truth pixels."""
+        tp = np.diag(self._counts).astype(np.float64)
+        gt = self._counts.sum(axis=1).astype(np.float64)
+        pred = self._counts.sum(axis=0).astype(np.float64)
+        iou = np.full(self.num_classes, np.nan)
+        has_gt = gt > 0
+        iou[has_gt] = tp[has_gt] / (gt + pred - tp)[has_gt]
+        return iou
+
+    def compute(self) -> dict[str, float]:
+        """pACC, mACC and mIoU in percent (0-100)."""
+        gt = self._counts.sum(axis=1).astype(np.float64)
+        if gt.sum() == 0:
+            raise ValueError("no ground-truth pixels were accumulated (all ignored or no update() calls)")
+        tp = np.diag(self._counts).astype(np.float64)
+        has_gt = gt > 0
+        return {
+            "pACC": float(100 * tp.sum() / gt.sum()),
+            "mACC": float(100 * np.mean(tp[has_gt] / gt[has_gt])),
+            "mIoU": float(100 * np.nanmean(self.per_class_iou())),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Atomically store the counts as .npz so partial results can be merged later."""
+        buf = io.BytesIO()
+        np.savez(buf, matrix=self._counts, ignore_index=np.int64(self.ignore_index))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConfusionMatrix:
+        """Load a matrix written by :meth:`save`."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"confusion-matrix file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                matrix, ignore_index = data["matrix"], data["ignore_index"]
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+            raise ValueError(
+                f"{path} is not a confusion-matrix .npz written by ConfusionMatrix.save ({err}); recompute it"
+            ) from err
+        if (
+            matrix.ndim != 2
+            or matrix.shape[0] != matrix.shape[1]
+            or matrix.dtype != np.int64
+            or (matrix < 0).any()
+        ):
+            raise ValueError(
+                f"{path}: 'matrix' must be a square non-negative int64 array, got shape {matrix.shape} "
+                f"dtype {matrix.dtype}; recompute it"
+            )
+        out = cls(matrix.shape[0], int(ignore_index))
+        out._counts += matrix
+        return out

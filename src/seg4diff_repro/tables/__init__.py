@@ -1,0 +1,1 @@
+"""Tables for paper_tables/: our numbers beside the paper's, with provenance."""

@@ -1,0 +1,57 @@
+"""The per-layer segmentation table (CSV and Markdown) with the paper's value where it reports one."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+
+from seg4diff_repro.datasets.layout import atomic_write_bytes
+
+METRICS = ["pACC", "mACC", "mIoU"]
+
+
+def paper_ovss_miou(paper_model: str | None, paper_dataset: str | None, layer: int, timestep_k: int) -> float | None:
+    """The paper's mIoU for this (model, dataset, layer, timestep), or None where it reports none."""
+    if paper_model is None or paper_dataset is None:
+        return None
+    numbers = json.loads(files("seg4diff_repro.data").joinpath("paper_numbers.json").read_text())["ovss_miou"]
+    entry = numbers.get(paper_model)
+    if entry is None or entry["layer"] != layer or entry["timestep_k"] != timestep_k:
+        return None
+    return entry["values"].get(paper_dataset)
+
+
+def per_layer_table(scores: pd.DataFrame, paper_model: str | None, paper_dataset: str | None) -> pd.DataFrame:
+    table = scores[["model", "dataset", "layer", *METRICS]].copy()
+    table["paper_mIoU"] = [
+        paper_ovss_miou(paper_model, paper_dataset, int(row.layer), int(row.timestep_k))
+        for row in scores.itertuples()
+    ]
+    table["diff_mIoU"] = table["mIoU"] - table["paper_mIoU"].astype(float)
+    return table
+
+
+def write_per_layer_table(
+    scores: pd.DataFrame, paper_model: str | None, paper_dataset: str | None, csv_path: Path, md_path: Path
+) -> pd.DataFrame:
+    """Write the table as CSV and as Markdown headed by the settings that produced it."""
+    table = per_layer_table(scores, paper_model, paper_dataset)
+    atomic_write_bytes(Path(csv_path), table.to_csv(index=False, float_format="%.2f").encode())
+    first = scores.iloc[0]
+    provenance = ", ".join(
+        f"{key} = {first[key]}"
+        for key in ("model", "dataset", "timestep_k", "num_steps", "sigma", "prompt", "resize", "attention",
+                    "norm_before_merge", "norm_after_merge", "seed", "images", "code_version")
+    )
+    markdown = (
+        f"# Per-layer open-vocabulary segmentation: {first['model']} on {first['dataset']}\n\n"
+        f"{provenance}.\n\nScores in percent; `paper_mIoU` is empty where the paper reports no number.\n\n"
+        # object dtype so that missing paper values print as blanks, not "nan"
+        + table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
+        + "\n"
+    )
+    atomic_write_bytes(Path(md_path), markdown.encode())
+    return table

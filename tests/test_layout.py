@@ -1,0 +1,176 @@
+"""The prepared-dataset layout: writers, manifest, reader, VOC20 view and error messages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg4diff_repro.datasets import (
+    SegmentationDataset,
+    atomic_write_json,
+    read_manifest,
+    save_image_jpeg,
+    save_label_png,
+    voc_palette,
+    write_captions,
+    write_classes_json,
+    write_manifest,
+    write_split,
+)
+
+NAMES = ["background", "cat", "dog"]
+
+
+def _make_dataset(root: Path, background_index: int | None = 0) -> dict[str, np.ndarray]:
+    """Three 12x16 images with hand-made labels; returns the labels by id."""
+    labels = {}
+    for k, image_id in enumerate(["a", "b", "c"]):
+        label = np.zeros((12, 16), dtype=np.uint8)
+        label[2:6, 3:9] = 1
+        label[7:11, 8 + k : 14] = 2
+        label[0, :] = 255
+        labels[image_id] = label
+        save_label_png(root / "SegmentationClass" / f"{image_id}.png", label)
+        image = np.full((12, 16, 3), 40 * k, dtype=np.uint8)
+        save_image_jpeg(root / "JPEGImages" / f"{image_id}.jpg", image)
+    write_classes_json(root, NAMES, ignore_index=255, background_index=background_index)
+    write_split(root, "train", ["a", "b"])
+    write_split(root, "val", ["c"])
+    write_captions(root, {"a": "a cat", "c": "a dog"})
+    write_manifest(root, {"source": "hand-made"})
+    return labels
+
+
+def test_voc_palette_matches_published_voc_colours() -> None:
+    pal = voc_palette()
+    assert len(pal) == 768
+    colour = {i: tuple(pal[3 * i : 3 * i + 3]) for i in (0, 1, 2, 15, 20, 255)}
+    # Colours of PASCAL VOC's SegmentationClass PNGs (background, aeroplane, bicycle, person, tvmonitor, void).
+    assert colour == {
+        0: (0, 0, 0),
+        1: (128, 0, 0),
+        2: (0, 128, 0),
+        15: (192, 128, 128),
+        20: (0, 64, 128),
+        255: (224, 224, 192),
+    }
+
+
+def test_label_png_is_palette_png_with_raw_indices(tmp_path: Path) -> None:
+    labels = _make_dataset(tmp_path)
+    with Image.open(tmp_path / "SegmentationClass" / "a.png") as im:
+        assert im.format == "PNG" and im.mode == "P"
+        assert im.getpalette()[3:6] == [128, 0, 0]
+        np.testing.assert_array_equal(np.array(im), labels["a"])
+        rgb = np.array(im.convert("RGB"))
+    assert tuple(rgb[0, 0]) == (224, 224, 192)  # ignore row renders as VOC's void colour
+
+
+def test_reader_roundtrip_captions_and_limit(tmp_path: Path) -> None:
+    labels = _make_dataset(tmp_path)
+    ds = SegmentationDataset(tmp_path, "train")
+    assert ds.ids == ["a", "b"] and len(ds) == 2
+    assert ds.class_names == NAMES and ds.background_index == 0 and ds.ignore_index == 255
+    samples = list(ds)
+    assert [s.image_id for s in samples] == ["a", "b"]
+    s = samples[1]
+    assert s.image.shape == (12, 16, 3) and s.image.dtype == np.uint8
+    assert s.label.shape == (12, 16) and s.label.dtype == np.int64
+    np.testing.assert_array_equal(s.label, labels["b"])
+    assert np.abs(s.image.astype(int) - 40).max() <= 2  # JPEG of a flat grey image
+    assert samples[0].caption == "a cat" and s.caption is None
+    limited = SegmentationDataset(tmp_path, "train", limit=1)
+    assert limited.ids == ["a"]
+
+
+def test_drop_background_view(tmp_path: Path) -> None:
+    labels = _make_dataset(tmp_path)
+    ds = SegmentationDataset(tmp_path, "val", drop_background=True)
+    assert ds.class_names == ["cat", "dog"] and ds.background_index is None
+    raw = labels["c"].astype(np.int64)
+    expected = np.select([raw == 0, raw == 255], [255, 255], raw - 1)
+    np.testing.assert_array_equal(ds[0].label, expected)
+    assert set(np.unique(ds[0].label)) == {0, 1, 255}
+
+
+def test_drop_background_without_background_is_an_error(tmp_path: Path) -> None:
+    _make_dataset(tmp_path, background_index=None)
+    with pytest.raises(ValueError, match="background_index null"):
+        SegmentationDataset(tmp_path, "val", drop_background=True)
+
+
+def test_manifest_hashes_and_counts(tmp_path: Path) -> None:
+    _make_dataset(tmp_path)
+    manifest = read_manifest(tmp_path)
+    assert manifest["splits"] == {"train": 2, "val": 1}
+    assert manifest["class_names"] == NAMES and manifest["ignore_index"] == 255
+    assert manifest["extra"] == {"source": "hand-made"}
+    on_disk = sorted(
+        p.relative_to(tmp_path).as_posix()
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    )
+    assert sorted(manifest["files"]) == on_disk
+    assert len(on_disk) == 3 + 3 + 2 + 2  # images, labels, split files, classes + captions
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() == digest, rel
+
+
+def test_atomic_write_json_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "x.json"
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"b": [1, 2]})
+    assert json.loads(path.read_text()) == {"b": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+    assert path.stat().st_mode & 0o044  # readable by others like a normal file, not mkstemp's 0600
+
+
+def test_missing_root_classes_and_split_mention_prepare_target(tmp_path: Path) -> None:
+    root = tmp_path / "voc2012"
+    with pytest.raises(FileNotFoundError, match=r"voc2012.*snakemake prepare_voc2012.*data\.paths\.voc2012"):
+        SegmentationDataset(root)
+    _make_dataset(root)
+    with pytest.raises(FileNotFoundError, match=r"test\.txt.*available splits: \['train', 'val'\]"):
+        SegmentationDataset(root, "test")
+    (root / "classes.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"classes\.json.*prepare_voc2012"):
+        SegmentationDataset(root)
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        read_manifest(tmp_path)
+
+
+def test_missing_label_names_file_and_split(tmp_path: Path) -> None:
+    _make_dataset(tmp_path)
+    (tmp_path / "SegmentationClass" / "b.png").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        SegmentationDataset(tmp_path, "train")
+    assert "SegmentationClass/b.png" in str(err.value) and "train.txt" in str(err.value)
+    SegmentationDataset(tmp_path, "val")  # other splits are unaffected
+
+
+def test_bad_label_value_and_size_mismatch(tmp_path: Path) -> None:
+    _make_dataset(tmp_path)
+    bad = np.zeros((12, 16), dtype=np.uint8)
+    bad[3, 3] = 9
+    save_label_png(tmp_path / "SegmentationClass" / "a.png", bad)
+    with pytest.raises(ValueError, match=r"a\.png.*\[9\].*0\.\.2"):
+        SegmentationDataset(tmp_path, "train")[0]
+    save_label_png(tmp_path / "SegmentationClass" / "b.png", np.zeros((10, 16), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"b\.jpg.*b\.png"):
+        SegmentationDataset(tmp_path, "train")[1]
+
+
+def test_writers_reject_bad_metadata(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="duplicates"):
+        write_classes_json(tmp_path, ["a", "a"], background_index=None)
+    with pytest.raises(ValueError, match="collides"):
+        write_classes_json(tmp_path, ["a", "b"], ignore_index=1, background_index=None)
+    with pytest.raises(ValueError, match="duplicate"):
+        write_split(tmp_path, "val", ["x", "x"])
+    with pytest.raises(ValueError, match="0..255"):
+        save_label_png(tmp_path / "l.png", np.full((2, 2), 300))

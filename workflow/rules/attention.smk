@@ -1,0 +1,27 @@
+# Forward passes: attention maps cached on disk, once per (model, dataset, timestep).
+
+
+rule extract_attention:
+    input:
+        dataset=prepared_manifest,
+        model=model_inputs,
+    output:
+        "results/attention/{model}/{dataset}/t{timestep}/manifest.json",
+    params:
+        settings=extraction_settings,
+        dataset_root=prepared_root,
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
+        device=lambda wildcards: model_config(wildcards)["device"],
+        batch_size=config["attention"]["batch_size"],
+    log:
+        "logs/extract_attention/{model}_{dataset}_t{timestep}.log",
+    benchmark:
+        "results/benchmarks/extract_attention/{model}_{dataset}_t{timestep}.tsv"
+    resources:
+        mem_mb=8000,
+        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro extract-attention --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
+        " --out-dir {params.out_dir:q} --device {params.device:q} --batch-size {params.batch_size} 2> {log:q}"

@@ -1,0 +1,76 @@
+# Config checks and the small helpers the rules share.
+
+import json
+from pathlib import Path
+
+from seg4diff_repro.config import apply_defaults, check_config, load_schema
+
+SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+
+# Friendly errors first (they name the key and the allowed values), then Snakemake's own validation.
+check_config(config, SCHEMA)
+validate(config, "../schemas/config.schema.yaml")
+apply_defaults(config, load_schema(SCHEMA))
+
+DATA_ROOT = Path(config["data"]["root"])
+
+
+# Only configured names match, so that file names joined with "_" parse unambiguously.
+wildcard_constraints:
+    model="|".join(sorted(config["models"], key=len, reverse=True)),
+    dataset="|".join(sorted(config["datasets"], key=len, reverse=True)),
+    timestep="[0-9]+",
+
+
+def model_config(wildcards):
+    return config["models"][wildcards.model]
+
+
+def model_inputs(wildcards):
+    """The built model folder's index file, or nothing for a Hugging Face id."""
+    model = model_config(wildcards)
+    return [f"{model['source']}/model_index.json"] if "build" in model else []
+
+
+def prepared_root(wildcards):
+    return DATA_ROOT / "prepared" / config["datasets"][wildcards.dataset]["prepared"]
+
+
+def prepared_manifest(wildcards):
+    return prepared_root(wildcards) / "manifest.json"
+
+
+def extraction_settings(wildcards):
+    """JSON of everything that determines the cached maps; a change re-runs extraction."""
+    model, dataset, attention = model_config(wildcards), config["datasets"][wildcards.dataset], config["attention"]
+    return json.dumps(
+        {
+            "model": wildcards.model,
+            "dataset": wildcards.dataset,
+            "source": model["source"],
+            "dtype": model["dtype"],
+            "timestep": int(wildcards.timestep),
+            "num_steps": model["num_inference_steps"],
+            "layers": attention["layers"],
+            "seed": attention["seed"],
+            "short_side": dataset["short_side"],
+            "resize": attention["resize"],
+            "prompt": attention["prompt"],
+            "background_name": attention["background_name"],
+            "split": dataset["split"],
+            "drop_background": dataset["drop_background"],
+            "limit": dataset["limit"],
+        },
+        sort_keys=True,
+    )
+
+
+def per_layer_targets():
+    stems = [
+        f"per_layer_{model}_{dataset}_t{config['attention']['timestep']}"
+        for model in config["run"]["models"]
+        for dataset in config["run"]["datasets"]
+    ]
+    return [f"paper_tables/{stem}.{ext}" for stem in stems for ext in ("csv", "md")] + [
+        f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")
+    ]
