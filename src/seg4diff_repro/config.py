@@ -77,7 +77,7 @@ def model_num_layers(model: dict) -> int | None:
 def check_config(config: dict, schema_path: str | Path) -> None:
     """Raise ConfigError for the first schema violation or out-of-range layer, timestep or name."""
     schema = load_schema(schema_path)
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(jsonschema.validators.validator_for(schema)(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid config: " + "; ".join(_explain(e, schema) for e in errors[:5]))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +53,16 @@ def write_cached_image(folder: Path, entry: CachedImage) -> Path:
         box=np.array(entry.box, dtype=np.int64),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(buffer.getvalue())
-    os.replace(tmp.name, path)
+    # A uuid name rather than tempfile, which would force mode 0600 onto the final file; the temp file
+    # is removed if anything fails before the rename.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -82,11 +89,15 @@ def read_cached_image(folder: Path, image_id: str) -> CachedImage:
 
 
 def cached_key(folder: Path, image_id: str) -> str | None:
-    """The settings key stored in an image's cache file, or None if it is absent or unreadable."""
+    """The settings key stored in an image's cache file, or None if it is absent or unreadable.
+
+    Any failure to open the file counts as unreadable (an empty or truncated file raises EOFError or
+    zipfile.BadZipFile, not OSError), so that extraction recomputes it instead of crashing.
+    """
     try:
         with np.load(cache_path(folder, image_id)) as data:
             return str(data["key"])
-    except (OSError, KeyError, ValueError):
+    except Exception:
         return None
 
 

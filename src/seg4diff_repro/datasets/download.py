@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -99,7 +100,7 @@ def _write_marker(path: Path, algo: str, digest: str, *, trusted_on_first_use: b
     record = {"algo": algo, "digest": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if trusted_on_first_use:
         record["trusted_on_first_use"] = True
-    tmp = _marker_path(path).with_suffix(".tmp")
+    tmp = _marker_path(path).with_name(_marker_path(path).name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, _marker_path(path))
 
@@ -432,9 +433,30 @@ class SafeArchive:
         for m in members:
             self.members.setdefault(m.rel, m)
 
+    def _check_tar_complete(self, infos: list[tarfile.TarInfo]) -> None:
+        """tarfile stops silently at a truncation; for an uncompressed tar check sizes and the end marker."""
+        raw = self._tar.fileobj
+        if not isinstance(raw, io.BufferedReader):
+            return  # compressed: a truncation surfaces as a decompression error when reading
+        size = self.path.stat().st_size
+        for info in infos:
+            if info.offset_data + info.size > size:
+                raise ArchiveError(
+                    f"{self.path} is truncated: member {info.name!r} ends at byte {info.offset_data + info.size} "
+                    f"but the file has {size} bytes; delete it and run the download again"
+                )
+        raw.seek(self._tar.offset)
+        if raw.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise ArchiveError(
+                f"{self.path} is truncated (no end-of-archive marker after the last member); delete it and "
+                "run the download again"
+            )
+
     def _tar_members(self) -> list[_Member]:
         out = []
-        for info in self._tar.getmembers():
+        infos = self._tar.getmembers()
+        self._check_tar_complete(infos)
+        for info in infos:
             rel = _check_name(self.path, info.name)
             if rel is None:
                 continue

@@ -40,10 +40,28 @@ class Noising:
     sigma: float
 
 
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling (``__cause__``, ``__context__``)."""
+    chain, todo = [], [error]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        todo += [current.__cause__, current.__context__]
+    return chain
+
+
 def load_sd3_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
     """Load a `StableDiffusion3Pipeline` without T5 from a Hugging Face id or a local folder."""
     from diffusers import StableDiffusion3Pipeline
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     source = str(source)
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
@@ -55,18 +73,34 @@ def load_sd3_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
         return StableDiffusion3Pipeline.from_pretrained(
             source, text_encoder_3=None, tokenizer_3=None, torch_dtype=dtype
         )
-    except GatedRepoError as error:
-        raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
-                             + HF_LOGIN_HELP.format(repo=source)) from error
-    except RepositoryNotFoundError as error:
-        # The hub answers 401 "not found" for gated repositories when no token is sent.
-        raise ModelLoadError(f"{source} was not found on the Hugging Face hub or needs a login. "
-                             + HF_LOGIN_HELP.format(repo=source)) from error
-    except LocalEntryNotFoundError as error:
-        raise ModelLoadError(
-            f"{source} is not in the local Hugging Face cache and the hub could not be reached. "
-            "Connect to the network once (or set HF_HOME to a cache that has it), or use a local folder."
-        ) from error
+    except OSError as error:
+        # diffusers catches the hub's error on its metadata call, retries from the local cache and then
+        # raises a plain OSError "from" the hub error, so look through the whole chain.
+        chain = _error_chain(error)
+
+        def find(kind):
+            return next((e for e in chain if isinstance(e, kind)), None)
+
+        if (cause := find(GatedRepoError)) is not None:
+            raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
+                                 + HF_LOGIN_HELP.format(repo=source)) from cause
+        if (cause := find(RepositoryNotFoundError)) is not None:
+            # The hub answers 401 "not found" for gated repositories when no token is sent.
+            raise ModelLoadError(f"{source} was not found on the Hugging Face hub or needs a login. "
+                                 + HF_LOGIN_HELP.format(repo=source)) from cause
+        if (cause := find(OfflineModeIsEnabled)) is not None:
+            raise ModelLoadError(
+                f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is "
+                "on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE and connect to the network once to download it, "
+                "set HF_HOME to a cache that has it, or set the model's `source` to a local folder."
+            ) from cause
+        if (cause := find(LocalEntryNotFoundError)) is not None:
+            raise ModelLoadError(
+                f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub could "
+                "not be reached. Connect to the network once (or set HF_HOME to a cache that has it), "
+                "or set the model's `source` to a local folder."
+            ) from error
+        raise
 
 
 class SD3Adapter:

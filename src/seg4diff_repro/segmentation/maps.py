@@ -10,10 +10,14 @@ NEVER = -1e30
 
 
 def _min_max(maps: np.ndarray) -> np.ndarray:
-    """Min–max over pixels (the last axis), per map."""
+    """Min–max over pixels (the last axis), per map, as the official code: (x - min) / (max - min + 1e-6).
+
+    The 1e-6 matters: post-softmax attention ranges are ~1e-3, so the epsilon rescales each map by a
+    slightly different factor (seg4diff_model_ovss.py:215-217, 223-225).
+    """
     low = maps.min(axis=-1, keepdims=True)
     high = maps.max(axis=-1, keepdims=True)
-    return (maps - low) / (high - low + 1e-12)
+    return (maps - low) / (high - low + 1e-6)
 
 
 def class_score_maps(
@@ -49,13 +53,19 @@ def predict_labels(
     As in the official code the vocabulary tensor is zero for classes missing from the prompt; the
     result equals ``argmax`` of that full tensor (first maximum wins) without materialising it.
     """
+    class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    if class_ids.size == 0:
+        # No class in the prompt (e.g. an all-ignore label): the official tensor is all zeros → class 0.
+        return np.zeros(tuple(out_shape), dtype=np.int64)
+    # Ascending ids, so that a tie between prompt classes goes to the lowest id as in argmax.
+    order = np.argsort(class_ids, kind="stable")
+    class_ids, scores = class_ids[order], np.asarray(scores)[order]
     upsampled = F.interpolate(
         torch.from_numpy(np.ascontiguousarray(scores))[None], size=out_shape, mode="bilinear", align_corners=False
     )[0]
     best_value, best_index = upsampled.max(dim=0)
-    class_ids = torch.as_tensor(class_ids)
-    prediction = class_ids[best_index]
-    absent = np.setdiff1d(np.arange(num_classes), class_ids.numpy())
+    prediction = torch.from_numpy(class_ids)[best_index]
+    absent = np.setdiff1d(np.arange(num_classes), class_ids)
     if absent.size:
         first_absent = int(absent[0])
         zero_wins = (best_value < 0) | ((best_value == 0) & (prediction > first_absent))

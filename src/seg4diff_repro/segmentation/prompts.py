@@ -37,8 +37,12 @@ def prompt_class_ids(label: np.ndarray, num_classes: int, protocol: PromptProtoc
 
 
 def prompt_word(class_name: str, background_name: str = "background") -> str:
-    """The word(s) a class contributes to the prompt: its name cut at the first '-'."""
-    word = background_name if class_name == "background" else class_name
+    """The word(s) a class contributes to the prompt: its name cut at the first '-'.
+
+    "background" becomes ``background_name`` with its hyphens turned into spaces (official
+    ``background_name.replace('-', ' ')``, seg4diff_model_ovss.py:93-99), so it is never cut.
+    """
+    word = background_name.replace("-", " ") if class_name == "background" else class_name
     return word.split("-")[0].strip()
 
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Second README command: install (if needed) and run the test suite. -rs prints why a test was skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+python -m pytest -rs "$@"

@@ -1,0 +1,168 @@
+"""AttentionRecorder: stock outputs untouched, maps equal to a float64 recomputation, processors restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+from seg4diff_repro.attention import AttentionRecorder
+
+N_TEXT = 154
+
+
+def tiny_transformer(**extra) -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
+        pos_embed_max_size=16, **extra,
+    ).eval()
+
+
+# SD3 (no QK norm) and an SD3.5-like block layout (RMS QK norm, image-only attn2 in the first blocks).
+TRANSFORMERS = {
+    "sd3": lambda: tiny_transformer(),
+    "sd35": lambda: tiny_transformer(qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+}
+
+
+def inputs(batch: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(batch, 4, 16, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, N_TEXT, 32, generator=generator),
+        "pooled_projections": torch.randn(batch, 32, generator=generator),
+        "timestep": torch.tensor([515.0] * batch),
+        "return_dict": False,
+    }
+
+
+def block_outputs(transformer, model_inputs) -> list:
+    """Every joint block's (text, image) outputs and the final output."""
+    captured, handles = [], []
+    for block in transformer.transformer_blocks:
+        handles.append(block.register_forward_hook(lambda module, args, output: captured.append(output)))
+    with torch.no_grad():
+        final = transformer(**model_inputs)[0]
+    for handle in handles:
+        handle.remove()
+    return [*captured, final]
+
+
+def projections(transformer, layer: int, model_inputs) -> dict[str, torch.Tensor]:
+    """The stock block's own query/key features (after any QK norm), captured with forward hooks."""
+    attn = transformer.transformer_blocks[layer].attn
+    names = {"to_q": "q_img", "to_k": "k_img", "add_q_proj": "q_txt", "add_k_proj": "k_txt"}
+    norms = {"norm_q": "q_img", "norm_k": "k_img", "norm_added_q": "q_txt", "norm_added_k": "k_txt"}
+    captured, handles = {}, []
+    for module_name, key in {**names, **norms}.items():
+        module = getattr(attn, module_name, None)
+        if module is not None:
+            handles.append(module.register_forward_hook(lambda m, a, out, key=key: captured.__setitem__(key, out)))
+    with torch.no_grad():
+        transformer(**model_inputs)
+    for handle in handles:
+        handle.remove()
+    heads = attn.heads
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:
+        # Linear outputs are [B, N, H·d]; norm outputs are already [B, H, N, d].
+        return x if x.dim() == 4 else x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    return {key: per_head(value).double() for key, value in captured.items()}
+
+
+def reference_maps(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ/√d) over ALL joint keys in float64, sliced to I2T and T2I."""
+    query = torch.cat([parts["q_img"], parts["q_txt"]], dim=2)
+    key = torch.cat([parts["k_img"], parts["k_txt"]], dim=2)
+    probabilities = torch.softmax(query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1)
+    n_image = parts["q_img"].shape[2]
+    return probabilities[:, :, :n_image, n_image:], probabilities[:, :, n_image:, :n_image]
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS))
+def test_block_outputs_bit_identical_to_stock(kind):
+    transformer = TRANSFORMERS[kind]()
+    model_inputs = inputs()
+    stock = block_outputs(transformer, model_inputs)
+    with AttentionRecorder(transformer, record=("i2t", "t2i")):
+        recorded = block_outputs(transformer, model_inputs)
+    assert len(stock) == len(recorded)
+    for expected, actual in zip(stock, recorded):
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        actual = actual if isinstance(actual, tuple) else (actual,)
+        for e, a in zip(expected, actual):
+            assert (e is None and a is None) or torch.equal(e, a)
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS))
+def test_maps_equal_float64_softmax_over_all_joint_keys(kind):
+    transformer = TRANSFORMERS[kind]()
+    model_inputs = inputs()
+    for layer in range(len(transformer.transformer_blocks)):
+        i2t_ref, t2i_ref = reference_maps(projections(transformer, layer, model_inputs))
+        with AttentionRecorder(transformer, layers=[layer], record=("i2t", "t2i"), query_chunk=100) as rec:
+            with torch.no_grad():
+                transformer(**model_inputs)
+        assert rec.i2t[layer].dtype == torch.float32
+        assert rec.i2t[layer].shape == (2, 4, 64, N_TEXT)
+        assert rec.t2i[layer].shape == (2, 4, N_TEXT, 64)
+        torch.testing.assert_close(rec.i2t[layer].double(), i2t_ref, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(rec.t2i[layer].double(), t2i_ref, rtol=1e-5, atol=1e-9)
+        # The text block alone does not sum to one: image keys share the normalisation.
+        assert rec.i2t[layer].sum(-1).max() < 1 - 1e-3
+
+
+def test_head_mean_is_mean_of_heads():
+    transformer = tiny_transformer()
+    model_inputs = inputs()
+    with AttentionRecorder(transformer, layers=[1], heads=None) as per_head, torch.no_grad():
+        transformer(**model_inputs)
+    with AttentionRecorder(transformer, layers=[1], heads="mean") as mean, torch.no_grad():
+        transformer(**model_inputs)
+    assert mean.i2t[1].shape == (2, 1, 64, N_TEXT)
+    torch.testing.assert_close(mean.i2t[1], per_head.i2t[1].mean(dim=1, keepdim=True))
+
+
+def test_stock_processors_restored_also_when_body_raises():
+    transformer = tiny_transformer()
+    before = {name: type(p) for name, p in transformer.attn_processors.items()}
+    assert all(cls is JointAttnProcessor2_0 for name, cls in before.items() if ".attn." in name + ".")
+    with pytest.raises(RuntimeError, match="boom"):
+        with AttentionRecorder(transformer, layers=[0, 2]):
+            assert type(transformer.transformer_blocks[0].attn.processor) is not JointAttnProcessor2_0
+            raise RuntimeError("boom")
+    assert {name: type(p) for name, p in transformer.attn_processors.items()} == before
+
+
+def test_bad_arguments_name_the_allowed_values():
+    transformer = tiny_transformer()
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        AttentionRecorder(transformer, layers=[99])
+    with pytest.raises(ValueError, match="i2t"):
+        AttentionRecorder(transformer, record=("everything",))
+    with pytest.raises(ValueError, match="mean"):
+        AttentionRecorder(transformer, heads="max")
+
+
+def test_docstring_example_runs_as_written():
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=10, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=32,
+    ).eval()
+    model_inputs = {
+        "hidden_states": torch.randn(1, 4, 32, 32),
+        "encoder_hidden_states": torch.randn(1, N_TEXT, 32),
+        "pooled_projections": torch.randn(1, 32),
+        "timestep": torch.tensor([500.0]),
+    }
+    namespace = {"transformer": transformer, "inputs": model_inputs}
+    example = AttentionRecorder.__doc__.split("Example::")[1].split("\n\n")[1]
+    exec(compile("\n".join(line[8:] for line in example.splitlines()), "docstring", "exec"), namespace)
+    recorded = namespace["rec"].i2t[9]
+    assert recorded.dtype == torch.float32 and recorded.shape == (1, 2, 256, N_TEXT)

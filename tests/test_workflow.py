@@ -1,0 +1,136 @@
+"""The Snakemake workflow itself: config errors at DAG build, an end-to-end toy run, re-runs, report, lint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def planned_jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
+    """Rule names in the job-stats table of a dry run."""
+    table = dry_run.stdout.split("Job stats:")[1].split("total")[0]
+    return {match.group(1) for match in re.finditer(r"^(\w+)\s+\d+\s*$", table, flags=re.MULTILINE)}
+
+
+def copy_workflow(target: Path, **overrides) -> Path:
+    for name in ("Snakefile", "workflow", "envs"):
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["toy_shapes"].update(n_train=2, n_val=6)
+    for section, values in overrides.items():
+        config[section].update(values)
+    write_config(target, config)
+    return target
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def edit_config(workdir: Path, section: str, **values) -> None:
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config[section].update(values)
+    write_config(workdir, config)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    """The default pipeline on a small toy world, run once for the tests of this module."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("toy_run"))
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_default_run_leaves_table_and_figure(toy_run):
+    stem = "per_layer_toy_sd3_random_toy_shapes_t8"
+    table = pd.read_csv(toy_run / "paper_tables" / f"{stem}.csv")
+    assert table["layer"].tolist() == list(range(6))
+    assert table[["pACC", "mACC", "mIoU"]].apply(lambda column: column.between(0, 100)).all().all()
+    assert "paper_mIoU" in table.columns and table["paper_mIoU"].isna().all()  # the paper has no toy numbers
+    markdown = (toy_run / "paper_tables" / f"{stem}.md").read_text()
+    assert "seed = 0" in markdown and "prompt = oracle" in markdown
+    assert (toy_run / "figures" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (toy_run / "figures" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    for log in ("build_tiny_model/toy_sd3_random.log", "prepare_toy_shapes.log",
+                f"extract_attention/{stem[len('per_layer_'):]}.log", f"score_layers/{stem[len('per_layer_'):]}.log"):
+        assert (toy_run / "logs" / log).is_file(), log
+
+
+@pytest.mark.slow
+def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
+    nothing = snakemake(toy_run, "-n")
+    assert "Nothing to be done" in nothing.stdout + nothing.stderr
+    edit_config(toy_run, "segmentation", norm_after_merge=True)
+    assert planned_jobs(snakemake(toy_run, "-n")) == {"score_layers", "per_layer_table", "per_layer_figure", "all"}
+    edit_config(toy_run, "attention", seed=1)
+    assert "extract_attention" in planned_jobs(snakemake(toy_run, "-n"))
+    edit_config(toy_run, "attention", seed=0)
+    edit_config(toy_run, "segmentation", norm_after_merge=False)
+
+
+@pytest.mark.slow
+def test_report_has_figure_table_and_captions(toy_run):
+    snakemake(toy_run, "--report", "report.html")
+    report = (toy_run / "report.html").read_text(errors="replace")
+    assert "per_layer_toy_sd3_random_toy_shapes_t8.png" in report
+    assert "per_layer_toy_sd3_random_toy_shapes_t8.csv" in report
+    assert "Segmentation quality of the image-to-text attention" in report
+
+
+@pytest.mark.slow
+def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_run, broken, ignore=shutil.ignore_patterns(".snakemake"))
+    label = sorted((broken / "data/prepared/toy_shapes/SegmentationClass").glob("toy_val_*.png"))[2]
+    label.unlink()
+    result = snakemake(broken, "--forcerun", "score_layers", check=False)
+    assert result.returncode != 0
+    log = (broken / "logs/score_layers/toy_sd3_random_toy_shapes_t8.log").read_text()
+    assert label.name in log
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "expected"),
+    [
+        ("attention", {"colour": "red"}, r"unknown key\(s\) \['colour'\] in attention; allowed keys: \['background_name'"),
+        ("attention", {"layers": [99]}, r"attention\.layers contains \[99\].*allowed 0\.\.5"),
+        ("attention", {"timestep": 29}, r"attention\.timestep = 29 is out of range.*allowed 1\.\.28"),
+        ("attention", {"resize": "squash"}, r"allowed values: \['stretch', 'center_crop'\]"),
+        ("run", {"models": ["sd4"]}, r"run\.models names 'sd4'.*defined models: \["),
+    ],
+)
+def test_bad_config_fails_at_dag_build_naming_the_key(tmp_path, section, values, expected):
+    workdir = copy_workflow(tmp_path, **{section: values})
+    result = snakemake(workdir, "-n", check=False)
+    assert result.returncode != 0
+    assert re.search(expected, result.stdout + result.stderr), result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(copy_workflow(tmp_path), "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
