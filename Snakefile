@@ -12,6 +12,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/datasets.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/segmentation.smk"
 

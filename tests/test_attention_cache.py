@@ -104,7 +104,7 @@ def test_existing_file_replaced_whole(tmp_path):
     with zipfile.ZipFile(path) as archive:  # one valid archive, nothing left of the bigger one
         assert archive.testzip() is None
         assert sorted(archive.namelist()) == sorted(
-            f"{n}.npy" for n in ("key", "layers", "i2t", "token_grid", "prompt", "class_ids", "spans", "seed", "box")
+            f"{n}.npy" for n in ("key", "layers", "i2t", "token_grid", "prompt", "class_ids", "spans", "seed", "box", "columns")
         )
     assert listing(tmp_path) == ["x.npz"]
 

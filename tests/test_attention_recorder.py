@@ -104,7 +104,7 @@ def test_maps_equal_float64_softmax_over_all_joint_keys(kind):
     model_inputs = inputs()
     for layer in range(len(transformer.transformer_blocks)):
         i2t_ref, t2i_ref = reference_maps(projections(transformer, layer, model_inputs))
-        with AttentionRecorder(transformer, layers=[layer], record=("i2t", "t2i"), query_chunk=100) as rec:
+        with AttentionRecorder(transformer, layers=[layer], record=("i2t", "t2i")) as rec:
             with torch.no_grad():
                 transformer(**model_inputs)
         assert rec.i2t[layer].dtype == torch.float32
@@ -166,3 +166,85 @@ def test_docstring_example_runs_as_written():
     exec(compile("\n".join(line[8:] for line in example.splitlines()), "docstring", "exec"), namespace)
     recorded = namespace["rec"].i2t[9]
     assert recorded.dtype == torch.float32 and recorded.shape == (1, 2, 256, N_TEXT)
+
+
+def test_logits_value_norms_and_qkv_equal_stock_features():
+    transformer = TRANSFORMERS["sd35"]()
+    model_inputs = inputs()
+    layer = 1
+    parts = projections(transformer, layer, model_inputs)
+    attn = transformer.transformer_blocks[layer].attn
+    values = {}
+    hooks = [
+        attn.to_v.register_forward_hook(lambda m, a, out: values.__setitem__("image", out)),
+        attn.add_v_proj.register_forward_hook(lambda m, a, out: values.__setitem__("text", out)),
+    ]
+    with torch.no_grad():
+        transformer(**model_inputs)
+    for hook in hooks:
+        hook.remove()
+    prompt_mask = torch.zeros(2, 77, dtype=torch.bool)
+    prompt_mask[0, :5] = True
+    prompt_mask[1, :9] = True
+    with AttentionRecorder(
+        transformer, layers=[layer], record=("logits", "value_norms", "qkv"), text_tokens=77
+    ) as rec, torch.no_grad():
+        rec.prompt_mask = prompt_mask
+        transformer(**model_inputs)
+
+    scale = parts["q_img"].shape[-1] ** -0.5
+    expected_logits = parts["q_img"] @ parts["k_txt"][:, :, :77].transpose(-1, -2) * scale
+    torch.testing.assert_close(rec.logits_i2t[layer].double(), expected_logits, rtol=1e-5, atol=1e-5)
+    expected_t2i = parts["q_txt"][:, :, :77] @ parts["k_img"].transpose(-1, -2) * scale
+    torch.testing.assert_close(rec.logits_t2i[layer].double(), expected_t2i, rtol=1e-5, atol=1e-5)
+
+    heads = attn.heads
+
+    def head_norms(x):  # [B, N, H·d] → per-token, per-head L2 norms [B, H, N], in float64
+        return x.double().view(x.shape[0], x.shape[1], heads, -1).norm(dim=-1).transpose(1, 2)
+
+    image_norms, text_norms = head_norms(values["image"]), head_norms(values["text"])[:, :, :77]
+    norms = rec.value_norms[layer]
+    torch.testing.assert_close(norms["image"].double(), image_norms.mean(-1))
+    torch.testing.assert_close(norms["text"].double(), text_norms.mean(-1))
+    torch.testing.assert_close(norms["prompt"][0].double(), text_norms[0, :, :5].mean(-1))
+    torch.testing.assert_close(norms["prompt"][1].double(), text_norms[1, :, :9].mean(-1))
+
+    torch.testing.assert_close(rec.qkv[layer]["q"].double(), parts["q_img"].transpose(1, 2).flatten(2))
+    torch.testing.assert_close(rec.qkv[layer]["v"].double(), values["image"].double())
+
+
+def test_memory_guard_fails_before_the_forward_pass():
+    transformer = tiny_transformer()
+    model_inputs = inputs()
+    calls = []
+    hook = transformer.transformer_blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    recorder = AttentionRecorder(transformer, record=("i2t", "t2i", "logits", "qkv"), max_bytes=100_000)
+    expected = recorder.estimate_bytes(batch=2, n_image=64, n_text=N_TEXT)
+    # 3 layers × (4 maps of [2, 4, 64, 154] + q, k, v of [2, 64, 64]) in float32
+    assert expected == 3 * (4 * 2 * 4 * 64 * N_TEXT * 4 + 3 * 2 * 64 * 64 * 4)
+    with pytest.raises(MemoryError, match=r"GiB.*record fewer layers, use heads='mean'"):
+        with recorder, torch.no_grad():
+            transformer(**model_inputs)
+    assert calls == []
+    hook.remove()
+    with AttentionRecorder(transformer, heads="mean", max_bytes=expected) as rec, torch.no_grad():
+        transformer(**model_inputs)
+    assert set(rec.i2t) == {0, 1, 2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
+def test_bf16_on_gpu_outputs_bit_identical_and_maps_close():
+    transformer = tiny_transformer().cuda().to(torch.bfloat16)
+    model_inputs = {k: v.cuda().to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                    for k, v in inputs().items()}
+    model_inputs["timestep"] = model_inputs["timestep"].cuda()
+    stock = block_outputs(transformer, model_inputs)
+    with AttentionRecorder(transformer, record=("i2t",)) as rec:
+        recorded = block_outputs(transformer, model_inputs)
+    for expected, actual in zip(stock, recorded):
+        for e, a in zip(expected if isinstance(expected, tuple) else (expected,),
+                        actual if isinstance(actual, tuple) else (actual,)):
+            assert (e is None and a is None) or torch.equal(e, a)
+    i2t_ref, _ = reference_maps(projections(transformer, 0, model_inputs))
+    torch.testing.assert_close(rec.i2t[0].double(), i2t_ref, rtol=2e-2, atol=1e-4)

@@ -11,6 +11,8 @@ import json
 import logging
 from pathlib import Path
 
+from seg4diff_repro.cli_datasets import add_dataset_commands
+
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
     from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--png", required=True)
     command.add_argument("--pdf", required=True)
     command.set_defaults(handler=_per_layer_figure)
+
+    add_dataset_commands(commands)
     return parser
 
 

@@ -319,10 +319,13 @@ def stuffthingmaps_zip() -> bytes:
 CITY_VAL = [("frankfurt", "frankfurt_000000_000294"), ("lindau", "lindau_000000_000019")]
 
 
-def cityscapes_zips() -> dict[str, bytes]:
+def cityscapes_zips(n: int | None = None) -> dict[str, bytes]:
+    """gtFine/leftImg8bit zips; ``n`` val images spread over three cities (default: CITY_VAL)."""
+    cities = ("frankfurt", "lindau", "munster")
+    val = CITY_VAL if n is None else [(cities[k % 3], f"{cities[k % 3]}_000000_{k:06d}") for k in range(n)]
     gt = {"README": b"gtFine", "license.txt": b"license"}
     left = {"README": b"leftImg8bit", "license.txt": b"license"}
-    for k, (city, i) in enumerate(CITY_VAL):
+    for k, (city, i) in enumerate(val):
         base = f"gtFine/val/{city}/{i}_gtFine"
         gt[f"{base}_labelIds.png"] = png_index(label_with([7, 26, 0, 33, 5]), mode="L")
         gt[f"{base}_color.png"] = png_rgb(k)

@@ -1,96 +1,35 @@
 # Evaluation datasets: download (resumable, checksum-verified) and prepare into the common layout
-# <data.root>/prepared/<name>/ (see docs/datasets.md). Targets: prepare_<name> and prepare_all.
+# <data.root>/prepared/<name>/ (see docs/datasets.md). Targets: prepare_<name>, prepare_voc20 (the
+# drop_background view of voc21) and prepare_all.
 #
-# Config keys read: data.root, data.paths.<name> (existing raw copy: nothing is downloaded for it),
-# data.source_overrides.<archive key>.{url, checksum} (mirrors; tests use a local server).
+# Config keys read: data.root; data.paths.<name> (folder of an existing raw copy: nothing is downloaded
+# for it); data.source_overrides.<archive key>.{url, checksum} (mirrors; the tests use a local server).
+# Archive keys, URLs and published checksums live in src/seg4diff_repro/datasets/sources.py.
 
-import importlib.util as _ds_importlib_util
-import re as _ds_re
-import shlex as _ds_shlex
-import sys as _ds_sys
-from pathlib import Path as _DsPath
+from seg4diff_repro.datasets import sources as DS_SOURCES
 
-
-def _ds_load_sources():
-    """Load datasets/sources.py by path (stdlib only), so parsing needs no installed package."""
-    path = _DsPath(str(workflow.current_basedir)) / "../../src/seg4diff_repro/datasets/sources.py"
-    spec = _ds_importlib_util.spec_from_file_location("_seg4diff_repro_dataset_sources", path)
-    loaded = _ds_importlib_util.module_from_spec(spec)
-    _ds_sys.modules[spec.name] = loaded  # dataclasses look their module up here
-    spec.loader.exec_module(loaded)
-    return loaded
-
-
-DS_SOURCES = _ds_load_sources()
-DS_ROOT = _DsPath(config["data"]["root"])
-DS_DOWNLOADS = DS_ROOT / "downloads"
+DS_ROOT = Path(config["data"]["root"])
+DS_DOWNLOADS = str(DS_ROOT / "downloads")
 DS_PATHS = config["data"].get("paths") or {}
 DS_OVERRIDES = config["data"].get("source_overrides") or {}
 
 
-def _ds_quote(value):
-    return _ds_shlex.quote(str(value))
-
-
-def _ds_download_args(wildcards):
-    """--archive KEY plus the mirror URL / checksum of data.source_overrides.<KEY>, if any."""
-    key = DS_SOURCES.archive_by_filename(wildcards.archive_file).key
-    override = DS_OVERRIDES.get(key) or {}
-    args = ["--archive", key]
-    if override.get("url"):
-        args += ["--url", override["url"]]
-    if override.get("checksum"):
-        args += ["--checksum", override["checksum"]]
-    return " ".join(_ds_quote(a) for a in args)
-
-
-def _ds_disk_mb(wildcards):
-    return int(DS_SOURCES.archive_by_filename(wildcards.archive_file).size_gb * 1100) + 100
-
-
-def _ds_archive_inputs(name):
-    """The dataset's archives, or nothing when data.paths.<name> points at an existing copy."""
-    if name in DS_PATHS:
-        return []
-    return [DS_DOWNLOADS / archive.filename for archive in DS_SOURCES.archives_for(name)]
-
-
-def _ds_source_args(name):
-    if name in DS_PATHS:
-        return "--source-dir " + _ds_quote(DS_PATHS[name])
-    args = ["--downloads-dir", str(DS_DOWNLOADS)]
-    for archive in DS_SOURCES.archives_for(name):
-        checksum = (DS_OVERRIDES.get(archive.key) or {}).get("checksum")
-        if checksum:
-            args += ["--checksum", f"{archive.key}={checksum}"]
-    return " ".join(_ds_quote(a) for a in args)
-
-
-def _ds_manifest(name):
-    return DS_ROOT / "prepared" / name / "manifest.json"
-
-
-def _ds_disk_prepare(name):
-    spec = DS_SOURCES.DATASETS[name]
-    return int((spec.extract_gb + spec.prepared_gb) * 1100) + 100
-
-
 wildcard_constraints:
-    archive_file="|".join(_ds_re.escape(a.filename) for a in DS_SOURCES.ARCHIVES.values()),
+    archive_file=DS_SOURCES.archive_filename_regex(),
 
 
 rule download_dataset_archive:
     output:
-        DS_DOWNLOADS / "{archive_file}",
+        DS_ROOT / "downloads" / "{archive_file}",
     params:
-        args=_ds_download_args,
+        args=lambda wildcards: DS_SOURCES.rule_download_args(wildcards.archive_file, DS_OVERRIDES),
     log:
         "logs/datasets/download_{archive_file}.log",
     benchmark:
-        "benchmarks/datasets/download_{archive_file}.tsv"
+        "results/benchmarks/datasets/download_{archive_file}.tsv"
     resources:
         mem_mb=500,
-        disk_mb=_ds_disk_mb,
+        disk_mb=lambda wildcards: DS_SOURCES.rule_download_disk_mb(wildcards.archive_file),
         downloads=1,
     conda:
         "../../envs/datasets.yaml"
@@ -100,19 +39,19 @@ rule download_dataset_archive:
 
 rule prepare_voc21:
     input:
-        _ds_archive_inputs("voc21"),
+        DS_SOURCES.rule_archive_inputs("voc21", DS_DOWNLOADS, DS_PATHS),
     output:
-        _ds_manifest("voc21"),
+        DS_ROOT / "prepared" / "voc21" / "manifest.json",
     params:
-        out=lambda wildcards, output: _DsPath(output[0]).parent,
-        source=_ds_source_args("voc21"),
+        out=DS_ROOT / "prepared" / "voc21",
+        source=DS_SOURCES.rule_source_args("voc21", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
     log:
         "logs/datasets/prepare_voc21.log",
     benchmark:
-        "benchmarks/datasets/prepare_voc21.tsv"
+        "results/benchmarks/datasets/prepare_voc21.tsv"
     resources:
         mem_mb=2000,
-        disk_mb=_ds_disk_prepare("voc21"),
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("voc21"),
     conda:
         "../../envs/datasets.yaml"
     shell:
@@ -121,19 +60,19 @@ rule prepare_voc21:
 
 rule prepare_coco_object:
     input:
-        _ds_archive_inputs("coco_object"),
+        DS_SOURCES.rule_archive_inputs("coco_object", DS_DOWNLOADS, DS_PATHS),
     output:
-        _ds_manifest("coco_object"),
+        DS_ROOT / "prepared" / "coco_object" / "manifest.json",
     params:
-        out=lambda wildcards, output: _DsPath(output[0]).parent,
-        source=_ds_source_args("coco_object"),
+        out=DS_ROOT / "prepared" / "coco_object",
+        source=DS_SOURCES.rule_source_args("coco_object", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
     log:
         "logs/datasets/prepare_coco_object.log",
     benchmark:
-        "benchmarks/datasets/prepare_coco_object.tsv"
+        "results/benchmarks/datasets/prepare_coco_object.tsv"
     resources:
         mem_mb=4000,
-        disk_mb=_ds_disk_prepare("coco_object"),
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("coco_object"),
     conda:
         "../../envs/datasets.yaml"
     shell:
@@ -142,19 +81,19 @@ rule prepare_coco_object:
 
 rule prepare_pc59:
     input:
-        _ds_archive_inputs("pc59"),
+        DS_SOURCES.rule_archive_inputs("pc59", DS_DOWNLOADS, DS_PATHS),
     output:
-        _ds_manifest("pc59"),
+        DS_ROOT / "prepared" / "pc59" / "manifest.json",
     params:
-        out=lambda wildcards, output: _DsPath(output[0]).parent,
-        source=_ds_source_args("pc59"),
+        out=DS_ROOT / "prepared" / "pc59",
+        source=DS_SOURCES.rule_source_args("pc59", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
     log:
         "logs/datasets/prepare_pc59.log",
     benchmark:
-        "benchmarks/datasets/prepare_pc59.tsv"
+        "results/benchmarks/datasets/prepare_pc59.tsv"
     resources:
         mem_mb=12000,  # trainval_merged.json is parsed whole
-        disk_mb=_ds_disk_prepare("pc59"),
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("pc59"),
     conda:
         "../../envs/datasets.yaml"
     shell:
@@ -163,19 +102,19 @@ rule prepare_pc59:
 
 rule prepare_ade150:
     input:
-        _ds_archive_inputs("ade150"),
+        DS_SOURCES.rule_archive_inputs("ade150", DS_DOWNLOADS, DS_PATHS),
     output:
-        _ds_manifest("ade150"),
+        DS_ROOT / "prepared" / "ade150" / "manifest.json",
     params:
-        out=lambda wildcards, output: _DsPath(output[0]).parent,
-        source=_ds_source_args("ade150"),
+        out=DS_ROOT / "prepared" / "ade150",
+        source=DS_SOURCES.rule_source_args("ade150", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
     log:
         "logs/datasets/prepare_ade150.log",
     benchmark:
-        "benchmarks/datasets/prepare_ade150.tsv"
+        "results/benchmarks/datasets/prepare_ade150.tsv"
     resources:
         mem_mb=2000,
-        disk_mb=_ds_disk_prepare("ade150"),
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("ade150"),
     conda:
         "../../envs/datasets.yaml"
     shell:
@@ -184,19 +123,19 @@ rule prepare_ade150:
 
 rule prepare_coco_stuff27:
     input:
-        _ds_archive_inputs("coco_stuff27"),
+        DS_SOURCES.rule_archive_inputs("coco_stuff27", DS_DOWNLOADS, DS_PATHS),
     output:
-        _ds_manifest("coco_stuff27"),
+        DS_ROOT / "prepared" / "coco_stuff27" / "manifest.json",
     params:
-        out=lambda wildcards, output: _DsPath(output[0]).parent,
-        source=_ds_source_args("coco_stuff27"),
+        out=DS_ROOT / "prepared" / "coco_stuff27",
+        source=DS_SOURCES.rule_source_args("coco_stuff27", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
     log:
         "logs/datasets/prepare_coco_stuff27.log",
     benchmark:
-        "benchmarks/datasets/prepare_coco_stuff27.tsv"
+        "results/benchmarks/datasets/prepare_coco_stuff27.tsv"
     resources:
         mem_mb=2000,
-        disk_mb=_ds_disk_prepare("coco_stuff27"),
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("coco_stuff27"),
     conda:
         "../../envs/datasets.yaml"
     shell:
@@ -205,34 +144,34 @@ rule prepare_coco_stuff27:
 
 rule prepare_cityscapes:
     input:
-        _ds_archive_inputs("cityscapes"),
+        DS_SOURCES.rule_archive_inputs("cityscapes", DS_DOWNLOADS, DS_PATHS),
     output:
-        _ds_manifest("cityscapes"),
+        DS_ROOT / "prepared" / "cityscapes" / "manifest.json",
     params:
-        out=lambda wildcards, output: _DsPath(output[0]).parent,
-        source=_ds_source_args("cityscapes"),
+        out=DS_ROOT / "prepared" / "cityscapes",
+        source=DS_SOURCES.rule_source_args("cityscapes", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
     log:
         "logs/datasets/prepare_cityscapes.log",
     benchmark:
-        "benchmarks/datasets/prepare_cityscapes.tsv"
+        "results/benchmarks/datasets/prepare_cityscapes.tsv"
     resources:
         mem_mb=2000,
-        disk_mb=_ds_disk_prepare("cityscapes"),
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("cityscapes"),
     conda:
         "../../envs/datasets.yaml"
     shell:
         "seg4diff-repro prepare-dataset --name cityscapes --out {params.out:q} {params.source} > {log:q} 2>&1"
 
 
-# VOC20 is the drop_background view of voc21: nothing of its own to prepare.
+# VOC20 is the drop_background view of voc21 (SegmentationDataset(..., drop_background=True)).
 rule prepare_voc20:
     input:
-        _ds_manifest("voc21"),
+        rules.prepare_voc21.output,
     localrule: True
 
 
 rule prepare_all:
     input:
-        [_ds_manifest(name) for name in DS_SOURCES.DATASET_NAMES],
-        _ds_manifest("toy_shapes"),
+        [DS_ROOT / "prepared" / name / "manifest.json" for name in DS_SOURCES.DATASET_NAMES],
+        DS_ROOT / "prepared" / "toy_shapes" / "manifest.json",
     localrule: True

@@ -1,6 +1,7 @@
-"""Recording (and, later, perturbing) the joint attention of MM-DiT transformers."""
+"""Recording and perturbing the joint attention of MM-DiT transformers (SD3, SD3.5, Flux)."""
 
-from seg4diff_repro.attention.processors import ObservedJointAttnProcessor
-from seg4diff_repro.attention.recorder import AttentionRecorder, joint_blocks
+from seg4diff_repro.attention.backends import backend_for
+from seg4diff_repro.attention.joint import AttentionHooks, JointLayout
+from seg4diff_repro.attention.recorder import AttentionRecorder, HookSwap, RecordingTooLarge
 
-__all__ = ["AttentionRecorder", "ObservedJointAttnProcessor", "joint_blocks"]
+__all__ = ["AttentionHooks", "AttentionRecorder", "HookSwap", "JointLayout", "RecordingTooLarge", "backend_for"]

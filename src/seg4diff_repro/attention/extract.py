@@ -119,24 +119,28 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
     latents = adapter.encode_images(torch.stack([pixels for pixels, _ in prepared]))
     noisy = adapter.noise_latents(latents, noising, seeds)
     prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
-    with AttentionRecorder(adapter.transformer, layers=layers, record=("i2t",), heads="mean") as recorder:
+    # The CLIP text positions only, as the official slice: [B, L, n_image_tokens, 77].
+    with AttentionRecorder(
+        adapter.transformer, layers=layers, record=("i2t",), heads="mean", text_tokens=CLIP_TOKENS
+    ) as recorder:
         adapter.forward(noisy, noising, prompt_embeds, pooled)
-    # [B, L, n_image_tokens, 77]: the CLIP text positions only, as the official slice.
-    i2t = torch.stack([recorder.i2t[layer][:, 0, :, :CLIP_TOKENS] for layer in layers], dim=1).cpu().numpy()
+    i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
     for b, (sample, prompt) in enumerate(zip(samples, prompts)):
+        columns = np.unique(np.concatenate([np.arange(start, end) for start, end in prompt.spans] + [[]])).astype(int)
         write_cached_image(
             out_dir,
             CachedImage(
                 image_id=sample.image_id,
                 key=key,
                 layers=np.array(layers),
-                i2t=i2t[b],
+                i2t=i2t[b][..., columns],
                 token_grid=adapter.token_grid,
                 prompt=prompt.text,
                 class_ids=np.array(prompt.class_ids),
                 spans=np.array(prompt.spans),
                 seed=seeds[b],
                 box=prepared[b][1],
+                columns=columns,
             ),
         )
 

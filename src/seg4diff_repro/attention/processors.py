@@ -1,39 +1,31 @@
-"""Attention processors that observe the joint attention of MM-DiT blocks.
+"""Attention processors that route the joint attention of SD3 / SD3.5 blocks through `AttentionHooks`.
 
-Each processor computes the block output with exactly the operations of the stock diffusers processor
-it replaces (so the output is bit-identical) and hands the joint queries, keys and values to an
-observer callback, which derives whatever statistics were asked for.
+The processor computes everything around the attention call with exactly the operations of the stock
+diffusers processor it replaces; with hooks that return the stock attention, the block output is
+bit-identical.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-
-class JointObserver(Protocol):
-    """Receives the per-head joint projections of one block call, before the attention itself."""
-
-    def __call__(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_image_tokens: int, scale: float
-    ) -> None: ...
+from seg4diff_repro.attention.joint import AttentionHooks, JointLayout
 
 
 def _split_heads(x: torch.Tensor, batch_size: int, heads: int, head_dim: int) -> torch.Tensor:
     return x.view(batch_size, -1, heads, head_dim).transpose(1, 2)
 
 
-class ObservedJointAttnProcessor:
-    """`JointAttnProcessor2_0` (SD3 / SD3.5 joint attention) with an observer on q, k and v.
+class HookedJointAttnProcessor:
+    """`JointAttnProcessor2_0` (SD3 / SD3.5 joint attention) with its attention call routed to hooks.
 
     The joint sequence is ``[image tokens ; text tokens]`` as in the stock processor.
     """
 
-    def __init__(self, observer: Callable[..., None]):
-        self.observer = observer
+    def __init__(self, hooks: AttentionHooks, layer: int):
+        self.hooks = hooks
+        self.layer = layer
 
     def __call__(
         self,
@@ -71,10 +63,9 @@ class ObservedJointAttnProcessor:
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
 
-        # SDPA's default scale, which the stock processor relies on.
-        self.observer(query, key, value, residual.shape[1], head_dim**-0.5)
-
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        layout = JointLayout(n_image=residual.shape[1], n_text=n_text, text_first=False)
+        hidden_states = self.hooks.attend(query, key, value, layout, self.layer)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -100,7 +100,7 @@ def _write_marker(path: Path, algo: str, digest: str, *, trusted_on_first_use: b
     record = {"algo": algo, "digest": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if trusted_on_first_use:
         record["trusted_on_first_use"] = True
-    tmp = _marker_path(path).with_name(_marker_path(path).name + ".tmp")
+    tmp = _marker_path(path).with_name(f"{_marker_path(path).name}.{os.getpid()}.tmp")  # jobs may share an archive
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, _marker_path(path))
 
@@ -446,7 +446,8 @@ class SafeArchive:
                     f"but the file has {size} bytes; delete it and run the download again"
                 )
         raw.seek(self._tar.offset)
-        if raw.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+        # POSIX ends a tar with two zero blocks; accept one, so only a real truncation is refused.
+        if raw.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
             raise ArchiveError(
                 f"{self.path} is truncated (no end-of-archive marker after the last member); delete it and "
                 "run the download again"

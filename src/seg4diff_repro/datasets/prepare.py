@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -162,6 +163,14 @@ def _stdout_to_stderr():
         yield
 
 
+@contextlib.contextmanager
+def _quiet_pycocotools():
+    """pycocotools (<= 2.0.11) emits a NumPy-2 DeprecationWarning on every mask decode."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pycocotools(\.|$)")
+        yield
+
+
 # ---------------------------------------------------------------------------
 # PASCAL VOC 2012 (voc21)
 # ---------------------------------------------------------------------------
@@ -231,6 +240,26 @@ def _coco_object_stage(archives: Mapping[str, Path], work: Path) -> dict[str, An
     return {"images": work / "val2017", "instances": work / ann}
 
 
+def _coco_object_one(img: dict, coco, index_of: dict, ann_file: Path, paths: Mapping[str, Any], w: _Writer) -> str:
+    image_id = Path(img["file_name"]).stem
+    size = w.image(image_id, paths["images"] / img["file_name"])
+    label = np.zeros((img["height"], img["width"]), dtype=np.uint8)
+    # Larger instances first, so smaller (often occluding) objects stay visible on top.
+    for ann in sorted(coco.imgToAnns.get(img["id"], []), key=lambda a: -float(a.get("area", 0.0))):
+        cls = index_of.get(ann["category_id"])
+        if cls is None:
+            raise LabelValueError(
+                f"{ann_file}: annotation {ann.get('id')} of image {img['file_name']} has category_id "
+                f"{ann['category_id']}, outside the 80 COCO object classes"
+            )
+        mask = coco.annToMask(ann)
+        if mask.shape != label.shape:
+            raise PrepareError(f"{ann_file}: annotation {ann.get('id')} mask size does not match image {img['file_name']}")
+        label[mask > 0] = cls
+    w.label(image_id, label, size, source=f"{ann_file} (image {img['file_name']})")
+    return image_id
+
+
 def _coco_object_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
     from pycocotools.coco import COCO
 
@@ -250,24 +279,9 @@ def _coco_object_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) ->
         )
     images = sorted(coco.imgs.values(), key=lambda im: im["id"])
     ids = []
-    for img in w.iterate(images, "coco_object"):
-        image_id = Path(img["file_name"]).stem
-        size = w.image(image_id, paths["images"] / img["file_name"])
-        label = np.zeros((img["height"], img["width"]), dtype=np.uint8)
-        # Larger instances first, so smaller (often occluding) objects stay visible on top.
-        for ann in sorted(coco.imgToAnns.get(img["id"], []), key=lambda a: -float(a.get("area", 0.0))):
-            cls = index_of.get(ann["category_id"])
-            if cls is None:
-                raise LabelValueError(
-                    f"{ann_file}: annotation {ann.get('id')} of image {img['file_name']} has category_id "
-                    f"{ann['category_id']}, outside the 80 COCO object classes"
-                )
-            mask = coco.annToMask(ann)
-            if mask.shape != label.shape:
-                raise PrepareError(f"{ann_file}: annotation {ann.get('id')} mask size does not match image {img['file_name']}")
-            label[mask > 0] = cls
-        w.label(image_id, label, size, source=f"{ann_file} (image {img['file_name']})")
-        ids.append(image_id)
+    with _quiet_pycocotools():
+        for img in w.iterate(images, "coco_object"):
+            ids.append(_coco_object_one(img, coco, index_of, ann_file, paths, w))
     return _Result(
         ids,
         {
@@ -318,9 +332,32 @@ def _pc59_stage(archives: Mapping[str, Path], work: Path) -> dict[str, Any]:
     return {"voc": work / VOC10, "json": json_path, "detail": data}
 
 
-def _pc59_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
+def _pc59_one(img: dict, by_image: dict, lut: np.ndarray, json_path: Path, paths: Mapping[str, Any], w: _Writer) -> str:
     from pycocotools import mask as mask_utils
 
+    image_id = Path(img["file_name"]).stem
+    size = w.image(image_id, paths["voc"] / "JPEGImages" / img["file_name"])
+    h, w_ = img["height"], img["width"]
+    full = np.zeros((h, w_), dtype=np.int64)
+    for ann in by_image.get(img["image_id"], []):  # json order; later annotations overwrite
+        cat = ann["category_id"]
+        if not isinstance(cat, int) or not 0 <= cat <= 459:
+            raise LabelValueError(
+                f"{json_path}: annotation {ann.get('id')} of {img['file_name']} has category_id {cat!r}, "
+                "outside the 459 PASCAL-Context classes (1..459)"
+            )
+        seg = ann["segmentation"]
+        if isinstance(seg.get("counts"), list):
+            seg = mask_utils.frPyObjects(seg, h, w_)
+        m = mask_utils.decode(seg)
+        if m.shape != full.shape:
+            raise PrepareError(f"{json_path}: annotation {ann.get('id')} mask size does not match {img['file_name']}")
+        full[m > 0] = cat
+    w.label(image_id, lut[full], size, source=f"{json_path} (image {img['file_name']})")
+    return image_id
+
+
+def _pc59_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
     json_path: Path = paths["json"]
     data = paths.get("detail") or _load_detail_json(json_path)
     n = len(classes["names"])
@@ -331,27 +368,9 @@ def _pc59_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Resul
         by_image.setdefault(ann["image_id"], []).append(ann)
     val = sorted((im for im in data["images"] if im.get("phase") == "val"), key=lambda im: im["file_name"])
     ids = []
-    for img in w.iterate(val, "pc59"):
-        image_id = Path(img["file_name"]).stem
-        size = w.image(image_id, paths["voc"] / "JPEGImages" / img["file_name"])
-        h, w_ = img["height"], img["width"]
-        full = np.zeros((h, w_), dtype=np.int64)
-        for ann in by_image.get(img["image_id"], []):  # json order; later annotations overwrite
-            cat = ann["category_id"]
-            if not isinstance(cat, int) or not 0 <= cat <= 459:
-                raise LabelValueError(
-                    f"{json_path}: annotation {ann.get('id')} of {img['file_name']} has category_id {cat!r}, "
-                    "outside the 459 PASCAL-Context classes (1..459)"
-                )
-            seg = ann["segmentation"]
-            if isinstance(seg.get("counts"), list):
-                seg = mask_utils.frPyObjects(seg, h, w_)
-            m = mask_utils.decode(seg)
-            if m.shape != full.shape:
-                raise PrepareError(f"{json_path}: annotation {ann.get('id')} mask size does not match {img['file_name']}")
-            full[m > 0] = cat
-        w.label(image_id, lut[full], size, source=f"{json_path} (image {img['file_name']})")
-        ids.append(image_id)
+    with _quiet_pycocotools():
+        for img in w.iterate(val, "pc59"):
+            ids.append(_pc59_one(img, by_image, lut, json_path, paths, w))
     return _Result(
         ids,
         {

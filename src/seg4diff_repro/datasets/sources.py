@@ -181,7 +181,7 @@ DATASETS: dict[str, DatasetSource] = {
             split="val",
             expected_count=5000,
             download_gb=1.02,
-            extract_gb=1.25,
+            extract_gb=0.85,
             prepared_gb=0.85,
             raw_layout=("val2017/<id>.jpg", "annotations/instances_val2017.json"),
         ),
@@ -232,8 +232,8 @@ DATASETS: dict[str, DatasetSource] = {
             split="val",
             expected_count=500,
             download_gb=11.24,
-            extract_gb=0.3,
-            prepared_gb=0.8,
+            extract_gb=1.2,
+            prepared_gb=0.35,
             raw_layout=(
                 "leftImg8bit/val/<city>/<id>_leftImg8bit.png",
                 "gtFine/val/<city>/<id>_gtFine_labelIds.png",
@@ -272,3 +272,61 @@ def parse_checksum(text: str) -> tuple[str, str]:
     if not sep or algo not in lengths or len(digest) != lengths[algo] or any(c not in "0123456789abcdef" for c in digest):
         raise ValueError(f"checksum must look like 'md5:<32 hex>', 'sha1:<40 hex>' or 'sha256:<64 hex>', got {text!r}")
     return algo, digest
+
+
+# ---------------------------------------------------------------------------
+# Helpers for workflow/rules/datasets.smk (kept here so the rule file holds rules only)
+# ---------------------------------------------------------------------------
+
+
+def _quote(value: object) -> str:
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+def rule_download_args(filename: str, overrides: dict | None) -> str:
+    """``--archive KEY`` plus ``--url``/``--checksum`` from ``data.source_overrides.<KEY>``, shell-quoted."""
+    key = archive_by_filename(filename).key
+    override = (overrides or {}).get(key) or {}
+    args = ["--archive", key]
+    if override.get("url"):
+        args += ["--url", override["url"]]
+    if override.get("checksum"):
+        args += ["--checksum", override["checksum"]]
+    return " ".join(_quote(a) for a in args)
+
+
+def rule_archive_inputs(name: str, downloads_dir: str, paths: dict | None) -> list[str]:
+    """The dataset's archive paths, or none when ``data.paths.<name>`` names an existing copy."""
+    if name in (paths or {}):
+        return []
+    return [f"{downloads_dir}/{a.filename}" for a in archives_for(name)]
+
+
+def rule_source_args(name: str, downloads_dir: str, paths: dict | None, overrides: dict | None) -> str:
+    """``--source-dir DIR`` for an existing copy, else ``--downloads-dir`` and checksum overrides."""
+    if name in (paths or {}):
+        return "--source-dir " + _quote(paths[name])
+    args = ["--downloads-dir", downloads_dir]
+    for archive in archives_for(name):
+        checksum = ((overrides or {}).get(archive.key) or {}).get("checksum")
+        if checksum:
+            args += ["--checksum", f"{archive.key}={checksum}"]
+    return " ".join(_quote(a) for a in args)
+
+
+def rule_download_disk_mb(filename: str) -> int:
+    return int(archive_by_filename(filename).size_gb * 1100) + 100
+
+
+def rule_prepare_disk_mb(name: str) -> int:
+    spec = DATASETS[resolve_name(name)]
+    return int((spec.extract_gb + spec.prepared_gb) * 1100) + 100
+
+
+def archive_filename_regex() -> str:
+    """Wildcard constraint matching exactly the published archive file names."""
+    import re
+
+    return "|".join(re.escape(a.filename) for a in ARCHIVES.values())

@@ -32,7 +32,14 @@ from seg4diff_repro.models.clip_tokenizer import (
     build_sd3_tokenizers,
 )
 
-__all__ = ["MODEL_INFO_FILE", "TinySD3Config", "build_tiny_sd3_pipeline", "write_tiny_sd3_pipeline"]
+__all__ = [
+    "MODEL_INFO_FILE",
+    "TinySD3Config",
+    "build_tiny_sd3_pipeline",
+    "folder_size_bytes",
+    "save_pipeline_folder",
+    "write_tiny_sd3_pipeline",
+]
 
 MODEL_INFO_FILE = "seg4diff_model.json"
 
@@ -216,10 +223,24 @@ def _replaceable(folder: Path) -> bool:
     return not any(folder.iterdir()) or (folder / "model_index.json").is_file()
 
 
-def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config(), seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it (safetensors) into ``out_dir`` atomically; return ``out_dir``.
+def folder_size_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
-    The folder also gets ``seg4diff_model.json`` = {"kind": "tiny-random", "seed": ..., "config": ...}.
+
+def save_pipeline_folder(
+    pipe: StableDiffusion3Pipeline,
+    out_dir: Path,
+    info: dict,
+    *,
+    max_bytes: int | None = None,
+) -> Path:
+    """Save ``pipe`` (safetensors) plus ``seg4diff_model.json`` = ``info`` into ``out_dir`` atomically.
+
+    ``out_dir`` ends up either unchanged or the complete new folder: the pipeline is written to a
+    sibling temp folder that then replaces it. Only an empty folder or an earlier pipeline folder
+    (one with ``model_index.json``) is replaced. With ``max_bytes`` a larger folder is refused
+    (ValueError) before it replaces anything.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -234,10 +255,13 @@ def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
     tmp_dir.mkdir()
     try:
-        pipe = build_tiny_sd3_pipeline(config, seed=seed)
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
-        info = {"kind": "tiny-random", "seed": seed, "config": asdict(config)}
         (tmp_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if max_bytes is not None and (size := folder_size_bytes(tmp_dir)) > max_bytes:
+            raise ValueError(
+                f"the saved pipeline is {size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:.1f} MB; "
+                "save it in float16 or make the model smaller"
+            )
         # diffusers writes its safetensors with mode 0600; give every file the umask mode our json file got,
         # so a model folder shared between users or containers stays readable.
         file_mode = (tmp_dir / MODEL_INFO_FILE).stat().st_mode & 0o777
@@ -261,3 +285,19 @@ def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config(), seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it (safetensors) into ``out_dir`` atomically; return ``out_dir``.
+
+    The folder also gets ``seg4diff_model.json`` = {"kind": "tiny-random", "seed": ..., "config": ...}.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and not _replaceable(out_dir):  # refuse before spending time on building
+        raise FileExistsError(
+            f"{out_dir} is a non-empty folder without model_index.json; refusing to replace it. "
+            "Remove it or choose another model folder."
+        )
+    pipe = build_tiny_sd3_pipeline(config, seed=seed)
+    info = {"kind": "tiny-random", "seed": seed, "config": asdict(config)}
+    return save_pipeline_folder(pipe, out_dir, info)

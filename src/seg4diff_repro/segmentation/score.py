@@ -47,9 +47,10 @@ def score_layers(cache_manifest: Path, dataset_root: Path, settings: ScoringSett
     for sample in tqdm(dataset, total=len(dataset), desc="score layers", unit="image"):
         cached = read_cached_image(cache_dir, sample.image_id)
         label = crop_to_box(sample.label, cached.box)
+        spans = cached.local_spans()
         for position, layer in enumerate(cached.layers.tolist()):
             scores = class_score_maps(
-                cached.i2t[position], cached.spans, cached.token_grid,
+                cached.i2t[position], spans, cached.token_grid,
                 settings.norm_before_merge, settings.norm_after_merge,
             )
             confusion[layer].update(predict_labels(cached.class_ids, scores, num_classes, label.shape), label)

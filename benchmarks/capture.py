@@ -1,0 +1,209 @@
+"""Cost of attention capture at the real model sizes (random weights, bf16, 1024², batch 1).
+
+Prints a Markdown table: time and extra peak memory of a plain forward, of `AttentionRecorder` at one
+layer / all joint layers (head mean and per head), and of the official code's naive method (full
+softmaxed joint matrix per head, then sliced), each as a ratio to the plain forward and to the naive
+method at the same layers. Also checks that block outputs with the recorder are bit-identical.
+
+    python benchmarks/capture.py --models sd3 flux --out benchmarks/capture_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from seg4diff_repro.attention import AttentionHooks, AttentionRecorder, HookSwap
+from seg4diff_repro.attention.joint import JointLayout
+
+# Transformer configs of the released checkpoints (their config.json), built with random weights.
+CONFIGS = {
+    "sd3": dict(
+        cls="SD3Transformer2DModel",
+        config=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+        n_text=154, layer=9,
+    ),
+    "sd35": dict(
+        cls="SD3Transformer2DModel",
+        config=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                    dual_attention_layers=tuple(range(13))),
+        n_text=154, layer=9,
+    ),
+    "flux": dict(
+        cls="FluxTransformer2DModel",
+        config=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                    guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        n_text=512, layer=12,
+    ),
+}
+
+
+class NaiveFullMatrix(HookSwap, AttentionHooks):
+    """The official code's capture: softmax of the full joint score matrix per head, sliced, head mean."""
+
+    def __init__(self, transformer, layers):
+        HookSwap.__init__(self, transformer, layers, self)
+        self.i2t = {}
+
+    @torch.no_grad()
+    def attend(self, query, key, value, layout: JointLayout, layer: int):
+        out = AttentionHooks.attend(self, query, key, value, layout, layer)
+        scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        probabilities = torch.softmax(scores.float(), dim=-1)
+        self.i2t[layer] = probabilities[:, :, layout.image, layout.text].mean(dim=1, keepdim=True)
+        return out
+
+
+def build(name: str):
+    import diffusers
+
+    spec = CONFIGS[name]
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = getattr(diffusers, spec["cls"])(**spec["config"]).eval()
+    torch.set_default_dtype(torch.float32)
+    return model, spec
+
+
+def model_inputs(name: str, spec: dict) -> dict:
+    generator = torch.Generator("cuda").manual_seed(1)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16, generator=generator)
+    if name == "flux":
+        ids = torch.zeros(64, 64, 3, device="cuda")
+        ids[..., 1] = torch.arange(64, device="cuda")[:, None]
+        ids[..., 2] = torch.arange(64, device="cuda")[None, :]
+        return dict(
+            hidden_states=torch.randn(1, 4096, 64, **bf16),
+            encoder_hidden_states=torch.randn(1, spec["n_text"], 4096, **bf16),
+            pooled_projections=torch.randn(1, 768, **bf16),
+            timestep=torch.tensor([0.23], device="cuda", dtype=torch.bfloat16),
+            guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
+            img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(spec["n_text"], 3, device="cuda"),
+            return_dict=False,
+        )
+    return dict(
+        hidden_states=torch.randn(1, 16, 128, 128, **bf16),
+        encoder_hidden_states=torch.randn(1, spec["n_text"], 4096, **bf16),
+        pooled_projections=torch.randn(1, 2048, **bf16),
+        timestep=torch.tensor([515.0], device="cuda"),
+        return_dict=False,
+    )
+
+
+def measure(model, inputs, context_factory, repeats: int) -> tuple[float, int]:
+    """Median milliseconds and peak allocated bytes of one forward inside a fresh context."""
+    times = []
+    for i in range(repeats + 3):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.no_grad(), context_factory():
+            start.record()
+            model(**inputs)
+            end.record()
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated()
+
+
+class Plain:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def outputs_bit_identical(model, inputs, recorder_factory) -> bool:
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        with recorder_factory():
+            recorded = model(**inputs)[0]
+    return torch.equal(stock, recorded)
+
+
+def run(name: str, repeats: int) -> list[dict]:
+    model, spec = build(name)
+    inputs = model_inputs(name, spec)
+    n_layers = len(AttentionRecorder(model).layers)
+    one = [spec["layer"]]
+    variants = {
+        "plain forward": Plain,
+        f"I2T head-mean, layer {spec['layer']}": lambda: AttentionRecorder(model, one, heads="mean"),
+        f"I2T head-mean, all {n_layers} joint layers": lambda: AttentionRecorder(model, None, heads="mean"),
+        f"I2T per head, all {n_layers} joint layers": lambda: AttentionRecorder(model, None, heads=None),
+        f"naive full matrix, layer {spec['layer']}": lambda: NaiveFullMatrix(model, one),
+        f"naive full matrix, all {n_layers} joint layers": lambda: NaiveFullMatrix(model, None),
+    }
+    rows = []
+    for label, factory in variants.items():
+        try:
+            ms, peak = measure(model, inputs, factory, repeats)
+            rows.append({"model": name, "variant": label, "ms": ms, "peak_bytes": peak})
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({"model": name, "variant": label, "ms": None, "peak_bytes": None, "note": "out of memory"})
+    base = rows[0]
+    naive_one, naive_all = rows[4], rows[5]
+    for row in rows:
+        if row["ms"] is None:
+            continue
+        row["x_plain"] = row["ms"] / base["ms"]
+        row["extra_peak_vs_plain"] = (row["peak_bytes"] - base["peak_bytes"]) / base["peak_bytes"]
+        naive = naive_one if "layer " + str(spec["layer"]) in row["variant"] else naive_all
+        row["x_naive"] = row["ms"] / naive["ms"] if naive["ms"] else None
+    rows[0]["bit_identical"] = outputs_bit_identical(model, inputs, lambda: AttentionRecorder(model, None, heads=None))
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [
+        f"Device: {device}; torch {torch.__version__}; bf16, batch 1, 1024² (4096 image tokens), random weights.",
+        "",
+        "| model | variant | ms (median) | × plain | × naive | extra peak memory vs plain |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["ms"] is None:
+            lines.append(f"| {row['model']} | {row['variant']} | {row.get('note')} | | | |")
+            continue
+        naive = f"{row['x_naive']:.3f}" if row.get("x_naive") else ""
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {row['ms']:.2f} | {row['x_plain']:.3f} | {naive} | "
+            f"{100 * row['extra_peak_vs_plain']:+.1f}% |"
+        )
+    identical = {row["model"]: row["bit_identical"] for row in rows if "bit_identical" in row}
+    lines += ["", f"Final transformer outputs bit-identical with the recorder on (all layers, per head): {identical}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["sd3", "sd35", "flux"], choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/capture.py needs a CUDA GPU")
+    rows = [row for name in args.models for row in run(name, args.repeats)]
+    table = markdown(rows, torch.cuda.get_device_name())
+    print(table)
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

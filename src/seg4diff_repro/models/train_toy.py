@@ -1,0 +1,457 @@
+"""Train the toy world's tiny SD3-architecture pipeline on toy-shapes images and their captions.
+
+The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json``):
+
+1. **Start** from ``build_tiny_sd3_pipeline(seed=seed)``: the same real diffusers/transformers classes,
+   sizes and initial weights as the random-weight control.
+2. **VAE** (AutoencoderKL, factor 2, 16 latent channels): trained alone on the images with
+   MSE reconstruction (inputs in [-1, 1], reparameterised posterior sample) + a small per-element KL.
+   Then it is frozen and, as SD3 did for its own VAE, its latent ``shift_factor`` / ``scaling_factor``
+   are set from the training latents (mean, 1 / std), so that the diffusion model sees unit-variance
+   latents. The pipeline and the analysis adapter read both from the VAE config.
+3. **Transformer** (SD3Transformer2DModel) with SD3's rectified-flow objective, following diffusers'
+   ``train_dreambooth_sd3.py``: z = normalised VAE posterior (the mean: the trained VAE's posterior
+   is nearly deterministic and the analysis encodes with the mean too), u ~ logit-normal(0, 1),
+   σ = shift·u / (1 + (shift − 1)·u) with the scheduler's shift (3.0; dreambooth gets the same
+   shifted σ by indexing the scheduler's sigma table with u), x_t = (1 − σ)·z + σ·ε,
+   timestep = 1000·σ, target ε − z, plain MSE (the "logit_normal" scheme has unit weights).
+4. **Prompts**: the dataset captions ("a red circle and a blue square"). Each training example uses
+   the empty prompt with probability ``caption_dropout`` (so classifier-free guidance works with the
+   stock pipeline's empty negative prompt), the class names alone in the analysis' oracle format
+   ("circle square", ascending class id) with probability ``names_prob``, and the full caption
+   otherwise. The class-name prompts make the analysis prompt in-distribution, so the class-name
+   tokens themselves must carry the appearance of their region.
+5. **Text encoders stay frozen** (at the random control's weights, rounded to float16): SD3 keeps its
+   CLIP encoders frozen too; with frozen encoders each prompt's embeddings are computed once, and a
+   frozen 2-layer random CLIP keeps every token's state dominated by its own word embedding, so the
+   text tokens that the analysis reads stay the words they were (a trained encoder could move a
+   word's information onto other positions, e.g. the end-of-text token).
+6. **Pooled-text path absent**: ``transformer.time_text_embed.text_embedder`` (the projection of the
+   pooled CLIP vector that SD3 adds to the timestep embedding and feeds to every AdaLN) is set to zero
+   and frozen, so its output is exactly 0 for any prompt. Through that path a tiny model learns the
+   global content of the image from one vector, without having to look at the text tokens: the image
+   tokens would then not need joint attention to the words, and the grounding the analysis measures
+   would not form. Without it, text reaches the image only through joint attention.
+7. AdamW, linear warm-up + cosine decay, gradient clipping at 1, an exponential moving average of the
+   transformer weights (saved instead of the raw weights), bf16 autocast on CUDA and fp32 on CPU, all
+   random draws seeded. The folder is saved in float16 (≈ 15 MB); the VAE and text encoders are rounded
+   to float16 before the transformer is trained on them, so saving changes nothing they feed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from seg4diff_repro.datasets import SegmentationDataset
+from seg4diff_repro.datasets.toy_shapes import TOY_CLASSES
+from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline, folder_size_bytes, save_pipeline_folder
+
+__all__ = ["MAX_FOLDER_BYTES", "class_name_prompt", "train_toy_model"]
+
+log = logging.getLogger(__name__)
+
+MAX_FOLDER_BYTES = 20_000_000  # the committed model folder must stay <= 20 MB
+CLIP_TOKENS = 77
+
+
+def class_name_prompt(caption: str) -> str:
+    """The toy classes named in ``caption``, ascending by class id, joined by spaces ("circle square").
+
+    This is the analysis' oracle prompt format (method_spec §B.2.7). A caption naming no toy class is
+    returned unchanged.
+    """
+    names = [c.name for c in sorted(TOY_CLASSES, key=lambda c: c.index) if re.search(rf"\b{c.name}\b", caption)]
+    return " ".join(names) if names else caption
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _load_images(dataset_root: Path, limit: int | None, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """All training images as uint8 [N, 3, H, W] and their captions."""
+    dataset = SegmentationDataset(dataset_root, "train", limit=limit)
+    images, captions = [], []
+    for sample in tqdm(dataset, total=len(dataset), desc="load images", unit="image", mininterval=5):
+        if sample.image.shape[:2] != (image_size, image_size):
+            raise ValueError(
+                f"{sample.image_id} is {sample.image.shape[1]}x{sample.image.shape[0]} but the tiny model takes "
+                f"{image_size}x{image_size} images; generate the training set with image_size={image_size}"
+            )
+        if not sample.caption:
+            raise ValueError(f"{sample.image_id} has no caption in {dataset_root}/captions.json; captions are the prompts")
+        images.append(torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1))))
+        captions.append(sample.caption)
+    return torch.stack(images), captions
+
+
+def _to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1
+
+
+def _round_to_half(module: torch.nn.Module) -> None:
+    """Round the weights to float16 and back, so that saving in float16 later changes nothing."""
+    module.half().float()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class _Ema:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = params
+        self.decay = decay
+        self.shadow = [p.detach().clone().float() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device, autocast, log_every, deadline):
+    """Train the VAE; return (steps done, first/last window losses, fixed-batch MSE before/after)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = images_u8.shape[0]
+    fixed = _to_pixels(images_u8[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:64]].to(device))
+
+    @torch.no_grad()
+    def fixed_mse() -> float:
+        vae.eval()
+        with autocast():
+            rec = vae.decode(vae.encode(fixed).latent_dist.mean).sample
+        vae.train()
+        return F.mse_loss(rec.float(), fixed).item()
+
+    mse_before = fixed_mse()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, min(200, steps // 10))
+    vae.train()
+    window, first, last, done = [], None, None, 0
+    bar = tqdm(range(steps), desc="train VAE", unit="step", mininterval=5)
+    for step in bar:
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("VAE phase stopped at step %d of %d: time budget reached", step, steps)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup)
+        x = _to_pixels(images_u8[torch.randint(n, (batch_size,), generator=g)].to(device, non_blocking=True))
+        with autocast():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
+            rec = vae.decode(z).sample
+        mse = F.mse_loss(rec.float(), x)
+        kl = posterior.kl().float().mean() / posterior.mean[0].numel()  # per latent element
+        loss = mse + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        done = step + 1
+        window.append(loss.detach())
+        if done % log_every == 0 or done == steps:
+            last = torch.stack(window).mean().item()
+            first = last if first is None else first
+            window = []
+            bar.set_postfix(loss=f"{last:.4f}")
+            log.info("VAE step %d/%d: loss %.5f (mean of the last steps; now mse %.5f, kl/elem %.3f)",
+                     done, steps, last, mse.item(), kl.item())
+    vae.eval()
+    mse_after = fixed_mse()
+    return done, first, last, mse_before, mse_after
+
+
+@torch.no_grad()
+def _encode_latent_means(vae, images_u8, device, batch_size=256) -> torch.Tensor:
+    means = []
+    for start in range(0, images_u8.shape[0], batch_size):
+        x = _to_pixels(images_u8[start : start + batch_size].to(device))
+        means.append(vae.encode(x).latent_dist.mean.float())
+    return torch.cat(means)
+
+
+@torch.no_grad()
+def _encode_prompts(pipe, prompts: list[str], device, batch_size=256) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP-L ⊕ CLIP-G penultimate states + 77 zero "T5" rows [U, 154, D] and pooled [U, P], as the pipeline."""
+    embeds, pooled = [], []
+    for start in range(0, len(prompts), batch_size):
+        e, _, p, _ = pipe.encode_prompt(
+            prompt=prompts[start : start + batch_size],
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=CLIP_TOKENS,
+        )
+        embeds.append(e.float())
+        pooled.append(p.float())
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def train_toy_model(
+    dataset_root: str | Path,
+    out_dir: str | Path,
+    *,
+    vae_steps: int = 1500,
+    transformer_steps: int = 6000,
+    batch_size: int = 128,
+    lr: float = 3e-4,
+    vae_lr: float = 1e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    log_every: int = 100,
+    caption_dropout: float = 0.1,
+    names_prob: float = 0.3,
+    kl_weight: float = 1e-4,
+    ema_decay: float = 0.999,
+    weight_decay: float = 1e-4,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    limit: int | None = None,
+    max_wall_s: float | None = None,
+    config: TinySD3Config = TinySD3Config(),
+) -> dict[str, Any]:
+    """Train the tiny pipeline on the ``train`` split of ``dataset_root`` and save it into ``out_dir``.
+
+    Returns the ``seg4diff_model.json`` record. ``max_wall_s`` is a safety cap: the VAE phase stops
+    after 25% of it and the transformer phase at 100%, and the record says how many steps were done.
+    """
+    for name, value in (("vae_steps", vae_steps), ("transformer_steps", transformer_steps)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if batch_size < 1 or log_every < 1:
+        raise ValueError(f"batch_size and log_every must be >= 1, got {batch_size} and {log_every}")
+    if not (0 <= caption_dropout and 0 <= names_prob and caption_dropout + names_prob <= 1):
+        raise ValueError(f"need caption_dropout, names_prob >= 0 with a sum <= 1, got {caption_dropout}, {names_prob}")
+    start_time = time.monotonic()
+    deadline = None if max_wall_s is None else start_time + max_wall_s
+    device_t = torch.device(device)
+    if device_t.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device_type=device_t.type, dtype=torch.bfloat16, enabled=device_t.type == "cuda")
+
+    images_u8, captions = _load_images(Path(dataset_root), limit, config.image_size)
+    log.info("%d training images from %s", len(captions), dataset_root)
+    if device_t.type == "cuda":
+        images_u8 = images_u8.to(device_t)
+
+    pipe = build_tiny_sd3_pipeline(config, seed=seed)
+    vae, transformer = pipe.vae, pipe.transformer
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        _round_to_half(encoder)
+        encoder.requires_grad_(False).eval()
+    pipe.to(device_t)
+
+    # --- phase 1: VAE -------------------------------------------------------------------------
+    vae_done, vae_first, vae_last, vae_mse_before, vae_mse_after = _train_vae(
+        vae, images_u8, steps=vae_steps, batch_size=batch_size, lr=vae_lr, kl_weight=kl_weight, seed=seed,
+        device=device_t, autocast=autocast, log_every=log_every,
+        deadline=None if max_wall_s is None else start_time + 0.25 * max_wall_s,
+    )
+    _round_to_half(vae)
+    vae.requires_grad_(False).eval()
+    means = _encode_latent_means(vae, images_u8, device_t)
+    shift, std = means.mean().item(), means.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+    latents = (means - shift) / std
+    del means
+    psnr = 10 * math.log10(4.0 / vae_mse_after) if vae_mse_after > 0 else float("inf")
+    log.info("VAE: fixed-batch MSE %.5f -> %.5f (PSNR %.1f dB); latent shift %.4f, scale %.4f",
+             vae_mse_before, vae_mse_after, psnr, shift, 1 / std)
+    vae_time = time.monotonic() - start_time
+
+    # --- phase 2: transformer -----------------------------------------------------------------
+    names = [class_name_prompt(c) for c in captions]
+    unique = sorted(set(captions) | set(names) | {""})
+    index = {p: i for i, p in enumerate(unique)}
+    bank, pooled_bank = _encode_prompts(pipe, unique, device_t)
+    full_idx = torch.tensor([index[c] for c in captions], device=device_t)
+    names_idx = torch.tensor([index[c] for c in names], device=device_t)
+    empty_idx = index[""]
+    log.info("%d distinct prompts (captions, class-name prompts and the empty prompt)", len(unique))
+
+    text_embedder = transformer.time_text_embed.text_embedder
+    with torch.no_grad():
+        for p in text_embedder.parameters():
+            p.zero_()
+    text_embedder.requires_grad_(False)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ema = _Ema(params, ema_decay)
+    shift_t = float(pipe.scheduler.config.shift)
+    warmup = max(1, min(500, transformer_steps // 10))
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = latents.shape[0]
+
+    def sample_batch(generator: torch.Generator):
+        idx = torch.randint(n, (batch_size,), generator=generator).to(device_t)
+        r = torch.rand(batch_size, generator=generator).to(device_t)
+        prompt_idx = torch.where(
+            r < caption_dropout,
+            torch.full_like(idx, empty_idx),
+            torch.where(r < caption_dropout + names_prob, names_idx[idx], full_idx[idx]),
+        )
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean).to(device_t)
+        sigma = shift_t * u / (1 + (shift_t - 1) * u)
+        noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator).to(device_t)
+        return latents[idx], prompt_idx, sigma, noise
+
+    def flow_loss(z, prompt_idx, sigma, noise):
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * z + s * noise
+        with autocast():
+            pred = transformer(
+                hidden_states=noisy,
+                timestep=sigma * 1000,
+                encoder_hidden_states=bank[prompt_idx],
+                pooled_projections=pooled_bank[prompt_idx],
+                return_dict=False,
+            )[0]
+        return F.mse_loss(pred.float(), noise - z)
+
+    fixed_batch = sample_batch(torch.Generator().manual_seed(seed + 2))
+
+    @torch.no_grad()
+    def fixed_loss() -> float:
+        transformer.eval()
+        value = flow_loss(*fixed_batch).item()
+        transformer.train()
+        return value
+
+    tr_before = fixed_loss()
+    transformer.train()
+    tr_first = tr_last = None
+    tr_done, window = 0, []
+    bar = tqdm(range(transformer_steps), desc="train transformer", unit="step", mininterval=5)
+    for step in bar:
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("transformer phase stopped at step %d of %d: time budget reached", step, transformer_steps)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _lr_factor(step, transformer_steps, warmup)
+        loss = flow_loss(*sample_batch(g))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.update()
+        tr_done = step + 1
+        window.append(loss.detach())
+        if (step + 1) % log_every == 0 or step + 1 == transformer_steps:
+            mean_loss = torch.stack(window).mean().item()
+            window = []
+            tr_first = mean_loss if tr_first is None else tr_first
+            tr_last = mean_loss
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            log.info("transformer step %d/%d: loss %.5f (mean of the last steps), lr %.2e",
+                     step + 1, transformer_steps, mean_loss, optimizer.param_groups[0]["lr"])
+    tr_raw_after = fixed_loss()
+    if tr_done:
+        ema.copy_to_params()
+    tr_after = fixed_loss()
+    transformer.requires_grad_(False).eval()
+    train_time = time.monotonic() - start_time
+    log.info("transformer: fixed-batch loss %.4f -> %.4f (EMA; raw weights %.4f)", tr_before, tr_after, tr_raw_after)
+
+    # --- save ---------------------------------------------------------------------------------
+    pipe.to("cpu")
+    for module in (transformer, vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.to(torch.float16)
+    import diffusers
+    import transformers
+
+    record: dict[str, Any] = {
+        "kind": "toy-trained",
+        "seed": seed,
+        "steps": {"vae": vae_done, "transformer": tr_done},
+        "steps_requested": {"vae": vae_steps, "transformer": transformer_steps},
+        "batch": batch_size,
+        "lr": {"transformer": lr, "vae": vae_lr},
+        "final_losses": {
+            "vae_train_first": vae_first,
+            "vae_train_last": vae_last,
+            "vae_fixed_batch_mse_before": vae_mse_before,
+            "vae_fixed_batch_mse_after": vae_mse_after,
+            "vae_psnr_db": psnr,
+            "transformer_train_first": tr_first,
+            "transformer_train_last": tr_last,
+            "transformer_fixed_batch_before": tr_before,
+            "transformer_fixed_batch_after_raw": tr_raw_after,
+            "transformer_fixed_batch_after_ema": tr_after,
+        },
+        "wall_time_s": {"vae": round(vae_time, 1), "total_training": round(train_time, 1)},
+        "device": device,
+        "device_name": _device_name(device_t),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "dataset": {"root": str(dataset_root), "split": "train", "images": len(captions), "limit": limit},
+        "recipe": {
+            "vae": "MSE on [-1,1] + kl_weight x per-element KL, reparameterised sample; latent shift/scale = "
+            "mean and 1/std of the training posterior means",
+            "vae_kl_weight": kl_weight,
+            "vae_latent_shift_factor": shift,
+            "vae_latent_scaling_factor": 1.0 / std,
+            "transformer": "rectified flow (SD3): sigma = shifted logit-normal, x_t = (1-s) z + s eps, "
+            "timestep = 1000 s, target eps - z, MSE",
+            "logit_mean": logit_mean,
+            "logit_std": logit_std,
+            "sigma_shift": shift_t,
+            "caption_dropout": caption_dropout,
+            "class_name_prompt_prob": names_prob,
+            "text_encoders": "frozen (the random control's weights, float16-rounded)",
+            "pooled_text_projection": "zeroed and frozen: text reaches the image only through joint attention",
+            "optimizer": "AdamW",
+            "weight_decay": weight_decay,
+            "schedule": "linear warm-up, cosine decay to 10%",
+            "grad_clip": 1.0,
+            "ema_decay": ema_decay,
+            "autocast": "bf16" if device_t.type == "cuda" else "none (fp32)",
+            "saved_dtype": "float16",
+            "max_wall_s": max_wall_s,
+        },
+        "config": asdict(config),
+    }
+    weights_bytes = sum(
+        sum(p.numel() * p.element_size() for p in m.parameters())
+        for m in (transformer, vae, pipe.text_encoder, pipe.text_encoder_2)
+    )
+    record["weights_mb"] = round(weights_bytes / 1e6, 2)
+    save_pipeline_folder(pipe, Path(out_dir), record, max_bytes=MAX_FOLDER_BYTES)
+    record["folder_mb"] = round(folder_size_bytes(Path(out_dir)) / 1e6, 2)
+    log.info("saved %s (%.1f MB) after %.0f s", out_dir, record["folder_mb"], time.monotonic() - start_time)
+    return record
