@@ -1,9 +1,11 @@
-"""Cost of attention capture at the real model sizes (random weights, bf16, 1024², batch 1).
+"""Cost of attention capture at the real model sizes (random weights, bf16, 1024²).
 
 Prints a Markdown table: time and extra peak memory of a plain forward, of `AttentionRecorder` at one
 layer / all joint layers (head mean and per head), and of the official code's naive method (full
 softmaxed joint matrix per head, then sliced), each as a ratio to the plain forward and to the naive
-method at the same layers. Also checks that block outputs with the recorder are bit-identical.
+method at the same layers. Variants are timed in interleaved rounds (so clock or allocator drift hits
+all alike) at batch 1, where a diffusers forward is partly bound by Python's kernel launches, and at
+batch 4, where the GPU is the bottleneck. Also checks that outputs with the recorder are bit-identical.
 
     python benchmarks/capture.py --models sd3 flux --out benchmarks/capture_results.json
 """
@@ -75,7 +77,7 @@ def build(name: str):
     return model, spec
 
 
-def model_inputs(name: str, spec: dict) -> dict:
+def model_inputs(name: str, spec: dict, batch: int) -> dict:
     generator = torch.Generator("cuda").manual_seed(1)
     bf16 = dict(device="cuda", dtype=torch.bfloat16, generator=generator)
     if name == "flux":
@@ -83,38 +85,47 @@ def model_inputs(name: str, spec: dict) -> dict:
         ids[..., 1] = torch.arange(64, device="cuda")[:, None]
         ids[..., 2] = torch.arange(64, device="cuda")[None, :]
         return dict(
-            hidden_states=torch.randn(1, 4096, 64, **bf16),
-            encoder_hidden_states=torch.randn(1, spec["n_text"], 4096, **bf16),
-            pooled_projections=torch.randn(1, 768, **bf16),
-            timestep=torch.tensor([0.23], device="cuda", dtype=torch.bfloat16),
-            guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
+            hidden_states=torch.randn(batch, 4096, 64, **bf16),
+            encoder_hidden_states=torch.randn(batch, spec["n_text"], 4096, **bf16),
+            pooled_projections=torch.randn(batch, 768, **bf16),
+            timestep=torch.full((batch,), 0.23, device="cuda", dtype=torch.bfloat16),
+            guidance=torch.full((batch,), 3.5, device="cuda", dtype=torch.bfloat16),
             img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(spec["n_text"], 3, device="cuda"),
             return_dict=False,
         )
     return dict(
-        hidden_states=torch.randn(1, 16, 128, 128, **bf16),
-        encoder_hidden_states=torch.randn(1, spec["n_text"], 4096, **bf16),
-        pooled_projections=torch.randn(1, 2048, **bf16),
-        timestep=torch.tensor([515.0], device="cuda"),
+        hidden_states=torch.randn(batch, 16, 128, 128, **bf16),
+        encoder_hidden_states=torch.randn(batch, spec["n_text"], 4096, **bf16),
+        pooled_projections=torch.randn(batch, 2048, **bf16),
+        timestep=torch.full((batch,), 515.0, device="cuda"),
         return_dict=False,
     )
 
 
-def measure(model, inputs, context_factory, repeats: int) -> tuple[float, int]:
-    """Median milliseconds and peak allocated bytes of one forward inside a fresh context."""
-    times = []
-    for i in range(repeats + 3):
+def time_once(model, inputs, context_factory) -> tuple[float, int]:
+    """Milliseconds and peak allocated bytes of one forward inside a fresh context."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.no_grad(), context_factory():
+        start.record()
+        model(**inputs)
+        end.record()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.no_grad(), context_factory():
-            start.record()
-            model(**inputs)
-            end.record()
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated()
+    return start.elapsed_time(end), torch.cuda.max_memory_allocated()
+
+
+def measure_interleaved(model, inputs, variants: dict, rounds: int) -> dict[str, tuple[float, int]]:
+    """Median time and peak memory per variant, the variants taking turns in every round."""
+    times = {label: [] for label in variants}
+    peaks = {}
+    for round_index in range(rounds + 2):  # two warm-up rounds
+        for label, factory in variants.items():
+            ms, peak = time_once(model, inputs, factory)
+            if round_index >= 2:
+                times[label].append(ms)
+                peaks[label] = peak
+    return {label: (statistics.median(values), peaks[label]) for label, values in times.items()}
 
 
 class Plain:
@@ -133,36 +144,32 @@ def outputs_bit_identical(model, inputs, recorder_factory) -> bool:
     return torch.equal(stock, recorded)
 
 
-def run(name: str, repeats: int) -> list[dict]:
+def run(name: str, batch: int, rounds: int) -> list[dict]:
     model, spec = build(name)
-    inputs = model_inputs(name, spec)
+    inputs = model_inputs(name, spec, batch)
     n_layers = len(AttentionRecorder(model).layers)
     one = [spec["layer"]]
     variants = {
         "plain forward": Plain,
+        f"stock attention through our processors, all {n_layers} layers": lambda: HookSwap(model, None, AttentionHooks()),
         f"I2T head-mean, layer {spec['layer']}": lambda: AttentionRecorder(model, one, heads="mean"),
         f"I2T head-mean, all {n_layers} joint layers": lambda: AttentionRecorder(model, None, heads="mean"),
         f"I2T per head, all {n_layers} joint layers": lambda: AttentionRecorder(model, None, heads=None),
         f"naive full matrix, layer {spec['layer']}": lambda: NaiveFullMatrix(model, one),
         f"naive full matrix, all {n_layers} joint layers": lambda: NaiveFullMatrix(model, None),
     }
+    measured = measure_interleaved(model, inputs, variants, rounds)
+    base_ms, base_peak = measured["plain forward"]
+    naive_one = measured[f"naive full matrix, layer {spec['layer']}"][0]
+    naive_all = measured[f"naive full matrix, all {n_layers} joint layers"][0]
     rows = []
-    for label, factory in variants.items():
-        try:
-            ms, peak = measure(model, inputs, factory, repeats)
-            rows.append({"model": name, "variant": label, "ms": ms, "peak_bytes": peak})
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows.append({"model": name, "variant": label, "ms": None, "peak_bytes": None, "note": "out of memory"})
-    base = rows[0]
-    naive_one, naive_all = rows[4], rows[5]
-    for row in rows:
-        if row["ms"] is None:
-            continue
-        row["x_plain"] = row["ms"] / base["ms"]
-        row["extra_peak_vs_plain"] = (row["peak_bytes"] - base["peak_bytes"]) / base["peak_bytes"]
-        naive = naive_one if "layer " + str(spec["layer"]) in row["variant"] else naive_all
-        row["x_naive"] = row["ms"] / naive["ms"] if naive["ms"] else None
+    for label, (ms, peak) in measured.items():
+        naive = naive_one if label.endswith(f"layer {spec['layer']}") else naive_all if "joint layers" in label else None
+        rows.append({
+            "model": name, "batch": batch, "variant": label, "ms": ms, "peak_bytes": peak,
+            "x_plain": ms / base_ms, "x_naive": ms / naive if naive else None,
+            "extra_peak_vs_plain": (peak - base_peak) / base_peak,
+        })
     rows[0]["bit_identical"] = outputs_bit_identical(model, inputs, lambda: AttentionRecorder(model, None, heads=None))
     del model
     torch.cuda.empty_cache()
@@ -171,21 +178,19 @@ def run(name: str, repeats: int) -> list[dict]:
 
 def markdown(rows: list[dict], device: str) -> str:
     lines = [
-        f"Device: {device}; torch {torch.__version__}; bf16, batch 1, 1024² (4096 image tokens), random weights.",
+        f"Device: {device}; torch {torch.__version__}; bf16, 1024² (4096 image tokens), random weights; "
+        "median of interleaved rounds.",
         "",
-        "| model | variant | ms (median) | × plain | × naive | extra peak memory vs plain |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | batch | variant | ms (median) | × plain | × naive | extra peak memory vs plain |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        if row["ms"] is None:
-            lines.append(f"| {row['model']} | {row['variant']} | {row.get('note')} | | | |")
-            continue
         naive = f"{row['x_naive']:.3f}" if row.get("x_naive") else ""
         lines.append(
-            f"| {row['model']} | {row['variant']} | {row['ms']:.2f} | {row['x_plain']:.3f} | {naive} | "
+            f"| {row['model']} | {row['batch']} | {row['variant']} | {row['ms']:.2f} | {row['x_plain']:.3f} | {naive} | "
             f"{100 * row['extra_peak_vs_plain']:+.1f}% |"
         )
-    identical = {row["model"]: row["bit_identical"] for row in rows if "bit_identical" in row}
+    identical = {(row["model"], row["batch"]): row["bit_identical"] for row in rows if "bit_identical" in row}
     lines += ["", f"Final transformer outputs bit-identical with the recorder on (all layers, per head): {identical}"]
     return "\n".join(lines)
 
@@ -193,12 +198,13 @@ def markdown(rows: list[dict], device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["sd3", "sd35", "flux"], choices=sorted(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/capture.py needs a CUDA GPU")
-    rows = [row for name in args.models for row in run(name, args.repeats)]
+    rows = [row for name in args.models for batch in args.batches for row in run(name, batch, args.rounds)]
     table = markdown(rows, torch.cuda.get_device_name())
     print(table)
     if args.out:

@@ -159,17 +159,17 @@ class AttentionRecorder(HookSwap, AttentionHooks):
             out = AttentionHooks.attend(self, query, key, value, layout, layer)
         image, text = layout.image, self._kept_text(layout)
         scale = query.shape[-1] ** -0.5
-        if needs_lse or "logits" in self.record:
-            q, k = query.float(), key.float()
-            logits_i2t = q[:, :, image] @ k[:, :, text].transpose(-1, -2) * scale
-            logits_t2i = q[:, :, text] @ k[:, :, image].transpose(-1, -2) * scale
-            if "i2t" in self.record:
-                self.i2t[layer] = self._reduce(torch.exp(logits_i2t - lse[:, :, image, None]))
-            if "t2i" in self.record:
-                self.t2i[layer] = self._reduce(torch.exp(logits_t2i - lse[:, :, text, None]))
+        for direction, rows, columns, maps, logits in (
+            ("i2t", image, text, self.i2t, self.logits_i2t),
+            ("t2i", text, image, self.t2i, self.logits_t2i),
+        ):
+            if direction not in self.record and "logits" not in self.record:
+                continue
+            scores = query[:, :, rows].float() @ key[:, :, columns].float().transpose(-1, -2) * scale
+            if direction in self.record:
+                maps[layer] = self._reduce(torch.exp(scores - lse[:, :, rows, None]))
             if "logits" in self.record:
-                self.logits_i2t[layer] = self._reduce(logits_i2t)
-                self.logits_t2i[layer] = self._reduce(logits_t2i)
+                logits[layer] = self._reduce(scores)
         if "value_norms" in self.record:
             self.value_norms[layer] = self._value_norms(value, layout)
         if "qkv" in self.record:

@@ -46,6 +46,7 @@ T5_MAX_LENGTH = 512  # model_max_length of T5-XXL's tokenizer (Flux's tokenizer_
 _SPECIALS = ("<pad>", "</s>", "<unk>")
 _VOCAB_SIZE = 2000  # an upper bound: the trainer stops earlier on this small corpus
 _SCORE_DECIMALS = 6
+_LADDER_STEP = 1e-4  # the trainer's score step between its fallback characters
 
 # The 50 DrawBench prompts of the appendix (Fig. 1), verbatim (line breaks of the PDF removed).
 DRAWBENCH_PROMPTS: tuple[str, ...] = (
@@ -150,6 +151,32 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
+def _canonical_required_chars(trained: list[list]) -> list[tuple[str, float]]:
+    """Give the trainer's fallback characters their scores in code-point order.
+
+    After pruning, the trainer appends every required character that is no longer a piece with the
+    scores s, s − 1e-4, s − 2e-4, … in the iteration order of a hash set, which changes from run to
+    run. That ladder ends at the lowest score of the vocabulary; it is found by stepping up from there
+    in steps of 1e-4 through single characters.
+    """
+    pieces = [(piece, float(score)) for piece, score in trained]
+    chars = {piece: score for piece, score in pieces if len(piece) == 1}
+    if not chars:
+        return pieces
+    lowest = min(score for _, score in pieces)
+    by_score = sorted(chars.items(), key=lambda item: item[1])
+    ladder: list[tuple[str, float]] = []
+    for piece, score in by_score:
+        if abs(score - (lowest + len(ladder) * _LADDER_STEP)) < 1e-9:
+            ladder.append((piece, score))
+    if len(ladder) < 2:
+        return pieces
+    members = {piece for piece, _ in ladder}
+    scores = sorted((score for _, score in ladder), reverse=True)
+    reassigned = dict(zip(sorted(members), scores))
+    return [(piece, reassigned.get(piece, score)) for piece, score in pieces]
+
+
 def train_t5_vocab(corpus: list[str] | None = None) -> list[tuple[str, float]]:
     """Train a Unigram vocabulary on ``corpus`` (default: `t5_corpus`); return T5's (piece, log-prob) list.
 
@@ -169,8 +196,9 @@ def train_t5_vocab(corpus: list[str] | None = None) -> list[tuple[str, float]]:
     trained = json.loads(tokenizer.to_str())["model"]["vocab"]
     if [piece for piece, _ in trained[: len(_SPECIALS)]] != list(_SPECIALS):
         raise RuntimeError(f"the Unigram trainer put {trained[:3]} first, expected {_SPECIALS}; check tokenizers")
+    pieces = _canonical_required_chars(trained[len(_SPECIALS) :])
     pieces = sorted(
-        ((piece, round(score, _SCORE_DECIMALS)) for piece, score in trained[len(_SPECIALS) :]),
+        ((piece, round(score, _SCORE_DECIMALS)) for piece, score in pieces),
         key=lambda item: (-item[1], item[0]),
     )
     sentinels = [(f"<extra_id_{i}>", 0.0) for i in range(T5_EXTRA_IDS - 1, -1, -1)]

@@ -234,13 +234,15 @@ def save_pipeline_folder(
     info: dict,
     *,
     max_bytes: int | None = None,
+    compact_tokenizers: bool = False,
 ) -> Path:
     """Save ``pipe`` (safetensors) plus ``seg4diff_model.json`` = ``info`` into ``out_dir`` atomically.
 
     ``out_dir`` ends up either unchanged or the complete new folder: the pipeline is written to a
     sibling temp folder that then replaces it. Only an empty folder or an earlier pipeline folder
     (one with ``model_index.json``) is replaced. With ``max_bytes`` a larger folder is refused
-    (ValueError) before it replaces anything.
+    (ValueError) before it replaces anything. ``compact_tokenizers`` rewrites each ``tokenizer.json``
+    without indentation (the same JSON value, 1.7 instead of 3.6 MB per CLIP tokenizer).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -256,6 +258,10 @@ def save_pipeline_folder(
     tmp_dir.mkdir()
     try:
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
+        if compact_tokenizers:
+            for path in tmp_dir.glob("tokenizer*/tokenizer.json"):
+                value = json.loads(path.read_text(encoding="utf-8"))
+                path.write_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
         (tmp_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if max_bytes is not None and (size := folder_size_bytes(tmp_dir)) > max_bytes:
             raise ValueError(

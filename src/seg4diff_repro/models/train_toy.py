@@ -129,8 +129,7 @@ class _Ema:
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - decay)
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
@@ -140,10 +139,11 @@ class _Ema:
 
 def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device, autocast, log_every, deadline):
     """Train the VAE; return (steps done, first/last window losses, fixed-batch MSE before/after)."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the posterior samples use the global RNG (CPU and CUDA)
+    g = torch.Generator(device).manual_seed(seed)
     n = images_u8.shape[0]
-    fixed = _to_pixels(images_u8[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:64]].to(device))
+    fixed_idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:64]
+    fixed = _to_pixels(images_u8[fixed_idx.to(images_u8.device)].to(device))
 
     @torch.no_grad()
     def fixed_mse() -> float:
@@ -154,7 +154,7 @@ def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device
         return F.mse_loss(rec.float(), fixed).item()
 
     mse_before = fixed_mse()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     warmup = max(1, min(200, steps // 10))
     vae.train()
     window, first, last, done = [], None, None, 0
@@ -165,7 +165,8 @@ def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device
             break
         for group in optimizer.param_groups:
             group["lr"] = lr * _lr_factor(step, steps, warmup)
-        x = _to_pixels(images_u8[torch.randint(n, (batch_size,), generator=g)].to(device, non_blocking=True))
+        idx = torch.randint(n, (batch_size,), generator=g, device=device).to(images_u8.device)
+        x = _to_pixels(images_u8[idx].to(device, non_blocking=True))
         with autocast():
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
@@ -311,25 +312,26 @@ def train_toy_model(
             p.zero_()
     text_embedder.requires_grad_(False)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_t.type == "cuda")
     ema = _Ema(params, ema_decay)
     shift_t = float(pipe.scheduler.config.shift)
     warmup = max(1, min(500, transformer_steps // 10))
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device_t).manual_seed(seed)
     n = latents.shape[0]
 
     def sample_batch(generator: torch.Generator):
-        idx = torch.randint(n, (batch_size,), generator=generator).to(device_t)
-        r = torch.rand(batch_size, generator=generator).to(device_t)
+        """Images, prompt variants, σ and noise of one batch, all drawn on the device from ``generator``."""
+        idx = torch.randint(n, (batch_size,), generator=generator, device=device_t)
+        r = torch.rand(batch_size, generator=generator, device=device_t)
         prompt_idx = torch.where(
             r < caption_dropout,
             torch.full_like(idx, empty_idx),
             torch.where(r < caption_dropout + names_prob, names_idx[idx], full_idx[idx]),
         )
-        u = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean).to(device_t)
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator, device=device_t) * logit_std + logit_mean)
         sigma = shift_t * u / (1 + (shift_t - 1) * u)
-        noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator).to(device_t)
+        noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator, device=device_t)
         return latents[idx], prompt_idx, sigma, noise
 
     def flow_loss(z, prompt_idx, sigma, noise):
@@ -345,7 +347,7 @@ def train_toy_model(
             )[0]
         return F.mse_loss(pred.float(), noise - z)
 
-    fixed_batch = sample_batch(torch.Generator().manual_seed(seed + 2))
+    fixed_batch = sample_batch(torch.Generator(device_t).manual_seed(seed + 2))
 
     @torch.no_grad()
     def fixed_loss() -> float:
@@ -451,7 +453,7 @@ def train_toy_model(
         for m in (transformer, vae, pipe.text_encoder, pipe.text_encoder_2)
     )
     record["weights_mb"] = round(weights_bytes / 1e6, 2)
-    save_pipeline_folder(pipe, Path(out_dir), record, max_bytes=MAX_FOLDER_BYTES)
+    save_pipeline_folder(pipe, Path(out_dir), record, max_bytes=MAX_FOLDER_BYTES, compact_tokenizers=True)
     record["folder_mb"] = round(folder_size_bytes(Path(out_dir)) / 1e6, 2)
     log.info("saved %s (%.1f MB) after %.0f s", out_dir, record["folder_mb"], time.monotonic() - start_time)
     return record

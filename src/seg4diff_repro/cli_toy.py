@@ -1,0 +1,130 @@
+"""Toy-world subcommands of `seg4diff-repro`: train the tiny SD3 model and draw its generations.
+
+``add_toy_commands(subparsers)`` registers them on the main parser; ``python -m seg4diff_repro.cli_toy``
+runs them on their own (the GPU training script uses that, so it needs nothing else of the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _train_toy_model(args: argparse.Namespace) -> None:
+    from seg4diff_repro.models.train_toy import train_toy_model
+
+    start = time.monotonic()
+    device = _resolve_device(args.device)
+    record = train_toy_model(
+        Path(args.dataset_root),
+        Path(args.out),
+        vae_steps=args.vae_steps,
+        transformer_steps=args.transformer_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        vae_lr=args.vae_lr,
+        seed=args.seed,
+        device=device,
+        log_every=args.log_every,
+        caption_dropout=args.caption_dropout,
+        names_prob=args.names_prob,
+        limit=args.limit,
+        max_wall_s=args.max_wall_s,
+    )
+    losses = record["final_losses"]
+    logging.getLogger(__name__).info(
+        "toy model written to %s on %s in %.0f s: VAE PSNR %.1f dB, transformer fixed-batch loss %.4f -> %.4f, "
+        "steps %s, %.1f MB",
+        args.out, record["device_name"], time.monotonic() - start, losses["vae_psnr_db"],
+        losses["transformer_fixed_batch_before"], losses["transformer_fixed_batch_after_ema"],
+        record["steps"], record["folder_mb"],
+    )
+    print(json.dumps({k: record[k] for k in ("steps", "final_losses", "wall_time_s", "device_name", "folder_mb")}))
+
+
+def _toy_generations(args: argparse.Namespace) -> None:
+    import torch
+
+    from seg4diff_repro.generation.toy_samples import (
+        generate_toy_samples,
+        write_toy_generations_csv,
+        write_toy_generations_figure,
+    )
+    from seg4diff_repro.models.sd3 import load_sd3_pipeline
+
+    pipe = load_sd3_pipeline(args.model, torch.float32).to(_resolve_device(args.device))
+    records = generate_toy_samples(
+        pipe,
+        Path(args.dataset_root),
+        split=args.split,
+        n=args.n,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+    )
+    if args.csv:
+        write_toy_generations_csv(records, Path(args.csv))
+    write_toy_generations_figure(records, Path(args.png), Path(args.pdf), model_name=Path(args.model).name)
+    n_ok = sum(r.colour_ok for r in records)
+    logging.getLogger(__name__).info("toy generations: colour matches the prompt in %d of %d images", n_ok, len(records))
+
+
+def add_toy_commands(subparsers) -> None:
+    """Register `train-toy-model` and `toy-generations` on an argparse subparsers object."""
+    command = subparsers.add_parser(
+        "train-toy-model", help="train the toy world's tiny SD3 pipeline (VAE, then transformer) and save it"
+    )
+    command.add_argument("--dataset-root", required=True, help="prepared toy-shapes folder; its train split is used")
+    command.add_argument("--out", required=True, help="model folder to write (save_pretrained, float16)")
+    command.add_argument("--vae-steps", type=int, default=1000)
+    command.add_argument("--transformer-steps", type=int, default=6000)
+    command.add_argument("--batch-size", type=int, default=256)
+    command.add_argument("--lr", type=float, default=3e-4, help="transformer peak learning rate")
+    command.add_argument("--vae-lr", type=float, default=1e-3)
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda when available)")
+    command.add_argument("--log-every", type=int, default=100)
+    command.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty prompts (for CFG)")
+    command.add_argument("--names-prob", type=float, default=0.3, help="share of class-name-only prompts")
+    command.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    command.add_argument("--max-wall-s", type=float, default=None, help="safety cap on the training time")
+    command.set_defaults(handler=_train_toy_model)
+
+    command = subparsers.add_parser(
+        "toy-generations", help="figure of images generated from toy-shapes val captions, with a colour check"
+    )
+    command.add_argument("--model", required=True, help="pipeline folder (or hub id)")
+    command.add_argument("--dataset-root", required=True)
+    command.add_argument("--split", default="val")
+    command.add_argument("--n", type=int, default=8, help="number of val images (columns)")
+    command.add_argument("--seed", type=int, default=0, help="image i of the split is generated with seed + i")
+    command.add_argument("--steps", type=int, default=28)
+    command.add_argument("--guidance-scale", type=float, default=4.0)
+    command.add_argument("--device", default="cpu")
+    command.add_argument("--png", required=True)
+    command.add_argument("--pdf", required=True)
+    command.add_argument("--csv", default=None, help="also write one row per generated image")
+    command.set_defaults(handler=_toy_generations)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="seg4diff-repro (toy commands)", description=__doc__.splitlines()[0])
+    add_toy_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

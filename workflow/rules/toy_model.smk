@@ -1,0 +1,106 @@
+# The toy world's trained model: a tiny SD3-architecture pipeline trained on toy-shapes (committed in
+# models/toy_sd3, so the default run needs no training), and the figure of its generations.
+#
+# Config keys read:
+#   toy_model: {source, train_dataset, train_images, vae_steps, transformer_steps, batch_size, lr, seed, device}
+#   toy_generations: {n, seed, steps, guidance_scale, device}
+#   toy_shapes: {image_size, seed} (the training set is drawn like the default set, with more train images)
+#
+# Retrain with `snakemake toy_model --forcerun toy_model --cores 2` (GPU: about 6 min on one H100 with
+# scripts/gpu/train_toy_model.sh; a 2-core CPU takes about a day at the default sizes).
+
+TOY_MODEL = config["toy_model"]
+TOY_TRAIN_ROOT = DATA_ROOT / "prepared" / TOY_MODEL["train_dataset"]
+
+
+rule prepare_toy_shapes_train:
+    output:
+        TOY_TRAIN_ROOT / "manifest.json",
+    params:
+        root=lambda wildcards, output: Path(output[0]).parent,
+        n_train=TOY_MODEL["train_images"],
+        image_size=config["toy_shapes"]["image_size"],
+        seed=config["toy_shapes"]["seed"],
+    log:
+        "logs/prepare_toy_shapes_train.log",
+    benchmark:
+        "results/benchmarks/prepare_toy_shapes_train.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro make-toy-shapes --root {params.root:q} --n-train {params.n_train} --n-val 0"
+        " --image-size {params.image_size} --seed {params.seed} 2> {log:q}"
+
+
+rule toy_model:
+    input:
+        # ancient(): a regenerated (newer) training set does not make the committed model out of date.
+        train=ancient(TOY_TRAIN_ROOT / "manifest.json"),
+    output:
+        f"{TOY_MODEL['source']}/model_index.json",
+    params:
+        out=lambda wildcards, output: Path(output[0]).parent,
+        dataset_root=TOY_TRAIN_ROOT,
+        vae_steps=TOY_MODEL["vae_steps"],
+        transformer_steps=TOY_MODEL["transformer_steps"],
+        batch_size=TOY_MODEL["batch_size"],
+        lr=TOY_MODEL["lr"],
+        seed=TOY_MODEL["seed"],
+        device=TOY_MODEL["device"],
+    log:
+        "logs/toy_model.log",
+    benchmark:
+        "results/benchmarks/toy_model.tsv"
+    message:
+        "Training the toy model into {params.out} on {params.device}: {params.vae_steps} VAE + "
+        "{params.transformer_steps} transformer steps at batch {params.batch_size}. About 6 min on one H100; "
+        "on a 2-core CPU about 7 s per batch-128 transformer step and 4 s per batch-128 VAE step, so about "
+        "1 day at the default sizes (batch 256). Progress: {log}"
+    resources:
+        mem_mb=8000,
+        gpu=1 if str(TOY_MODEL["device"]) != "cpu" else 0,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "SECONDS=0; seg4diff-repro train-toy-model --dataset-root {params.dataset_root:q} --out {params.out:q}"
+        " --vae-steps {params.vae_steps} --transformer-steps {params.transformer_steps}"
+        " --batch-size {params.batch_size} --lr {params.lr} --seed {params.seed} --device {params.device:q}"
+        " 2> {log:q}; echo \"toy_model: trained in $((SECONDS / 60)) min $((SECONDS % 60)) s"
+        " (device {params.device}); see {log}\" | tee -a {log:q}"
+
+
+rule toy_generations:
+    input:
+        model=f"{TOY_MODEL['source']}/model_index.json",
+        dataset=DATA_ROOT / "prepared" / "toy_shapes" / "manifest.json",
+    output:
+        png=report(
+            "figures/toy_generations.png",
+            caption="../report/toy_generations.rst",
+            category="Toy world",
+        ),
+        pdf="figures/toy_generations.pdf",
+        csv="results/toy_generations/toy_generations.csv",
+    params:
+        model=TOY_MODEL["source"],
+        dataset_root=lambda wildcards, input: Path(input.dataset).parent,
+        n=config["toy_generations"]["n"],
+        seed=config["toy_generations"]["seed"],
+        steps=config["toy_generations"]["steps"],
+        guidance_scale=config["toy_generations"]["guidance_scale"],
+        device=config["toy_generations"]["device"],
+    log:
+        "logs/toy_generations.log",
+    benchmark:
+        "results/benchmarks/toy_generations.tsv"
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro toy-generations --model {params.model:q} --dataset-root {params.dataset_root:q}"
+        " --split val --n {params.n} --seed {params.seed} --steps {params.steps}"
+        " --guidance-scale {params.guidance_scale} --device {params.device:q}"
+        " --png {output.png:q} --pdf {output.pdf:q} --csv {output.csv:q} 2> {log:q}"
