@@ -28,6 +28,7 @@ from seg4diff_repro.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipe
 RECORD = ("i2t", "t2i", "logits", "value_norms", "qkv")
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 N_TEXT, N_IMAGE, HEADS = 77, 256, 2
+PROMPTS = ["car mountain sky water", "a red circle and a blue square"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def model_inputs(adapter: FluxAdapter) -> dict:
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     noising = adapter.noising(8)
     noisy = adapter.noise_latents(adapter.encode_images(images), noising, seeds=[0, 1])
-    embeds, pooled = adapter.encode_prompts(["car mountain sky water", "a red circle and a blue square"])
+    embeds, pooled = adapter.encode_prompts(PROMPTS)
     return adapter.transformer_inputs(noisy, noising, embeds, pooled)
 
 
@@ -184,8 +185,9 @@ def test_maps_equal_float64_softmax_over_all_joint_keys(pipe, model_inputs):
         i2t, t2i = probabilities[:, :, -N_IMAGE:, :N_TEXT], probabilities[:, :, :N_TEXT, -N_IMAGE:]
         torch.testing.assert_close(rec.i2t[layer].double(), i2t, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(rec.t2i[layer].double(), t2i, rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(rec.logits_i2t[layer].double(), logits[:, :, -N_IMAGE:, :N_TEXT], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(rec.logits_t2i[layer].double(), logits[:, :, :N_TEXT, -N_IMAGE:], rtol=1e-5, atol=1e-5)
+        i2t_logits, t2i_logits = logits[:, :, -N_IMAGE:, :N_TEXT], logits[:, :, :N_TEXT, -N_IMAGE:]
+        for recorded, expected in ((rec.logits_i2t, i2t_logits), (rec.logits_t2i, t2i_logits)):
+            torch.testing.assert_close(recorded[layer].double(), expected, rtol=1e-5, atol=1e-5)
         for name, x in (("q", q), ("k", k), ("v", v)):
             image = x[:, :, -N_IMAGE:].transpose(1, 2).flatten(2)
             torch.testing.assert_close(rec.qkv[layer][name].double(), image, rtol=0, atol=0)
@@ -269,7 +271,8 @@ def test_adapter_schedule_and_layout(pipe):
     assert {k: pipe.scheduler.config[k] for k in FLUX_DEV_SCHEDULER_CONFIG} == FLUX_DEV_SCHEDULER_CONFIG
     adapter = FluxAdapter(pipe)
     assert (adapter.backbone, adapter.image_first, adapter.prompt_start) == ("flux", False, 0)
-    assert (adapter.num_layers, adapter.image_size, adapter.token_grid, adapter.num_text_tokens) == (4, 64, (16, 16), 77)
+    sizes = (adapter.num_layers, adapter.image_size, adapter.token_grid, adapter.num_text_tokens)
+    assert sizes == (4, 64, (16, 16), 77)
     # The bug makes mu independent of the image size: the 16-channel value, as for FLUX.1-dev at 1024².
     assert adapter.mu == pytest.approx(0.4594, abs=1e-4)
     assert adapter.noising(8).sigma == pytest.approx(0.2317, abs=5e-5)
@@ -308,11 +311,11 @@ def test_adapter_matches_flux_pipeline_conventions(pipe, model_inputs):
     assert inputs["hidden_states"].shape == (2, N_IMAGE, 64)
     assert torch.equal(inputs["timestep"], torch.full((2,), noising.timestep) / 1000)
     assert torch.equal(inputs["guidance"], torch.full((2,), 3.5))
-    embeds, pooled, _ = pipe.encode_prompt(["car mountain sky water", "a red circle and a blue square"], max_sequence_length=77)
+    embeds, pooled, _ = pipe.encode_prompt(PROMPTS, max_sequence_length=77)
     assert torch.equal(inputs["encoder_hidden_states"], embeds) and torch.equal(inputs["pooled_projections"], pooled)
     packed = pipe._pack_latents(noisy, 2, 16, 32, 32)
     assert torch.equal(pipe._unpack_latents(packed, 64, 64, 2), noisy)
-    prediction = adapter.forward(noisy, noising, *adapter.encode_prompts(["car mountain sky water", "a red circle and a blue square"]))
+    prediction = adapter.forward(noisy, noising, *adapter.encode_prompts(PROMPTS))
     assert prediction.shape == (2, 16, 32, 32)
 
 
@@ -335,7 +338,8 @@ def test_t5_tokenizer_roundtrip_and_class_name_counts(pipe, tmp_path):
     assert pipe.text_encoder_2.config.vocab_size == len(built)
 
     # A class's tokens, counted without </s>, sit at consecutive positions from 0 in the joined prompt.
-    names = json.loads(Path(__file__).parents[1].joinpath("src/seg4diff_repro/data/classes/voc21.json").read_text())["names"]
+    voc21 = Path(__file__).parents[1] / "src/seg4diff_repro/data/classes/voc21.json"
+    names = json.loads(voc21.read_text())["names"]
     ids = loaded(" ".join(names)).input_ids
     assert ids[-1] == 1 and 1 not in ids[:-1]
     position = 0
@@ -363,7 +367,8 @@ def test_t5_vocabulary_is_the_same_in_a_fresh_process():
     )
     here = hashlib.sha256(json.dumps(train_t5_vocab()).encode()).hexdigest()
     source = t5_tokenizer.__file__
-    out = subprocess.run([sys.executable, "-c", code, source], capture_output=True, text=True, check=True).stdout.split()
+    run = subprocess.run([sys.executable, "-c", code, source], capture_output=True, text=True, check=True)
+    out = run.stdout.split()
     assert out[-1] == here
 
 
@@ -372,7 +377,8 @@ def test_t5_vocabulary_is_the_same_in_a_fresh_process():
 
 def test_folder_layout_and_weights_roundtrip(folder, pipe):
     info = json.loads((folder / "seg4diff_model.json").read_text())
-    assert info == {"kind": "tiny-random", "backbone": "flux", "seed": 0, "config": json.loads(json.dumps(asdict(TinyFluxConfig())))}
+    config = json.loads(json.dumps(asdict(TinyFluxConfig())))
+    assert info == {"kind": "tiny-random", "backbone": "flux", "seed": 0, "config": config}
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline"
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, T5EncoderModel)

@@ -282,3 +282,9 @@ def test_offline_and_not_cached_says_so(hub_failures) -> None:
     assert "not in the local Hugging Face cache" in message
     assert "HF_HUB_OFFLINE" in message
     assert not any("not-cached-model" in p for p in paths), paths  # offline means no request
+
+
+def test_missing_local_folder_is_named_not_sent_to_the_hub(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(ModelLoadError, match="does not exist and is not a Hugging Face id"):
+        load_sd3_pipeline(missing)

@@ -86,6 +86,14 @@ def check_config(config: dict, schema_path: str | Path) -> None:
             if name not in config[kind]:
                 raise ConfigError(f"run.{kind} names {name!r}, which is not defined; defined {kind}: {sorted(config[kind])}")
 
+    for name, model in config["models"].items():
+        expected = f"results/models/{name}"
+        if "build" in model and str(model["source"]).rstrip("/") != expected:
+            raise ConfigError(
+                f"models.{name}.source = {model['source']!r}: a model with `build` is written by the rule "
+                f"build_tiny_model to {expected!r}; set source to that path or remove `build`"
+            )
+
     attention = config["attention"]
     for name in config["run"]["models"]:
         model = config["models"][name]

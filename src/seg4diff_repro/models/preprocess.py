@@ -37,7 +37,7 @@ def prepare_image(
     box = (0, 0, height, width)
     if resize == "center_crop":
         box = center_crop_box(height, width)
-        image = image[box[0] : box[2], box[1] : box[3]]
+        image = crop_to_box(image, box)
     elif resize != "stretch":
         raise ValueError(f"resize={resize!r}: use 'stretch' (official code) or 'center_crop' (paper text)")
     if short_side is not None:

@@ -64,6 +64,12 @@ def load_sd3_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
     )
 
     source = str(source)
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_like_path and not Path(source).exists():
+        raise ModelLoadError(
+            f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
+            "(for the toy models, run the rule that builds them, e.g. `snakemake build_tiny_model`)."
+        )
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelLoadError(
             f"{source} has no model_index.json: point the model's `source` at a folder written by "
