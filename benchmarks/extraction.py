@@ -72,7 +72,7 @@ def main() -> None:
     # 512×384 images, like VOC's, with 1–3 objects each (prompt lengths like VOC's oracle prompts).
     generate_toy_shapes(work / "dataset", n_train=1, n_val=args.images, image_size=512, seed=0)
     settings = ExtractionSettings(
-        model="sd3_medium_random", dataset="generated", source=str(work / "sd3_medium_random"), dtype="float16",
+        model="sd3_medium_random", dataset="generated", backbone="sd3", source=str(work / "sd3_medium_random"), dtype="float16",
         timestep=8, num_steps=28, layers=None, seed=0, short_side=640, resize="stretch", prompt="oracle",
         background_name="background", split="val", drop_background=True, limit=None,
     )

@@ -18,10 +18,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from seg4diff_repro.attention import AttentionRecorder, AttentionHooks, backend_for
+from seg4diff_repro.attention import AttentionHooks, AttentionRecorder, backend_for
 from seg4diff_repro.attention.flux import FluxBackend, HookedFluxAttnProcessor
-from seg4diff_repro.models.flux import FLUX_DEV_SCHEDULER_CONFIG, FluxAdapter, flux_mu, flux_noising
 from seg4diff_repro.models import t5_tokenizer
+from seg4diff_repro.models.flux import FLUX_DEV_SCHEDULER_CONFIG, FluxAdapter, flux_mu, flux_noising
 from seg4diff_repro.models.t5_tokenizer import build_t5_tokenizer, train_t5_vocab
 from seg4diff_repro.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline, write_tiny_flux_pipeline
 

@@ -15,9 +15,14 @@ from seg4diff_repro.cli_datasets import add_dataset_commands
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
-    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+    if args.backbone == "flux":
+        from seg4diff_repro.models.tiny_flux import write_tiny_flux_pipeline
 
-    write_tiny_sd3_pipeline(Path(args.out), seed=args.seed)
+        write_tiny_flux_pipeline(Path(args.out), seed=args.seed)
+    else:
+        from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+        write_tiny_sd3_pipeline(Path(args.out), seed=args.seed)
 
 
 def _make_toy_shapes(args: argparse.Namespace) -> None:
@@ -66,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    command = commands.add_parser("build-tiny-model", help="write a tiny random-weight SD3-architecture pipeline")
+    command = commands.add_parser("build-tiny-model", help="write a tiny random-weight pipeline of the real classes")
+    command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3")
     command.add_argument("--out", required=True)
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=_build_tiny_model)

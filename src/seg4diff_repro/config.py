@@ -16,6 +16,7 @@ import yaml
 KNOWN_LAYER_COUNTS = {
     "stabilityai/stable-diffusion-3-medium-diffusers": 24,
     "stabilityai/stable-diffusion-3.5-medium": 24,
+    "black-forest-labs/FLUX.1-dev": 57,  # 19 double-stream + 38 single-stream blocks
 }
 
 
@@ -67,6 +68,11 @@ def model_num_layers(model: dict) -> int | None:
     transformer_config = Path(source) / "transformer" / "config.json"
     if transformer_config.is_file():
         return json.loads(transformer_config.read_text())["num_layers"]
+    if "build" in model and model["backbone"] == "flux":
+        from seg4diff_repro.models.tiny_flux import TinyFluxConfig
+
+        config = TinyFluxConfig()
+        return config.num_layers + config.num_single_layers
     if "build" in model:
         from seg4diff_repro.models.tiny import TinySD3Config
 

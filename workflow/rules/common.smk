@@ -27,9 +27,9 @@ def model_config(wildcards):
 
 
 def model_inputs(wildcards):
-    """The built model folder's index file, or nothing for a Hugging Face id."""
+    """The built model folder, or nothing for a Hugging Face id."""
     model = model_config(wildcards)
-    return [f"{model['source']}/model_index.json"] if "build" in model else []
+    return [model["source"]] if "build" in model else []
 
 
 def prepared_root(wildcards):
@@ -47,7 +47,9 @@ def extraction_settings(wildcards):
         {
             "model": wildcards.model,
             "dataset": wildcards.dataset,
+            "backbone": model["backbone"],
             "source": model["source"],
+            "model_options": model["options"],
             "dtype": model["dtype"],
             "timestep": int(wildcards.timestep),
             "num_steps": model["num_inference_steps"],

@@ -3,10 +3,11 @@
 
 rule build_tiny_model:
     output:
-        "results/models/{model}/model_index.json",
+        # The whole folder, so that Snakemake clears it before a rebuild.
+        directory("results/models/{model}"),
     params:
-        out=lambda wildcards, output: Path(output[0]).parent,
         seed=lambda wildcards: model_config(wildcards)["build"]["seed"],
+        backbone=lambda wildcards: model_config(wildcards)["backbone"],
     log:
         "logs/build_tiny_model/{model}.log",
     benchmark:
@@ -16,4 +17,4 @@ rule build_tiny_model:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro build-tiny-model --out {params.out:q} --seed {params.seed} 2> {log:q}"
+        "seg4diff-repro build-tiny-model --backbone {params.backbone} --out {output:q} --seed {params.seed} 2> {log:q}"

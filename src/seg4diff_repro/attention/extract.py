@@ -18,7 +18,8 @@ from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_json
 from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
-from seg4diff_repro.models.sd3 import CLIP_TOKENS, SD3Adapter, describe_model_source
+from seg4diff_repro.models import load_adapter
+from seg4diff_repro.models.common import describe_model_source
 from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class ExtractionSettings:
 
     model: str
     dataset: str
+    backbone: str
     source: str
     dtype: str
     timestep: int
@@ -43,11 +45,16 @@ class ExtractionSettings:
     split: str
     drop_background: bool
     limit: int | None
+    model_options: tuple[tuple[str, object], ...] = ()
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
         layers = spec.get("layers")
-        return cls(**{**spec, "layers": None if layers in (None, "all") else tuple(layers)})
+        return cls(**{
+            **spec,
+            "layers": None if layers in (None, "all") else tuple(layers),
+            "model_options": tuple(sorted(dict(spec.get("model_options", {})).items())),
+        })
 
 
 def image_seed(base_seed: int, image_id: str) -> int:
@@ -73,7 +80,9 @@ def extract_attention(
     dataset = SegmentationDataset(
         dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
     )
-    adapter = SD3Adapter.from_pretrained(settings.source, dtype=getattr(torch, settings.dtype), device=device)
+    adapter = load_adapter(
+        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
+    )
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
     key = settings_key({**asdict(settings), "code_version": __version__})
@@ -112,6 +121,7 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
             class_names,
             adapter.tokenizer,
             settings.background_name,
+            start=adapter.prompt_start,
         )
         for s, (_, box) in zip(samples, prepared)
     ]
@@ -119,9 +129,9 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
     latents = adapter.encode_images(torch.stack([pixels for pixels, _ in prepared]))
     noisy = adapter.noise_latents(latents, noising, seeds)
     prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
-    # The CLIP text positions only, as the official slice: [B, L, n_image_tokens, 77].
+    # The prompt window only (77 CLIP or T5 positions), as the official slice: [B, L, n_image_tokens, 77].
     with AttentionRecorder(
-        adapter.transformer, layers=layers, record=("i2t",), heads="mean", text_tokens=CLIP_TOKENS
+        adapter.transformer, layers=layers, record=("i2t",), heads="mean", text_tokens=adapter.prompt_tokens
     ) as recorder:
         adapter.forward(noisy, noising, prompt_embeds, pooled)
     i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()

@@ -1,12 +1,28 @@
-"""Model builders: offline CLIP tokenizers and the tiny random-weight SD3-architecture pipeline."""
+"""Backbone adapters (one per model family) and the builders of the tiny offline pipelines."""
 
 from seg4diff_repro.models.clip_tokenizer import build_sd3_tokenizers, write_clip_tokenizer_files
 from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline, write_tiny_sd3_pipeline
 
 __all__ = [
+    "load_adapter",
     "TinySD3Config",
     "build_sd3_tokenizers",
     "build_tiny_sd3_pipeline",
     "write_clip_tokenizer_files",
     "write_tiny_sd3_pipeline",
 ]
+
+
+def load_adapter(backbone: str, source: str, dtype: str = "float32", device: str = "cpu", **options):
+    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source``."""
+    import torch
+
+    if backbone == "sd3":
+        from seg4diff_repro.models.sd3 import SD3Adapter
+
+        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, **options)
+    if backbone == "flux":
+        from seg4diff_repro.models.flux import FluxAdapter
+
+        return FluxAdapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, **options)
+    raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")

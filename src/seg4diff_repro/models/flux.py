@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg4diff_repro.models.sd3 import HF_LOGIN_HELP, ModelLoadError, Noising, _error_chain
+from seg4diff_repro.models.common import Noising, load_pipeline
 
 __all__ = [
     "FLUX_DEV_SCHEDULER_CONFIG",
@@ -98,34 +98,8 @@ def flux_noising(scheduler, k: int, num_steps: int, mu: float) -> Noising:
 def load_flux_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
     """Load a `FluxPipeline` (both text encoders) from a Hugging Face id or a local folder."""
     from diffusers import FluxPipeline
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
 
-    source = str(source)
-    if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"{source} has no model_index.json: point the model's `source` at a folder written by "
-            "`FluxPipeline.save_pretrained` (or a Hugging Face id)."
-        )
-    try:
-        return FluxPipeline.from_pretrained(source, dtype=dtype)
-    except OSError as error:
-        chain = _error_chain(error)
-        if any(isinstance(e, (GatedRepoError, RepositoryNotFoundError)) for e in chain):
-            raise ModelLoadError(
-                f"{source} is gated or was not found on the Hugging Face hub. " + HF_LOGIN_HELP.format(repo=source)
-            ) from error
-        if any(isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)) for e in chain):
-            raise ModelLoadError(
-                f"{source} is not in the local Hugging Face cache and the hub cannot be used (offline). "
-                "Download it once with network access, set HF_HOME to a cache that has it, or set the "
-                "model's `source` to a local folder."
-            ) from error
-        raise
+    return load_pipeline(FluxPipeline, source, dtype)
 
 
 class FluxAdapter:
@@ -134,6 +108,7 @@ class FluxAdapter:
     backbone = "flux"
     image_first = False  # joint sequence order: [text tokens ; image tokens]
     prompt_start = 0  # T5 has no <sos>: a prompt's first token is position 0
+    prompt_tokens = FLUX_TEXT_TOKENS
 
     def __init__(
         self,

@@ -8,105 +8,23 @@ Unlike the official code the noise is seeded per image.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-HF_LOGIN_HELP = (
-    "Accept the model licence at https://huggingface.co/{repo} while logged in, then log in here with "
-    "`hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN environment variable to a token "
-    "with read access. A local folder written by `save_pretrained` works too: set the model's `source` "
-    "to that folder."
-)
+from seg4diff_repro.models.common import ModelLoadError, Noising, load_pipeline
+
+__all__ = ["CLIP_TOKENS", "ModelLoadError", "Noising", "SD3Adapter", "load_sd3_pipeline"]
 
 # The CLIP context length; the zero "T5" block gets the same length, as in the official code.
 CLIP_TOKENS = 77
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Noising:
-    """Where on the sampling schedule the input is noised: ``k`` steps before the end of ``num_steps``."""
-
-    k: int
-    num_steps: int
-    index: int
-    timestep: float
-    sigma: float
-
-
-def _error_chain(error: BaseException) -> list[BaseException]:
-    """``error`` and every exception it was raised from or while handling (``__cause__``, ``__context__``)."""
-    chain, todo = [], [error]
-    while todo:
-        current = todo.pop(0)
-        if current is None or any(current is seen for seen in chain):
-            continue
-        chain.append(current)
-        todo += [current.__cause__, current.__context__]
-    return chain
-
-
 def load_sd3_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a `StableDiffusion3Pipeline` without T5 from a Hugging Face id or a local folder."""
+    """Load a `StableDiffusion3Pipeline` without T5 (the official setting) from a hub id or a local folder."""
     from diffusers import StableDiffusion3Pipeline
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
 
-    source = str(source)
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_like_path and not Path(source).exists():
-        raise ModelLoadError(
-            f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
-            "(for the toy models, run the rule that builds them, e.g. `snakemake build_tiny_model`)."
-        )
-    if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"{source} has no model_index.json: point the model's `source` at a folder written by "
-            "`StableDiffusion3Pipeline.save_pretrained` (or a Hugging Face id)."
-        )
-    try:
-        return StableDiffusion3Pipeline.from_pretrained(
-            source, text_encoder_3=None, tokenizer_3=None, torch_dtype=dtype
-        )
-    except OSError as error:
-        # diffusers catches the hub's error on its metadata call, retries from the local cache and then
-        # raises a plain OSError "from" the hub error, so look through the whole chain.
-        chain = _error_chain(error)
-
-        def find(kind):
-            return next((e for e in chain if isinstance(e, kind)), None)
-
-        if (cause := find(GatedRepoError)) is not None:
-            raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
-                                 + HF_LOGIN_HELP.format(repo=source)) from cause
-        if (cause := find(RepositoryNotFoundError)) is not None:
-            # The hub answers 401 "not found" for gated repositories when no token is sent.
-            raise ModelLoadError(f"{source} was not found on the Hugging Face hub or needs a login. "
-                                 + HF_LOGIN_HELP.format(repo=source)) from cause
-        if (cause := find(OfflineModeIsEnabled)) is not None:
-            raise ModelLoadError(
-                f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is "
-                "on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE and connect to the network once to download it, "
-                "set HF_HOME to a cache that has it, or set the model's `source` to a local folder."
-            ) from cause
-        if (cause := find(LocalEntryNotFoundError)) is not None:
-            raise ModelLoadError(
-                f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub could "
-                "not be reached. Connect to the network once (or set HF_HOME to a cache that has it), "
-                "or set the model's `source` to a local folder."
-            ) from error
-        raise
+    return load_pipeline(StableDiffusion3Pipeline, source, dtype, text_encoder_3=None, tokenizer_3=None)
 
 
 class SD3Adapter:
@@ -114,6 +32,8 @@ class SD3Adapter:
 
     backbone = "sd3"
     image_first = True  # joint sequence order: [image tokens ; text tokens]
+    prompt_start = 1  # a class's CLIP tokens start after <sos>
+    prompt_tokens = CLIP_TOKENS  # text positions the maps keep: the CLIP tokens, not the zero T5 block
 
     def __init__(self, pipe, device: str | torch.device = "cpu"):
         self.pipe = pipe.to(device)
@@ -211,13 +131,3 @@ class SD3Adapter:
             pooled_projections=pooled,
             return_dict=False,
         )[0]
-
-
-def describe_model_source(source: str | Path) -> dict:
-    """Provenance of a model source: the local folder's recorded metadata, or the hub id."""
-    info_file = Path(source) / "seg4diff_model.json"
-    if info_file.is_file():
-        return {"source": str(source), **json.loads(info_file.read_text())}
-    return {"source": str(source)}
-
-

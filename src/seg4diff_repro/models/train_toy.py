@@ -88,7 +88,7 @@ def _load_images(dataset_root: Path, limit: int | None, image_size: int) -> tupl
     """All training images as uint8 [N, 3, H, W] and their captions."""
     dataset = SegmentationDataset(dataset_root, "train", limit=limit)
     images, captions = [], []
-    for sample in tqdm(dataset, total=len(dataset), desc="load images", unit="image", mininterval=5):
+    for sample in tqdm(dataset, total=len(dataset), desc="load images", unit="image"):
         if sample.image.shape[:2] != (image_size, image_size):
             raise ValueError(
                 f"{sample.image_id} is {sample.image.shape[1]}x{sample.image.shape[0]} but the tiny model takes "
@@ -158,7 +158,7 @@ def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device
     warmup = max(1, min(200, steps // 10))
     vae.train()
     window, first, last, done = [], None, None, 0
-    bar = tqdm(range(steps), desc="train VAE", unit="step", mininterval=5)
+    bar = tqdm(range(steps), desc="train VAE", unit="step")
     for step in bar:
         if deadline is not None and time.monotonic() > deadline:
             log.warning("VAE phase stopped at step %d of %d: time budget reached", step, steps)
@@ -223,11 +223,12 @@ def train_toy_model(
     dataset_root: str | Path,
     out_dir: str | Path,
     *,
-    vae_steps: int = 1500,
-    transformer_steps: int = 6000,
-    batch_size: int = 128,
-    lr: float = 3e-4,
+    vae_steps: int = 2000,
+    transformer_steps: int = 5000,
+    batch_size: int = 256,
+    lr: float = 5e-4,
     vae_lr: float = 1e-3,
+    vae_batch_size: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     log_every: int = 100,
@@ -244,14 +245,17 @@ def train_toy_model(
 ) -> dict[str, Any]:
     """Train the tiny pipeline on the ``train`` split of ``dataset_root`` and save it into ``out_dir``.
 
+    ``batch_size`` is the transformer's batch; the VAE's is ``vae_batch_size`` (default: the same).
     Returns the ``seg4diff_model.json`` record. ``max_wall_s`` is a safety cap: the VAE phase stops
     after 25% of it and the transformer phase at 100%, and the record says how many steps were done.
     """
     for name, value in (("vae_steps", vae_steps), ("transformer_steps", transformer_steps)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    if batch_size < 1 or log_every < 1:
-        raise ValueError(f"batch_size and log_every must be >= 1, got {batch_size} and {log_every}")
+    if batch_size < 1 or log_every < 1 or (vae_batch_size is not None and vae_batch_size < 1):
+        raise ValueError(
+            f"batch_size, vae_batch_size and log_every must be >= 1, got {batch_size}, {vae_batch_size}, {log_every}"
+        )
     if not (0 <= caption_dropout and 0 <= names_prob and caption_dropout + names_prob <= 1):
         raise ValueError(f"need caption_dropout, names_prob >= 0 with a sum <= 1, got {caption_dropout}, {names_prob}")
     start_time = time.monotonic()
@@ -280,7 +284,7 @@ def train_toy_model(
 
     # --- phase 1: VAE -------------------------------------------------------------------------
     vae_done, vae_first, vae_last, vae_mse_before, vae_mse_after = _train_vae(
-        vae, images_u8, steps=vae_steps, batch_size=batch_size, lr=vae_lr, kl_weight=kl_weight, seed=seed,
+        vae, images_u8, steps=vae_steps, batch_size=vae_batch_size or batch_size, lr=vae_lr, kl_weight=kl_weight, seed=seed,
         device=device_t, autocast=autocast, log_every=log_every,
         deadline=None if max_wall_s is None else start_time + 0.25 * max_wall_s,
     )
@@ -360,7 +364,7 @@ def train_toy_model(
     transformer.train()
     tr_first = tr_last = None
     tr_done, window = 0, []
-    bar = tqdm(range(transformer_steps), desc="train transformer", unit="step", mininterval=5)
+    bar = tqdm(range(transformer_steps), desc="train transformer", unit="step")
     for step in bar:
         if deadline is not None and time.monotonic() > deadline:
             log.warning("transformer phase stopped at step %d of %d: time budget reached", step, transformer_steps)
@@ -403,7 +407,7 @@ def train_toy_model(
         "seed": seed,
         "steps": {"vae": vae_done, "transformer": tr_done},
         "steps_requested": {"vae": vae_steps, "transformer": transformer_steps},
-        "batch": batch_size,
+        "batch": {"vae": vae_batch_size or batch_size, "transformer": batch_size},
         "lr": {"transformer": lr, "vae": vae_lr},
         "final_losses": {
             "vae_train_first": vae_first,

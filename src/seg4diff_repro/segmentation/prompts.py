@@ -47,17 +47,24 @@ def prompt_word(class_name: str, background_name: str = "background") -> str:
 
 
 def build_class_prompt(
-    class_ids: list[int], class_names: list[str], tokenizer, background_name: str = "background", context: int = 77
+    class_ids: list[int],
+    class_names: list[str],
+    tokenizer,
+    background_name: str = "background",
+    context: int = 77,
+    start: int = 1,
 ) -> ClassPrompt:
-    """Join the class words and locate each class's tokens; classes cut off by truncation get empty spans."""
+    """Join the class words and locate each class's tokens; classes cut off by truncation get empty spans.
+
+    ``start`` is the position of the prompt's first token: 1 after CLIP's <sos> (SD3), 0 for T5 (Flux).
+    """
     words = [prompt_word(class_names[c], background_name) for c in class_ids]
-    spans, position = [], 1
+    spans, position = [], start
     for word in words:
         n_tokens = len(tokenizer(word, add_special_tokens=False).input_ids)
-        start, end = min(position, context - 1), min(position + n_tokens, context - 1)
-        spans.append((start, end))
+        spans.append((min(position, context - 1), min(position + n_tokens, context - 1)))
         position += n_tokens
-    lost = [w for w, (start, end) in zip(words, spans) if end <= start]
+    lost = [w for w, (first, end) in zip(words, spans) if end <= first]
     if lost:
         warnings.warn(
             f"prompt longer than the {context}-token CLIP window: classes {lost} were truncated away "
