@@ -12,6 +12,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/toy_model.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/segmentation.smk"
@@ -20,4 +21,6 @@ include: "workflow/rules/segmentation.smk"
 rule all:
     input:
         per_layer_targets(),
+        toy_world_targets(),
+        "figures/toy_generations.png",
     default_target: True

@@ -35,7 +35,7 @@ def planned_jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
 
 
 def copy_workflow(target: Path, **overrides) -> Path:
-    for name in ("Snakefile", "workflow", "envs"):
+    for name in ("Snakefile", "workflow", "envs", "models"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -65,8 +65,9 @@ def toy_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_default_run_leaves_table_and_figure(toy_run):
-    stem = "per_layer_toy_sd3_random_toy_shapes_t8"
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_sd3_random"])
+def test_default_run_leaves_table_and_figure(toy_run, model):
+    stem = f"per_layer_{model}_toy_shapes_t8"
     table = pd.read_csv(toy_run / "paper_tables" / f"{stem}.csv")
     assert table["layer"].tolist() == list(range(6))
     assert table[["pACC", "mACC", "mIoU"]].apply(lambda column: column.between(0, 100)).all().all()
@@ -75,9 +76,25 @@ def test_default_run_leaves_table_and_figure(toy_run):
     assert "seed = 0" in markdown and "prompt = oracle" in markdown
     assert (toy_run / "figures" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (toy_run / "figures" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
-    for log in ("build_tiny_model/toy_sd3_random.log", "prepare_toy_shapes.log",
-                f"extract_attention/{stem[len('per_layer_'):]}.log", f"score_layers/{stem[len('per_layer_'):]}.log"):
+    for log in ("prepare_toy_shapes.log", f"extract_attention/{stem[len('per_layer_'):]}.log",
+                f"score_layers/{stem[len('per_layer_'):]}.log"):
         assert (toy_run / "logs" / log).is_file(), log
+
+
+@pytest.mark.slow
+def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
+    trained = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv")
+    control = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_random_toy_shapes_t8.csv")
+    summary = pd.read_csv(toy_run / "paper_tables/toy_world_grounding_t8.csv")
+    assert summary.loc[0, "best_mIoU"] == pytest.approx(trained["mIoU"].max(), abs=0.01)
+    assert summary.loc[1, "best_mIoU"] == pytest.approx(control["mIoU"].max(), abs=0.01)
+    # The committed toy model has a grounding layer: the toy-world acceptance, measured by the pipeline.
+    assert trained["mIoU"].max() - control["mIoU"].max() >= 20
+    assert trained["mIoU"].max() - trained["mIoU"].median() >= 10
+    assert (toy_run / "figures/toy_world_per_layer_t8.png").read_bytes()[:4] == b"\x89PNG"
+    assert (toy_run / "figures/toy_generations.png").read_bytes()[:4] == b"\x89PNG"
+    assert (toy_run / "logs/build_tiny_model/toy_sd3_random.log").is_file()
+    assert not (toy_run / "logs/toy_model.log").exists()  # the committed model is used, not retrained
 
 
 @pytest.mark.slow
@@ -85,7 +102,9 @@ def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
     nothing = snakemake(toy_run, "-n")
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
     edit_config(toy_run, "segmentation", norm_after_merge=True)
-    assert planned_jobs(snakemake(toy_run, "-n")) == {"score_layers", "per_layer_table", "per_layer_figure", "all"}
+    assert planned_jobs(snakemake(toy_run, "-n")) == {
+        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "all"
+    }
     edit_config(toy_run, "attention", seed=1)
     assert "extract_attention" in planned_jobs(snakemake(toy_run, "-n"))
     edit_config(toy_run, "attention", seed=0)
@@ -97,8 +116,10 @@ def test_report_has_figure_table_and_captions(toy_run):
     snakemake(toy_run, "--report", "report.html")
     report = (toy_run / "report.html").read_text(errors="replace")
     assert "per_layer_toy_sd3_random_toy_shapes_t8.png" in report
-    assert "per_layer_toy_sd3_random_toy_shapes_t8.csv" in report
+    assert "per_layer_toy_sd3_toy_shapes_t8.csv" in report
+    assert "toy_generations.png" in report
     assert "Segmentation quality of the image-to-text attention" in report
+    assert "grounding check" in report
 
 
 @pytest.mark.slow
@@ -109,7 +130,7 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
     label.unlink()
     result = snakemake(broken, "--forcerun", "score_layers", check=False)
     assert result.returncode != 0
-    log = (broken / "logs/score_layers/toy_sd3_random_toy_shapes_t8.log").read_text()
+    log = (broken / "logs/score_layers/toy_sd3_toy_shapes_t8.log").read_text()
     assert label.name in log
 
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from seg4diff_repro.cli_datasets import add_dataset_commands
+from seg4diff_repro.cli_toy import add_toy_commands
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -67,6 +68,19 @@ def _per_layer_figure(args: argparse.Namespace) -> None:
     plot_per_layer(pd.read_csv(args.table), Path(args.png), Path(args.pdf))
 
 
+def _toy_world_summary(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.figures.per_layer import plot_miou_by_model
+    from seg4diff_repro.tables.toy_world import write_grounding_summary
+
+    write_grounding_summary(args.trained, args.control, args.csv, args.markdown)
+    plot_miou_by_model(
+        [pd.read_csv(args.trained), pd.read_csv(args.control)], Path(args.png), Path(args.pdf),
+        "Toy world: trained toy model vs random-weight control",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,7 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--pdf", required=True)
     command.set_defaults(handler=_per_layer_figure)
 
+    command = commands.add_parser("toy-world-summary", help="trained toy model vs its random control (table + figure)")
+    command.add_argument("--trained", required=True, help="per-layer table (CSV) of the trained toy model")
+    command.add_argument("--control", required=True, help="per-layer table (CSV) of the random-weight control")
+    command.add_argument("--csv", required=True)
+    command.add_argument("--markdown", required=True)
+    command.add_argument("--png", required=True)
+    command.add_argument("--pdf", required=True)
+    command.set_defaults(handler=_toy_world_summary)
+
     add_dataset_commands(commands)
+    add_toy_commands(commands)
     return parser
 
 

@@ -34,11 +34,13 @@ def _train_toy_model(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         vae_lr=args.vae_lr,
+        vae_batch_size=args.vae_batch_size,
         seed=args.seed,
         device=device,
         log_every=args.log_every,
         caption_dropout=args.caption_dropout,
         names_prob=args.names_prob,
+        train_text_encoders=not args.freeze_text_encoders,
         limit=args.limit,
         max_wall_s=args.max_wall_s,
     )
@@ -87,16 +89,20 @@ def add_toy_commands(subparsers) -> None:
     )
     command.add_argument("--dataset-root", required=True, help="prepared toy-shapes folder; its train split is used")
     command.add_argument("--out", required=True, help="model folder to write (save_pretrained, float16)")
-    command.add_argument("--vae-steps", type=int, default=1000)
-    command.add_argument("--transformer-steps", type=int, default=6000)
-    command.add_argument("--batch-size", type=int, default=256)
-    command.add_argument("--lr", type=float, default=3e-4, help="transformer peak learning rate")
+    command.add_argument("--vae-steps", type=int, default=2000)
+    command.add_argument("--transformer-steps", type=int, default=5000)
+    command.add_argument("--batch-size", type=int, default=256, help="transformer batch size")
+    command.add_argument("--vae-batch-size", type=int, default=128)
+    command.add_argument("--lr", type=float, default=5e-4, help="transformer peak learning rate")
     command.add_argument("--vae-lr", type=float, default=1e-3)
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda when available)")
     command.add_argument("--log-every", type=int, default=100)
     command.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty prompts (for CFG)")
     command.add_argument("--names-prob", type=float, default=0.3, help="share of class-name-only prompts")
+    command.add_argument(
+        "--freeze-text-encoders", action="store_true", help="keep the CLIP encoders at their random weights"
+    )
     command.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     command.add_argument("--max-wall-s", type=float, default=None, help="safety cap on the training time")
     command.set_defaults(handler=_train_toy_model)

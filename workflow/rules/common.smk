@@ -27,9 +27,13 @@ def model_config(wildcards):
 
 
 def model_inputs(wildcards):
-    """The built model folder, or nothing for a Hugging Face id."""
+    """The built model folder, the trained toy model's index file, or nothing for a Hugging Face id."""
     model = model_config(wildcards)
-    return [model["source"]] if "build" in model else []
+    if "build" in model:
+        return [model["source"]]
+    if model["source"] == config["toy_model"]["source"]:
+        return [f"{model['source']}/model_index.json"]  # so that retraining it re-runs its analyses
+    return []
 
 
 def prepared_root(wildcards):
@@ -76,3 +80,12 @@ def per_layer_targets():
     return [f"paper_tables/{stem}.{ext}" for stem in stems for ext in ("csv", "md")] + [
         f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")
     ]
+
+
+def toy_world_targets():
+    """The toy world's summary, when the default run has both toy models on toy-shapes."""
+    run = config["run"]
+    if {"toy_sd3", "toy_sd3_random"} <= set(run["models"]) and "toy_shapes" in run["datasets"]:
+        timestep = config["attention"]["timestep"]
+        return [f"paper_tables/toy_world_grounding_t{timestep}.md", f"figures/toy_world_per_layer_t{timestep}.png"]
+    return []

@@ -2,12 +2,13 @@
 # models/toy_sd3, so the default run needs no training), and the figure of its generations.
 #
 # Config keys read:
-#   toy_model: {source, train_dataset, train_images, vae_steps, transformer_steps, batch_size, lr, seed, device}
+#   toy_model: {source, train_dataset, train_images, vae_steps, vae_batch_size, transformer_steps, batch_size,
+#               lr, seed, device}
 #   toy_generations: {n, seed, steps, guidance_scale, device}
 #   toy_shapes: {image_size, seed} (the training set is drawn like the default set, with more train images)
 #
-# Retrain with `snakemake toy_model --forcerun toy_model --cores 2` (GPU: about 6 min on one H100 with
-# scripts/gpu/train_toy_model.sh; a 2-core CPU takes about a day at the default sizes).
+# Retrain with `snakemake toy_model --forcerun toy_model --cores 2`: about 5 min of training on one H100
+# (scripts/gpu/train_toy_model.sh is the command that made the committed model), about a day on a 2-core CPU.
 
 TOY_MODEL = config["toy_model"]
 TOY_TRAIN_ROOT = DATA_ROOT / "prepared" / TOY_MODEL["train_dataset"]
@@ -44,6 +45,7 @@ rule toy_model:
         out=lambda wildcards, output: Path(output[0]).parent,
         dataset_root=TOY_TRAIN_ROOT,
         vae_steps=TOY_MODEL["vae_steps"],
+        vae_batch_size=TOY_MODEL["vae_batch_size"],
         transformer_steps=TOY_MODEL["transformer_steps"],
         batch_size=TOY_MODEL["batch_size"],
         lr=TOY_MODEL["lr"],
@@ -54,10 +56,12 @@ rule toy_model:
     benchmark:
         "results/benchmarks/toy_model.tsv"
     message:
-        "Training the toy model into {params.out} on {params.device}: {params.vae_steps} VAE + "
-        "{params.transformer_steps} transformer steps at batch {params.batch_size}. About 6 min on one H100; "
-        "on a 2-core CPU about 7 s per batch-128 transformer step and 4 s per batch-128 VAE step, so about "
-        "1 day at the default sizes (batch 256). Progress: {log}"
+        "Training the toy model into {params.out} on {params.device}: {params.vae_steps} VAE steps at batch "
+        "{params.vae_batch_size}, then {params.transformer_steps} transformer steps at batch {params.batch_size}. "
+        "This takes about 5 min on one H100 GPU, but about a day on a 2-core CPU (measured there: 12 s per "
+        "batch-128 VAE step, 5-7 s per batch-128 transformer step, so ~7 h + ~18 h at the defaults; 2-3x "
+        "longer on a loaded machine). Progress: {log}"
+    threads: workflow.cores  # torch on a CPU uses them all (Snakemake would otherwise pin it to 1 thread)
     resources:
         mem_mb=8000,
         gpu=1 if str(TOY_MODEL["device"]) != "cpu" else 0,
@@ -65,7 +69,8 @@ rule toy_model:
         "../../envs/torch.yaml"
     shell:
         "SECONDS=0; seg4diff-repro train-toy-model --dataset-root {params.dataset_root:q} --out {params.out:q}"
-        " --vae-steps {params.vae_steps} --transformer-steps {params.transformer_steps}"
+        " --vae-steps {params.vae_steps} --vae-batch-size {params.vae_batch_size}"
+        " --transformer-steps {params.transformer_steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --seed {params.seed} --device {params.device:q}"
         " 2> {log:q}; echo \"toy_model: trained in $((SECONDS / 60)) min $((SECONDS % 60)) s"
         " (device {params.device}); see {log}\" | tee -a {log:q}"
@@ -84,7 +89,7 @@ rule toy_generations:
         pdf="figures/toy_generations.pdf",
         csv="results/toy_generations/toy_generations.csv",
     params:
-        model=TOY_MODEL["source"],
+        model=lambda wildcards, input: Path(input.model).parent,
         dataset_root=lambda wildcards, input: Path(input.dataset).parent,
         n=config["toy_generations"]["n"],
         seed=config["toy_generations"]["seed"],
@@ -104,3 +109,33 @@ rule toy_generations:
         " --split val --n {params.n} --seed {params.seed} --steps {params.steps}"
         " --guidance-scale {params.guidance_scale} --device {params.device:q}"
         " --png {output.png:q} --pdf {output.pdf:q} --csv {output.csv:q} 2> {log:q}"
+
+
+rule toy_world_summary:
+    input:
+        trained="paper_tables/per_layer_toy_sd3_toy_shapes_t{timestep}.csv",
+        control="paper_tables/per_layer_toy_sd3_random_toy_shapes_t{timestep}.csv",
+    output:
+        csv=report(
+            "paper_tables/toy_world_grounding_t{timestep}.csv",
+            caption="../report/toy_world_summary.rst",
+            category="Toy world",
+        ),
+        markdown="paper_tables/toy_world_grounding_t{timestep}.md",
+        png=report(
+            "figures/toy_world_per_layer_t{timestep}.png",
+            caption="../report/toy_world_summary.rst",
+            category="Toy world",
+        ),
+        pdf="figures/toy_world_per_layer_t{timestep}.pdf",
+    log:
+        "logs/toy_world_summary_t{timestep}.log",
+    benchmark:
+        "results/benchmarks/toy_world_summary_t{timestep}.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro toy-world-summary --trained {input.trained:q} --control {input.control:q}"
+        " --csv {output.csv:q} --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"

@@ -164,20 +164,23 @@ def _make_sample(
 ) -> tuple[np.ndarray, np.ndarray, str]:
     background = _background(rng, size)
     # Count and classes are drawn once, outside the retry loop, so rejection does not bias
-    # the data towards images with fewer shapes.
+    # the data towards images with fewer shapes; only in the rare case that no placement is found
+    # (about one image in several thousand at 64 px) is the last shape dropped.
     n = int(rng.integers(min_shapes, max_shapes + 1))
     chosen = [TOY_CLASSES[i] for i in rng.choice(len(TOY_CLASSES), size=n, replace=False)]
-    for _ in range(_MAX_ATTEMPTS):
-        shapes = [_sample_shape(rng, cls, size) for cls in chosen]
-        image, raw = _draw(shapes, background)
-        label = _mark_boundaries(raw)
-        min_pixels = MIN_VISIBLE_FRACTION * size * size
-        if all(np.count_nonzero(label == s.cls.index) >= min_pixels for s in shapes):
-            caption = _caption([(s.cls.colour_name, s.cls.name, s.cx) for s in shapes])
-            return image, label, caption
+    min_pixels = MIN_VISIBLE_FRACTION * size * size
+    while chosen:
+        for _ in range(_MAX_ATTEMPTS):
+            shapes = [_sample_shape(rng, cls, size) for cls in chosen]
+            image, raw = _draw(shapes, background)
+            label = _mark_boundaries(raw)
+            if all(np.count_nonzero(label == s.cls.index) >= min_pixels for s in shapes):
+                caption = _caption([(s.cls.colour_name, s.cls.name, s.cx) for s in shapes])
+                return image, label, caption
+        chosen = chosen[:-1]
     raise RuntimeError(
-        f"could not place {n} shapes with >= {MIN_VISIBLE_FRACTION:.0%} visible area "
-        f"each in {_MAX_ATTEMPTS} attempts at image_size={size}; use fewer shapes or a larger image"
+        f"could not place a shape with >= {MIN_VISIBLE_FRACTION:.0%} visible area in {_MAX_ATTEMPTS} attempts "
+        f"at image_size={size}; use a larger image"
     )
 
 

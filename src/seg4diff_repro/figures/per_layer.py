@@ -14,6 +14,14 @@ import seaborn as sns  # noqa: E402
 from seg4diff_repro.tables.per_layer import METRICS  # noqa: E402
 
 
+def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
+    """PNG and PDF without time stamps, so that re-running an unchanged analysis gives identical bytes."""
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=150, metadata={"Software": None})
+    fig.savefig(pdf_path, metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    plt.close(fig)
+
+
 def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
     """One curve per metric; the paper's mIoU, where reported, as a star."""
     long = table.melt(id_vars=["layer"], value_vars=METRICS, var_name="metric", value_name="score")
@@ -30,7 +38,18 @@ def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
     ax.set_ylabel("score (%)")
     ax.set_xticks(sorted(table["layer"].unique()))
     fig.tight_layout()
-    for path in (png_path, pdf_path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
+    save_figure(fig, png_path, pdf_path)
+
+
+def plot_miou_by_model(tables: list[pd.DataFrame], png_path: Path, pdf_path: Path, title: str) -> None:
+    """mIoU against the joint layer, one curve per model (e.g. a trained model and its random control)."""
+    data = pd.concat(tables, ignore_index=True)
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=data, x="layer", y="mIoU", hue="model", marker="o", ax=ax)
+    ax.set_title(title)
+    ax.set_xlabel("joint layer (0-based)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_xticks(sorted(data["layer"].unique()))
+    fig.tight_layout()
+    save_figure(fig, png_path, pdf_path)

@@ -36,6 +36,7 @@ __all__ = [
     "MODEL_INFO_FILE",
     "TinySD3Config",
     "build_tiny_sd3_pipeline",
+    "check_replaceable",
     "folder_size_bytes",
     "save_pipeline_folder",
     "write_tiny_sd3_pipeline",
@@ -219,8 +220,24 @@ def build_tiny_sd3_pipeline(
 
 
 def _replaceable(folder: Path) -> bool:
-    """Only an empty folder or a previous pipeline folder may be replaced, never unrelated user data."""
-    return not any(folder.iterdir()) or (folder / "model_index.json").is_file()
+    """Only an empty folder or a previous pipeline folder may be replaced, never unrelated user data.
+
+    A previous pipeline folder has model_index.json or our seg4diff_model.json: Snakemake deletes a rule's
+    declared output (model_index.json) before it reruns the rule, so the latter must suffice.
+    """
+    return not any(folder.iterdir()) or any((folder / name).is_file() for name in ("model_index.json", MODEL_INFO_FILE))
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Raise if writing a pipeline to ``out_dir`` would replace something that is not a pipeline folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder; remove it or choose another model folder.")
+    if out_dir.is_dir() and not _replaceable(out_dir):
+        raise FileExistsError(
+            f"{out_dir} is a non-empty folder without model_index.json or {MODEL_INFO_FILE}; refusing to replace "
+            "it. Remove it or choose another model folder."
+        )
 
 
 def folder_size_bytes(folder: Path) -> int:
@@ -245,13 +262,7 @@ def save_pipeline_folder(
     without indentation (the same JSON value, 1.7 instead of 3.6 MB per CLIP tokenizer).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} exists and is not a folder; remove it or choose another model folder.")
-    if out_dir.is_dir() and not _replaceable(out_dir):
-        raise FileExistsError(
-            f"{out_dir} is a non-empty folder without model_index.json; refusing to replace it. "
-            "Remove it or choose another model folder."
-        )
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir (not tempfile.mkdtemp, which forces mode 0700) so the model folder gets the usual umask mode.
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
@@ -299,11 +310,7 @@ def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config
     The folder also gets ``seg4diff_model.json`` = {"kind": "tiny-random", "seed": ..., "config": ...}.
     """
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and not _replaceable(out_dir):  # refuse before spending time on building
-        raise FileExistsError(
-            f"{out_dir} is a non-empty folder without model_index.json; refusing to replace it. "
-            "Remove it or choose another model folder."
-        )
+    check_replaceable(out_dir)  # refuse before spending time on building
     pipe = build_tiny_sd3_pipeline(config, seed=seed)
     info = {"kind": "tiny-random", "seed": seed, "config": asdict(config)}
     return save_pipeline_folder(pipe, out_dir, info)

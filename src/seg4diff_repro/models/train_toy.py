@@ -2,8 +2,9 @@
 
 The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json``):
 
-1. **Start** from ``build_tiny_sd3_pipeline(seed=seed)``: the same real diffusers/transformers classes,
-   sizes and initial weights as the random-weight control.
+1. **Start** from ``build_tiny_sd3_pipeline(TOY_TRAINED_CONFIG, seed=seed)``: the same real
+   diffusers/transformers classes and sizes as the random-weight control, except that each CLIP text
+   encoder has one layer instead of two (point 5).
 2. **VAE** (AutoencoderKL, factor 2, 16 latent channels): trained alone on the images with
    MSE reconstruction (inputs in [-1, 1], reparameterised posterior sample) + a small per-element KL.
    Then it is frozen and, as SD3 did for its own VAE, its latent ``shift_factor`` / ``scaling_factor``
@@ -21,11 +22,15 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
    ("circle square", ascending class id) with probability ``names_prob``, and the full caption
    otherwise. The class-name prompts make the analysis prompt in-distribution, so the class-name
    tokens themselves must carry the appearance of their region.
-5. **Text encoders stay frozen** (at the random control's weights, rounded to float16): SD3 keeps its
-   CLIP encoders frozen too; with frozen encoders each prompt's embeddings are computed once, and a
-   frozen 2-layer random CLIP keeps every token's state dominated by its own word embedding, so the
-   text tokens that the analysis reads stay the words they were (a trained encoder could move a
-   word's information onto other positions, e.g. the end-of-text token).
+5. **Text encoders: one layer each, trained jointly** (``train_text_encoders``). SD3 feeds the
+   transformer the *penultimate* CLIP hidden states; for a one-layer encoder these are the token +
+   position embeddings, so each text position holds its own word and nothing else, and training
+   them jointly gives the toy words learned embeddings (the probe that found grounding used learned
+   word embeddings). A frozen random two-layer encoder instead spreads every prompt over all later
+   positions (its causal attention is near-uniform: the padding states differ between prompts by half
+   as much as the word states do), which hands the image a prompt summary outside the word tokens,
+   the same shortcut as the pooled path below. Only the embeddings get gradients: the encoder layer
+   feeds nothing but the pooled output, which the zeroed projection discards.
 6. **Pooled-text path absent**: ``transformer.time_text_embed.text_embedder`` (the projection of the
    pooled CLIP vector that SD3 adds to the timestep embedding and feeds to every AdaLN) is set to zero
    and frozen, so its output is exactly 0 for any prompt. Through that path a tiny model learns the
@@ -34,8 +39,8 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
    would not form. Without it, text reaches the image only through joint attention.
 7. AdamW, linear warm-up + cosine decay, gradient clipping at 1, an exponential moving average of the
    transformer weights (saved instead of the raw weights), bf16 autocast on CUDA and fp32 on CPU, all
-   random draws seeded. The folder is saved in float16 (≈ 15 MB); the VAE and text encoders are rounded
-   to float16 before the transformer is trained on them, so saving changes nothing they feed it.
+   random draws seeded. The folder is saved in float16 (≈ 18 MB with the compacted tokenizer files); the
+   VAE is rounded to float16 before the transformer is trained on its latents.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import math
 import platform
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +61,32 @@ from tqdm import tqdm
 
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.toy_shapes import TOY_CLASSES
-from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline, folder_size_bytes, save_pipeline_folder
+from seg4diff_repro.models.tiny import (
+    TinySD3Config,
+    build_tiny_sd3_pipeline,
+    check_replaceable,
+    folder_size_bytes,
+    save_pipeline_folder,
+)
 
-__all__ = ["MAX_FOLDER_BYTES", "class_name_prompt", "train_toy_model"]
+__all__ = [
+    "MAX_FOLDER_BYTES",
+    "TOY_TRAINED_CONFIG",
+    "class_name_prompt",
+    "clip_prompt_embeds",
+    "tokenize_prompts",
+    "train_toy_model",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_FOLDER_BYTES = 20_000_000  # the committed model folder must stay <= 20 MB
 CLIP_TOKENS = 77
+
+# The trained toy model's sizes: TinySD3Config's, except one layer per CLIP text encoder. The SD3
+# pipeline reads the penultimate hidden states, which for a one-layer encoder are its token + position
+# embeddings, so every text position holds its own word only (see the module docstring, point 5).
+TOY_TRAINED_CONFIG = replace(TinySD3Config(), text_num_layers=1)
 
 
 def class_name_prompt(caption: str) -> str:
@@ -201,22 +224,31 @@ def _encode_latent_means(vae, images_u8, device, batch_size=256) -> torch.Tensor
     return torch.cat(means)
 
 
-@torch.no_grad()
-def _encode_prompts(pipe, prompts: list[str], device, batch_size=256) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP-L ⊕ CLIP-G penultimate states + 77 zero "T5" rows [U, 154, D] and pooled [U, P], as the pipeline."""
-    embeds, pooled = [], []
-    for start in range(0, len(prompts), batch_size):
-        e, _, p, _ = pipe.encode_prompt(
-            prompt=prompts[start : start + batch_size],
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=CLIP_TOKENS,
-        )
-        embeds.append(e.float())
-        pooled.append(p.float())
-    return torch.cat(embeds), torch.cat(pooled)
+def tokenize_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP-L and CLIP-G token ids [N, 77] of ``prompts``, padded and truncated as the SD3 pipeline does."""
+    return tuple(
+        tokenizer(prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True, return_tensors="pt").input_ids
+        for tokenizer in (pipe.tokenizer, pipe.tokenizer_2)
+    )
+
+
+def clip_prompt_embeds(pipe, ids_l: torch.Tensor, ids_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SD3 pipeline's ``encode_prompt`` without T5, differentiable and from token ids.
+
+    CLIP-L ⊕ CLIP-G penultimate hidden states along channels, zero-padded to joint_attention_dim, then 77
+    zero "T5" rows along the sequence: [B, 154, D]; pooled = CLIP-L ⊕ CLIP-G projections [B, P].
+    (tests/test_train_toy.py checks it against ``pipe.encode_prompt``.)
+    """
+    states, pooled = [], []
+    for encoder, ids in ((pipe.text_encoder, ids_l), (pipe.text_encoder_2, ids_g)):
+        out = encoder(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        states.append(out.hidden_states[-2])
+    clip = torch.cat(states, dim=-1)
+    dim = pipe.transformer.config.joint_attention_dim
+    clip = F.pad(clip, (0, dim - clip.shape[-1]))
+    t5 = clip.new_zeros(clip.shape[0], CLIP_TOKENS, dim)
+    return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
 
 
 def train_toy_model(
@@ -239,9 +271,10 @@ def train_toy_model(
     weight_decay: float = 1e-4,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    train_text_encoders: bool = True,
     limit: int | None = None,
     max_wall_s: float | None = None,
-    config: TinySD3Config = TinySD3Config(),
+    config: TinySD3Config = TOY_TRAINED_CONFIG,
 ) -> dict[str, Any]:
     """Train the tiny pipeline on the ``train`` split of ``dataset_root`` and save it into ``out_dir``.
 
@@ -258,6 +291,7 @@ def train_toy_model(
         )
     if not (0 <= caption_dropout and 0 <= names_prob and caption_dropout + names_prob <= 1):
         raise ValueError(f"need caption_dropout, names_prob >= 0 with a sum <= 1, got {caption_dropout}, {names_prob}")
+    check_replaceable(Path(out_dir))  # fail now, not after the training
     start_time = time.monotonic()
     deadline = None if max_wall_s is None else start_time + max_wall_s
     device_t = torch.device(device)
@@ -277,9 +311,10 @@ def train_toy_model(
 
     pipe = build_tiny_sd3_pipeline(config, seed=seed)
     vae, transformer = pipe.vae, pipe.transformer
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    for encoder in encoders:
         _round_to_half(encoder)
-        encoder.requires_grad_(False).eval()
+        encoder.requires_grad_(train_text_encoders).train(train_text_encoders)
     pipe.to(device_t)
 
     # --- phase 1: VAE -------------------------------------------------------------------------
@@ -304,7 +339,10 @@ def train_toy_model(
     names = [class_name_prompt(c) for c in captions]
     unique = sorted(set(captions) | set(names) | {""})
     index = {p: i for i, p in enumerate(unique)}
-    bank, pooled_bank = _encode_prompts(pipe, unique, device_t)
+    ids_l, ids_g = (ids.to(device_t) for ids in tokenize_prompts(pipe, unique))
+    if not train_text_encoders:  # frozen: every distinct prompt is encoded once
+        with torch.no_grad():
+            bank, pooled_bank = clip_prompt_embeds(pipe, ids_l, ids_g)
     full_idx = torch.tensor([index[c] for c in captions], device=device_t)
     names_idx = torch.tensor([index[c] for c in names], device=device_t)
     empty_idx = index[""]
@@ -316,6 +354,10 @@ def train_toy_model(
             p.zero_()
     text_embedder.requires_grad_(False)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    if train_text_encoders:
+        # Only the embeddings receive gradients: the encoder layer feeds the pooled output alone, which
+        # the zeroed text_embedder discards. Parameters without a gradient are skipped by AdamW.
+        params += [p for encoder in encoders for p in encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_t.type == "cuda")
     ema = _Ema(params, ema_decay)
     shift_t = float(pipe.scheduler.config.shift)
@@ -342,11 +384,15 @@ def train_toy_model(
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * z + s * noise
         with autocast():
+            if train_text_encoders:
+                context, pooled = clip_prompt_embeds(pipe, ids_l[prompt_idx], ids_g[prompt_idx])
+            else:
+                context, pooled = bank[prompt_idx], pooled_bank[prompt_idx]
             pred = transformer(
                 hidden_states=noisy,
                 timestep=sigma * 1000,
-                encoder_hidden_states=bank[prompt_idx],
-                pooled_projections=pooled_bank[prompt_idx],
+                encoder_hidden_states=context,
+                pooled_projections=pooled,
                 return_dict=False,
             )[0]
         return F.mse_loss(pred.float(), noise - z)
@@ -355,9 +401,12 @@ def train_toy_model(
 
     @torch.no_grad()
     def fixed_loss() -> float:
-        transformer.eval()
+        modules = (transformer, *encoders) if train_text_encoders else (transformer,)
+        for module in modules:
+            module.eval()
         value = flow_loss(*fixed_batch).item()
-        transformer.train()
+        for module in modules:
+            module.train()
         return value
 
     tr_before = fixed_loss()
@@ -391,7 +440,8 @@ def train_toy_model(
     if tr_done:
         ema.copy_to_params()
     tr_after = fixed_loss()
-    transformer.requires_grad_(False).eval()
+    for module in (transformer, *encoders):
+        module.requires_grad_(False).eval()
     train_time = time.monotonic() - start_time
     log.info("transformer: fixed-batch loss %.4f -> %.4f (EMA; raw weights %.4f)", tr_before, tr_after, tr_raw_after)
 
@@ -439,7 +489,12 @@ def train_toy_model(
             "sigma_shift": shift_t,
             "caption_dropout": caption_dropout,
             "class_name_prompt_prob": names_prob,
-            "text_encoders": "frozen (the random control's weights, float16-rounded)",
+            "text_encoders": (
+                "trained jointly (one layer each: the token and position embeddings that SD3's penultimate "
+                "hidden states read here)"
+                if train_text_encoders
+                else "frozen (random weights, float16-rounded)"
+            ),
             "pooled_text_projection": "zeroed and frozen: text reaches the image only through joint attention",
             "optimizer": "AdamW",
             "weight_decay": weight_decay,
