@@ -16,11 +16,13 @@ include: "workflow/rules/toy_model.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/segmentation.smk"
+include: "workflow/rules/analyses.smk"
 
 
 rule all:
     input:
         per_layer_targets(),
         toy_world_targets(),
+        timestep_sweep_targets(),
         "figures/toy_generations.png",
     default_target: True

@@ -248,3 +248,33 @@ def test_bf16_on_gpu_outputs_bit_identical_and_maps_close():
             assert (e is None and a is None) or torch.equal(e, a)
     i2t_ref, _ = reference_maps(projections(transformer, 0, model_inputs))
     torch.testing.assert_close(rec.i2t[0].double(), i2t_ref, rtol=2e-2, atol=1e-4)
+
+
+def test_tiny_sd35_pipeline_roundtrip_and_exact_maps(tmp_path):
+    """The SD3.5-layout tiny pipeline, through save_pretrained/from_pretrained, keeps the recorder exact."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from seg4diff_repro.models.tiny import TINY_SD35_CONFIG, write_tiny_sd3_pipeline
+
+    write_tiny_sd3_pipeline(tmp_path / "sd35", config=TINY_SD35_CONFIG, seed=0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd35", text_encoder_3=None, tokenizer_3=None)
+    transformer = pipe.transformer
+    assert transformer.transformer_blocks[0].attn2 is not None and transformer.transformer_blocks[0].attn.norm_q is not None
+    generator = torch.Generator().manual_seed(2)
+    model_inputs = {
+        "hidden_states": torch.randn(1, 16, 32, 32, generator=generator),
+        "encoder_hidden_states": torch.randn(1, N_TEXT, 64, generator=generator),
+        "pooled_projections": torch.randn(1, 64, generator=generator),
+        "timestep": torch.tensor([515.0]),
+        "return_dict": False,
+    }
+    stock = block_outputs(transformer, model_inputs)
+    with AttentionRecorder(transformer, layers=[0, 4], record=("i2t", "t2i")) as rec:
+        recorded = block_outputs(transformer, model_inputs)
+    assert all(torch.equal(a, b) for e, r in zip(stock, recorded)
+               for a, b in zip(e if isinstance(e, tuple) else (e,), r if isinstance(r, tuple) else (r,))
+               if a is not None)
+    for layer in (0, 4):
+        i2t_ref, t2i_ref = reference_maps(projections(transformer, layer, model_inputs))
+        torch.testing.assert_close(rec.i2t[layer].double(), i2t_ref, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(rec.t2i[layer].double(), t2i_ref, rtol=1e-5, atol=1e-9)

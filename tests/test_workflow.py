@@ -103,7 +103,7 @@ def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
     edit_config(toy_run, "segmentation", norm_after_merge=True)
     assert planned_jobs(snakemake(toy_run, "-n")) == {
-        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "all"
+        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "timestep_sweep", "all"
     }
     edit_config(toy_run, "attention", seed=1)
     assert "extract_attention" in planned_jobs(snakemake(toy_run, "-n"))
@@ -128,7 +128,8 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
     shutil.copytree(toy_run, broken, ignore=shutil.ignore_patterns(".snakemake"))
     label = sorted((broken / "data/prepared/toy_shapes/SegmentationClass").glob("toy_val_*.png"))[2]
     label.unlink()
-    result = snakemake(broken, "--forcerun", "score_layers", check=False)
+    target = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv"
+    result = snakemake(broken, target, "--forcerun", "score_layers", check=False)
     assert result.returncode != 0
     log = (broken / "logs/score_layers/toy_sd3_toy_shapes_t8.log").read_text()
     assert label.name in log

@@ -21,9 +21,10 @@ def _build_tiny_model(args: argparse.Namespace) -> None:
 
         write_tiny_flux_pipeline(Path(args.out), seed=args.seed)
     else:
-        from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+        from seg4diff_repro.models.tiny import TINY_SD35_CONFIG, TinySD3Config, write_tiny_sd3_pipeline
 
-        write_tiny_sd3_pipeline(Path(args.out), seed=args.seed)
+        config = TINY_SD35_CONFIG if args.variant == "sd35" else TinySD3Config()
+        write_tiny_sd3_pipeline(Path(args.out), config=config, seed=args.seed)
 
 
 def _make_toy_shapes(args: argparse.Namespace) -> None:
@@ -56,8 +57,10 @@ def _per_layer_table(args: argparse.Namespace) -> None:
 
     from seg4diff_repro.tables.per_layer import write_per_layer_table
 
-    paper_model, paper_dataset = (None if name == "none" else name for name in (args.paper_model, args.paper_dataset))
-    write_per_layer_table(pd.read_csv(args.scores), paper_model, paper_dataset, args.csv, args.markdown)
+    write_per_layer_table(
+        pd.read_csv(args.scores), _none_if_none(args.paper_model), _none_if_none(args.paper_dataset), args.csv,
+        args.markdown,
+    )
 
 
 def _per_layer_figure(args: argparse.Namespace) -> None:
@@ -81,12 +84,34 @@ def _toy_world_summary(args: argparse.Namespace) -> None:
     )
 
 
+def _none_if_none(name: str) -> str | None:
+    return None if name == "none" else name
+
+
+def _timestep_sweep(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.figures.per_layer import plot_timestep_sweep
+    from seg4diff_repro.tables.sweeps import timestep_sweep_table, write_table
+
+    scores = [pd.read_csv(path) for path in args.scores]
+    table = timestep_sweep_table(scores, args.layer, _none_if_none(args.paper_model), _none_if_none(args.paper_dataset))
+    write_table(
+        table, scores[0].iloc[0], f"Segmentation vs timestep: {table['model'][0]} on {table['dataset'][0]}, "
+        f"layer {args.layer}", "Scores in percent for inputs noised to timesteps[-k]; `paper_mIoU` only where the "
+        "paper gives a number (k = 8, main Table 1); the paper's curve (appendix Fig. 2) peaks at k = 8.",
+        args.csv, args.markdown,
+    )
+    plot_timestep_sweep(table, Path(args.png), Path(args.pdf))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     command = commands.add_parser("build-tiny-model", help="write a tiny random-weight pipeline of the real classes")
     command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3")
+    command.add_argument("--variant", choices=["sd3", "sd35"], default="sd3", help="sd3 backbone: SD3 or SD3.5 blocks")
     command.add_argument("--out", required=True)
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=_build_tiny_model)
@@ -136,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--png", required=True)
     command.add_argument("--pdf", required=True)
     command.set_defaults(handler=_toy_world_summary)
+
+    command = commands.add_parser("timestep-sweep", help="segmentation vs timestep at one layer (table + figure)")
+    command.add_argument("--scores", nargs="+", required=True, help="per-layer score CSVs, one per timestep")
+    command.add_argument("--layer", type=int, required=True)
+    command.add_argument("--paper-model", default="none")
+    command.add_argument("--paper-dataset", default="none")
+    command.add_argument("--csv", required=True)
+    command.add_argument("--markdown", required=True)
+    command.add_argument("--png", required=True)
+    command.add_argument("--pdf", required=True)
+    command.set_defaults(handler=_timestep_sweep)
 
     add_dataset_commands(commands)
     add_toy_commands(commands)

@@ -111,6 +111,11 @@ def check_config(config: dict, schema_path: str | Path) -> None:
             )
         layers = attention["layers"]
         count = model_num_layers(model)
+        analysis_layer = model.get("analysis_layer", 9)
+        if count is not None and not 0 <= analysis_layer < count:
+            raise ConfigError(
+                f"models.{name}.analysis_layer = {analysis_layer} is out of range: allowed 0..{count - 1}"
+            )
         if layers != "all" and count is not None:
             bad = [layer for layer in layers if not 0 <= layer < count]
             if bad:

@@ -89,3 +89,14 @@ def toy_world_targets():
         timestep = config["attention"]["timestep"]
         return [f"paper_tables/toy_world_grounding_t{timestep}.md", f"figures/toy_world_per_layer_t{timestep}.png"]
     return []
+
+
+def timestep_sweep_targets():
+    if not config["analyses"]["timestep_sweep"]["timesteps"]:
+        return []
+    return [
+        f"paper_tables/timestep_sweep_{model}_{dataset}.{ext}"
+        for model in config["run"]["models"]
+        for dataset in config["run"]["datasets"]
+        for ext in ("csv", "md")
+    ]

@@ -8,6 +8,7 @@ rule build_tiny_model:
     params:
         seed=lambda wildcards: model_config(wildcards)["build"]["seed"],
         backbone=lambda wildcards: model_config(wildcards)["backbone"],
+        variant=lambda wildcards: model_config(wildcards)["build"]["variant"],
     log:
         "logs/build_tiny_model/{model}.log",
     benchmark:
@@ -17,4 +18,4 @@ rule build_tiny_model:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro build-tiny-model --backbone {params.backbone} --out {output:q} --seed {params.seed} 2> {log:q}"
+        "seg4diff-repro build-tiny-model --backbone {params.backbone} --variant {params.variant} --out {output:q} --seed {params.seed} 2> {log:q}"

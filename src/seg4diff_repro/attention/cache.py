@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from seg4diff_repro.atomic import atomic_write_bytes
 
 
 @dataclass
@@ -60,17 +60,8 @@ def write_cached_image(folder: Path, entry: CachedImage) -> Path:
         box=np.array(entry.box, dtype=np.int64),
         columns=np.arange(entry.i2t.shape[-1]) if entry.columns is None else entry.columns.astype(np.int32),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A uuid name rather than tempfile, which would force mode 0600 onto the final file; the temp file
-    # is removed if anything fails before the rename.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Keeps the umask's file mode and removes its temp file if anything fails before the rename.
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# Used here and re-exported: other modules and tests import the atomic writers from this module.
+from seg4diff_repro.atomic import atomic_write_bytes, atomic_write_json
+
 IMAGE_DIR = "JPEGImages"
 LABEL_DIR = "SegmentationClass"
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
@@ -33,45 +34,6 @@ CLASSES_FILE = "classes.json"
 CAPTIONS_FILE = "captions.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it, as POSIX offers no getter)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
-
-    Readers (and Snakemake) therefore never see a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented UTF-8 JSON (key order preserved, trailing newline)."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------

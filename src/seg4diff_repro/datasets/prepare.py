@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..atomic import replace_folder_atomically
 from . import sources
 from .download import LoginRequiredError, SafeArchive, verify_file
 from .layout import save_image_jpeg, save_label_png, write_classes_json, write_manifest, write_split
@@ -584,79 +584,76 @@ def prepare_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial"
     work = out.parent / f".{out.name}.extract"
-    for leftover in (staging, work):
-        shutil.rmtree(leftover, ignore_errors=True)
+    # A killed run's extraction folder; its staging folder is cleared by replace_folder_atomically.
+    shutil.rmtree(work, ignore_errors=True)
 
     try:
-        if source_dir is not None:
-            raw = Path(source_dir)
-            if not raw.is_dir():
-                raise MissingSourceError(f"data.paths.{name} = {raw} is not a folder")
-            log.info("%s: using the existing raw copy in %s", name, raw)
-            paths = handler.locate(raw)
-            source_info: dict[str, Any] = {"kind": "existing_copy", "path": str(raw.resolve())}
-        else:
-            downloads = Path(downloads_dir)
-            archive_paths: dict[str, Path] = {}
-            archive_info = []
-            for archive in sources.archives_for(name):
-                path = downloads / archive.filename
-                if not path.is_file():
-                    error = LoginRequiredError if archive.login_required else MissingSourceError
-                    raise error(_missing_archive_message(archive, path))
-                checksum = (checksums or {}).get(archive.key, archive.checksum)
-                algo, digest = verify_file(path, checksum, origin=path)
-                archive_paths[archive.key] = path
-                archive_info.append(
-                    {
-                        "key": archive.key,
-                        "filename": archive.filename,
-                        "url": archive.urls[0],
-                        "checksum": f"{algo}:{digest}",
-                        "checksum_published": archive.checksum is not None and checksum == archive.checksum,
-                        "checksum_source": archive.checksum_source if checksum == archive.checksum else "override",
-                    }
-                )
-            log.info("%s: extracting the needed members into %s", name, work)
-            paths = handler.stage(archive_paths, work)
-            source_info = {"kind": "archives", "archives": archive_info}
+        with replace_folder_atomically(out, staging=staging):
+            if source_dir is not None:
+                raw = Path(source_dir)
+                if not raw.is_dir():
+                    raise MissingSourceError(f"data.paths.{name} = {raw} is not a folder")
+                log.info("%s: using the existing raw copy in %s", name, raw)
+                paths = handler.locate(raw)
+                source_info: dict[str, Any] = {"kind": "existing_copy", "path": str(raw.resolve())}
+            else:
+                downloads = Path(downloads_dir)
+                archive_paths: dict[str, Path] = {}
+                archive_info = []
+                for archive in sources.archives_for(name):
+                    path = downloads / archive.filename
+                    if not path.is_file():
+                        error = LoginRequiredError if archive.login_required else MissingSourceError
+                        raise error(_missing_archive_message(archive, path))
+                    checksum = (checksums or {}).get(archive.key, archive.checksum)
+                    algo, digest = verify_file(path, checksum, origin=path)
+                    archive_paths[archive.key] = path
+                    archive_info.append(
+                        {
+                            "key": archive.key,
+                            "filename": archive.filename,
+                            "url": archive.urls[0],
+                            "checksum": f"{algo}:{digest}",
+                            "checksum_published": archive.checksum is not None and checksum == archive.checksum,
+                            "checksum_source": archive.checksum_source if checksum == archive.checksum else "override",
+                        }
+                    )
+                log.info("%s: extracting the needed members into %s", name, work)
+                paths = handler.stage(archive_paths, work)
+                source_info = {"kind": "archives", "archives": archive_info}
 
-        writer = _Writer(staging, progress)
-        result = handler.convert(paths, writer, classes)
-        if not result.ids:
-            raise PrepareError(f"{name}: no images found in the source")
-        if len(result.ids) != expected:
-            raise CountMismatchError(
-                f"{name}: the {spec.split} split has {len(result.ids)} images, expected {expected} "
-                f"({'published count' if expected_count is None else 'expected_count'}); the source is "
-                "incomplete or not the official release"
+            writer = _Writer(staging, progress)
+            result = handler.convert(paths, writer, classes)
+            if not result.ids:
+                raise PrepareError(f"{name}: no images found in the source")
+            if len(result.ids) != expected:
+                raise CountMismatchError(
+                    f"{name}: the {spec.split} split has {len(result.ids)} images, expected {expected} "
+                    f"({'published count' if expected_count is None else 'expected_count'}); the source is "
+                    "incomplete or not the official release"
+                )
+            write_classes_json(
+                staging, classes["names"], ignore_index=IGNORE, background_index=classes["background_index"]
             )
-        write_classes_json(
-            staging, classes["names"], ignore_index=IGNORE, background_index=classes["background_index"]
-        )
-        write_split(staging, spec.split, result.ids)
-        extra = {
-            "dataset": name,
-            "title": spec.title,
-            "split": spec.split,
-            "image_count": len(result.ids),
-            "expected_count": expected,
-            "expected_count_is_published": expected_count is None or expected == spec.expected_count,
-            "label_convention": classes["source"],
-            "source": source_info,
-            "reencoded_images": writer.reencoded,
-            "prepared_by": "seg4diff_repro.datasets.prepare.prepare_dataset",
-            **{k: v for k, v in result.info.items() if k != "assumptions"},
-            "assumptions": [*result.info.get("assumptions", []), *spec.notes, *(
-                [classes["note"]] if "note" in classes else []
-            )],
-        }
-        manifest = write_manifest(staging, extra)  # last file written
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+            write_split(staging, spec.split, result.ids)
+            extra = {
+                "dataset": name,
+                "title": spec.title,
+                "split": spec.split,
+                "image_count": len(result.ids),
+                "expected_count": expected,
+                "expected_count_is_published": expected_count is None or expected == spec.expected_count,
+                "label_convention": classes["source"],
+                "source": source_info,
+                "reencoded_images": writer.reencoded,
+                "prepared_by": "seg4diff_repro.datasets.prepare.prepare_dataset",
+                **{k: v for k, v in result.info.items() if k != "assumptions"},
+                "assumptions": [*result.info.get("assumptions", []), *spec.notes, *(
+                    [classes["note"]] if "note" in classes else []
+                )],
+            }
+            manifest = write_manifest(staging, extra)  # last file written
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if not keep_extracted:
             shutil.rmtree(work, ignore_errors=True)
         raise

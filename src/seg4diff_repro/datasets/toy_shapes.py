@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..atomic import replace_folder_atomically
 from .layout import (
-    current_umask,
     IMAGE_DIR,
     LABEL_DIR,
     MANIFEST_FILE,
@@ -197,20 +195,19 @@ def _check_args(n_train: int, n_val: int, image_size: int, min_shapes: int, max_
         )
 
 
-def _replace_dir(tmp: Path, root: Path) -> None:
-    """Move the finished dataset into place, replacing only an earlier toy-shapes output."""
-    if root.exists():
-        manifest = root / MANIFEST_FILE
-        is_toy = manifest.is_file() and json.loads(manifest.read_text()).get("extra", {}).get("generator") == (
-            GENERATOR_NAME
+def _refuse_foreign_folder(root: Path) -> None:
+    """Raise unless ``root`` is absent, empty or an earlier toy-shapes output, which alone may be replaced."""
+    if not root.exists():
+        return
+    manifest = root / MANIFEST_FILE
+    is_toy = manifest.is_file() and json.loads(manifest.read_text()).get("extra", {}).get("generator") == (
+        GENERATOR_NAME
+    )
+    if any(root.iterdir()) and not is_toy:
+        raise FileExistsError(
+            f"{root} exists and is not a complete toy-shapes dataset; refusing to overwrite it. "
+            "Delete it or choose another output folder."
         )
-        if any(root.iterdir()) and not is_toy:
-            raise FileExistsError(
-                f"{root} exists and is not a complete toy-shapes dataset; refusing to overwrite it. "
-                "Delete it or choose another output folder."
-            )
-        shutil.rmtree(root)
-    tmp.replace(root)
 
 
 def generate_toy_shapes(
@@ -230,10 +227,7 @@ def generate_toy_shapes(
     """
     _check_args(n_train, n_val, image_size, min_shapes, max_shapes)
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the final folder should be shareable
-    try:
+    with replace_folder_atomically(root) as tmp:
         captions: dict[str, str] = {}
         for split, count in (("train", n_train), ("val", n_val)):
             if count == 0:
@@ -266,8 +260,5 @@ def generate_toy_shapes(
                 ],
             },
         )
-        _replace_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _refuse_foreign_folder(root)
     return manifest

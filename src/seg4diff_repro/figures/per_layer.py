@@ -53,3 +53,21 @@ def plot_miou_by_model(tables: list[pd.DataFrame], png_path: Path, pdf_path: Pat
     ax.set_xticks(sorted(data["layer"].unique()))
     fig.tight_layout()
     save_figure(fig, png_path, pdf_path)
+
+
+def plot_timestep_sweep(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
+    """pACC, mACC and mIoU against k ("t = k of N"), at the table's layer (appendix Fig. 2)."""
+    long = table.melt(id_vars=["timestep_k"], value_vars=METRICS, var_name="metric", value_name="score")
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=long, x="timestep_k", y="score", hue="metric", marker="o", ax=ax)
+    paper = table.dropna(subset=["paper_mIoU"])
+    if not paper.empty:
+        ax.scatter(paper["timestep_k"], paper["paper_mIoU"], marker="*", s=160, color="black", label="paper mIoU", zorder=3)
+        ax.legend()
+    first = table.iloc[0]
+    ax.set_title(f"{first['model']} on {first['dataset']}, layer {first['layer']}: segmentation vs timestep")
+    ax.set_xlabel("k (input noised to timesteps[-k])")
+    ax.set_ylabel("score (%)")
+    fig.tight_layout()
+    save_figure(fig, png_path, pdf_path)

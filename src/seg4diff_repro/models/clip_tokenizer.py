@@ -18,11 +18,11 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
-import uuid
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from seg4diff_repro.atomic import atomic_write_text
 
 __all__ = [
     "CLIP_BOS_ID",
@@ -98,19 +98,6 @@ def _read_merges(bpe_path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temp file in the same folder so readers never see a partial file."""
-    # A uuid name rather than tempfile.mkstemp, which would force mode 0600 onto the final file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_clip_tokenizer_files(out_dir: Path) -> None:
     """Write Hugging Face CLIP ``vocab.json`` and ``merges.txt`` into ``out_dir`` from open_clip's BPE file."""
     out_dir = Path(out_dir)
@@ -125,8 +112,8 @@ def write_clip_tokenizer_files(out_dir: Path) -> None:
             f"built a CLIP vocabulary of {len(vocab)} tokens, expected {CLIP_VOCAB_SIZE}; reinstall open_clip_torch."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _atomic_write_text(out_dir / "merges.txt", "\n".join([_MERGES_HEADER, *(f"{a} {b}" for a, b in merges)]) + "\n")
+    atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out_dir / "merges.txt", "\n".join([_MERGES_HEADER, *(f"{a} {b}" for a, b in merges)]) + "\n")
 
 
 def build_sd3_tokenizers(out_root: Path) -> tuple[CLIPTokenizer, CLIPTokenizer]:

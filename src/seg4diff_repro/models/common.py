@@ -1,9 +1,10 @@
-"""What every backbone adapter shares: the noising record and loading a diffusers pipeline with clear errors."""
+"""What every backbone adapter shares: noising, VAE encoding, and loading a diffusers pipeline with clear errors."""
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,41 @@ class Noising:
     index: int
     timestep: float
     sigma: float
+
+
+def noising_at_step(scheduler, k: int, num_steps: int, set_timesteps: Callable[[], object]) -> Noising:
+    """``timesteps[-k]`` of the ``num_steps`` schedule that ``set_timesteps()`` puts on ``scheduler``."""
+    if not 1 <= k <= num_steps:
+        raise ValueError(f"timestep k={k} out of range: use 1..{num_steps} (k steps before the end)")
+    set_timesteps()
+    index = num_steps - k
+    return Noising(
+        k=k,
+        num_steps=num_steps,
+        index=index,
+        timestep=float(scheduler.timesteps[index]),
+        sigma=float(scheduler.sigmas[index]),
+    )
+
+
+def noise_latents_per_image(scheduler, latents: torch.Tensor, index: int, seeds: list[int]) -> torch.Tensor:
+    """x_t = (1 − σ)·z + σ·ε at ``scheduler.timesteps[index]`` (the stock ``scale_noise``), ε drawn per image.
+
+    Each image's ε comes from a CPU generator seeded with its own seed, so it depends neither on the device
+    nor on the batching. ``scheduler`` must already be on the schedule the index refers to.
+    """
+    noise = torch.stack(
+        [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    ).to(latents.device, latents.dtype)
+    timestep = scheduler.timesteps[index].expand(latents.shape[0])
+    return scheduler.scale_noise(latents, timestep, noise)
+
+
+def encode_normalised_latents(vae, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """VAE posterior means of ``pixels`` (in the model's input range), shifted and scaled by the VAE config."""
+    mean = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
+    shift = vae.config.shift_factor or 0.0
+    return (mean - shift) * vae.config.scaling_factor
 
 
 def _error_chain(error: BaseException) -> list[BaseException]:

@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg4diff_repro.models.common import Noising, load_pipeline
+from seg4diff_repro.models.common import (
+    Noising,
+    encode_normalised_latents,
+    load_pipeline,
+    noise_latents_per_image,
+    noising_at_step,
+)
 
 __all__ = [
     "FLUX_DEV_SCHEDULER_CONFIG",
@@ -82,17 +88,7 @@ def _set_flux_timesteps(scheduler, num_steps: int, mu: float) -> None:
 
 def flux_noising(scheduler, k: int, num_steps: int, mu: float) -> Noising:
     """``timesteps[-k]`` of the ``num_steps`` Flux schedule with shift ``mu`` (k = 8 of 50 is index 42)."""
-    if not 1 <= k <= num_steps:
-        raise ValueError(f"timestep k={k} out of range: use 1..{num_steps} (k steps before the end)")
-    _set_flux_timesteps(scheduler, num_steps, mu)
-    index = num_steps - k
-    return Noising(
-        k=k,
-        num_steps=num_steps,
-        index=index,
-        timestep=float(scheduler.timesteps[index]),
-        sigma=float(scheduler.sigmas[index]),
-    )
+    return noising_at_step(scheduler, k, num_steps, lambda: _set_flux_timesteps(scheduler, num_steps, mu))
 
 
 def load_flux_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
@@ -187,21 +183,13 @@ class FluxAdapter:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], [B, 3, H, W] at ``image_size`` → normalised VAE posterior means [B, 16, h, w]."""
-        vae = self.pipe.vae
         pixels = 2 * images - 1 if self.scale_to_unit_range else images
-        mean = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean
-        shift = vae.config.shift_factor or 0.0
-        return (mean - shift) * vae.config.scaling_factor
+        return encode_normalised_latents(self.pipe.vae, pixels, self.device)
 
     def noise_latents(self, latents: torch.Tensor, noising: Noising, seeds: list[int]) -> torch.Tensor:
         """x_t = (1 − σ)·z + σ·ε with ε drawn per image from its own seed (the stock ``scale_noise``)."""
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-        ).to(latents.device, latents.dtype)
-        scheduler = self.pipe.scheduler
-        _set_flux_timesteps(scheduler, noising.num_steps, self.mu)
-        timestep = scheduler.timesteps[noising.index].expand(latents.shape[0])
-        return scheduler.scale_noise(latents, timestep, noise)
+        _set_flux_timesteps(self.pipe.scheduler, noising.num_steps, self.mu)
+        return noise_latents_per_image(self.pipe.scheduler, latents, noising.index, seeds)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from seg4diff_repro.models.common import ModelLoadError, Noising, load_pipeline
+from seg4diff_repro.models.common import (
+    ModelLoadError,
+    Noising,
+    encode_normalised_latents,
+    load_pipeline,
+    noise_latents_per_image,
+    noising_at_step,
+)
 
 __all__ = ["CLIP_TOKENS", "ModelLoadError", "Noising", "SD3Adapter", "load_sd3_pipeline"]
 
@@ -74,37 +81,18 @@ class SD3Adapter:
 
     def noising(self, k: int, num_steps: int) -> Noising:
         """``timesteps[-k]`` of an ``num_steps`` schedule: k = 8 of 28 is index 20, σ ≈ 0.515 for SD3."""
-        if not 1 <= k <= num_steps:
-            raise ValueError(f"timestep k={k} out of range: use 1..{num_steps} (k steps before the end)")
         scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(num_steps)
-        index = num_steps - k
-        return Noising(
-            k=k,
-            num_steps=num_steps,
-            index=index,
-            timestep=float(scheduler.timesteps[index]),
-            sigma=float(scheduler.sigmas[index]),
-        )
+        return noising_at_step(scheduler, k, num_steps, lambda: scheduler.set_timesteps(num_steps))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], [B, 3, H, W] at ``image_size`` → normalised VAE posterior means."""
-        vae = self.pipe.vae
-        pixels = (2 * images - 1).to(self.device, vae.dtype)
-        mean = vae.encode(pixels).latent_dist.mean
-        shift = vae.config.shift_factor or 0.0
-        return (mean - shift) * vae.config.scaling_factor
+        return encode_normalised_latents(self.pipe.vae, 2 * images - 1, self.device)
 
     def noise_latents(self, latents: torch.Tensor, noising: Noising, seeds: list[int]) -> torch.Tensor:
         """x_t = (1 − σ)·z + σ·ε with ε drawn per image from its own seed (the stock ``scale_noise``)."""
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-        ).to(latents.device, latents.dtype)
-        scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(noising.num_steps)
-        timestep = scheduler.timesteps[noising.index].expand(latents.shape[0])
-        return scheduler.scale_noise(latents, timestep, noise)
+        self.pipe.scheduler.set_timesteps(noising.num_steps)
+        return noise_latents_per_image(self.pipe.scheduler, latents, noising.index, seeds)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,10 @@ It is saved with ``save_pretrained`` so the analysis code loads it through exact
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -23,6 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from seg4diff_repro.atomic import replace_folder_atomically
 from seg4diff_repro.models.clip_tokenizer import (
     CLIP_BOS_ID,
     CLIP_EOS_ID,
@@ -32,13 +32,19 @@ from seg4diff_repro.models.clip_tokenizer import (
     build_sd3_tokenizers,
 )
 
+if TYPE_CHECKING:
+    from seg4diff_repro.models.tiny_flux import TinyFluxConfig
+
 __all__ = [
     "MODEL_INFO_FILE",
     "TinySD3Config",
     "build_tiny_sd3_pipeline",
     "check_replaceable",
     "folder_size_bytes",
+    "raise_on_failed_size_checks",
     "save_pipeline_folder",
+    "tiny_clip_text_config",
+    "tiny_vae",
     "write_tiny_sd3_pipeline",
 ]
 
@@ -67,6 +73,9 @@ class TinySD3Config:
     joint_attention_dim: int = 64
     pooled_projection_dim: int = 64
     pos_embed_max_size: int = 32
+    # SD3.5's additions: RMS QK-norm and an image-only attn2 in the first blocks (None / () for SD3).
+    qk_norm: str | None = None
+    dual_attention_layers: tuple[int, ...] = ()
     # Each of the two CLIP text encoders (CLIP-L and CLIP-G get the same tiny sizes).
     text_hidden_size: int = 32
     text_intermediate_size: int = 64
@@ -112,24 +121,54 @@ class TinySD3Config:
                 f"pooled_projection_dim={self.pooled_projection_dim} must equal 2 x text_projection_dim = "
                 f"{2 * self.text_projection_dim} (CLIP-L and CLIP-G pooled embeddings are concatenated)",
             ),
-            (
-                all(c % self.vae_norm_num_groups == 0 for c in self.vae_block_out_channels),
-                f"every vae_block_out_channels {self.vae_block_out_channels} must be divisible by "
-                f"vae_norm_num_groups={self.vae_norm_num_groups}",
-            ),
-            (
-                self.text_hidden_size % self.text_num_heads == 0,
-                f"text_hidden_size={self.text_hidden_size} must be divisible by text_num_heads={self.text_num_heads}",
-            ),
         ]
-        errors = [message for ok, message in checks if not ok]
-        if errors:
-            raise ValueError("Invalid TinySD3Config: " + "; ".join(errors) + ". Fix these sizes.")
+        raise_on_failed_size_checks(self, checks)
 
 
-def _text_encoder(config: TinySD3Config, pad_token_id: int) -> CLIPTextModelWithProjection:
-    """A random CLIP text encoder whose special-token ids match the offline tokenizers."""
-    text_config = CLIPTextConfig(
+def raise_on_failed_size_checks(config: TinySD3Config | TinyFluxConfig, checks: list[tuple[bool, str]]) -> None:
+    """Raise one ValueError naming every failed (ok, message) check: ``checks`` and the shared VAE and CLIP ones."""
+    checks = [
+        *checks,
+        (
+            all(c % config.vae_norm_num_groups == 0 for c in config.vae_block_out_channels),
+            f"every vae_block_out_channels {config.vae_block_out_channels} must be divisible by "
+            f"vae_norm_num_groups={config.vae_norm_num_groups}",
+        ),
+        (
+            config.text_hidden_size % config.text_num_heads == 0,
+            f"text_hidden_size={config.text_hidden_size} must be divisible by text_num_heads={config.text_num_heads}",
+        ),
+    ]
+    errors = [message for ok, message in checks if not ok]
+    if errors:
+        raise ValueError(f"Invalid {type(config).__name__}: " + "; ".join(errors) + ". Fix these sizes.")
+
+
+def tiny_vae(config: TinySD3Config | TinyFluxConfig) -> AutoencoderKL:
+    """A random `AutoencoderKL` with ``config``'s sizes and latent normalisation."""
+    n_blocks = len(config.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=config.vae_block_out_channels,
+        layers_per_block=config.vae_layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.vae_norm_num_groups,
+        # The pixel size (FLUX.1-dev's VAE config says 1024); the Flux adapter reads the image size from here.
+        sample_size=config.image_size,
+        scaling_factor=config.vae_scaling_factor,
+        shift_factor=config.vae_shift_factor,
+        # SD3's and Flux's VAEs have no quant convs; matching them keeps their state-dict layout.
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_clip_text_config(config: TinySD3Config | TinyFluxConfig, pad_token_id: int) -> CLIPTextConfig:
+    """The config of a random CLIP text encoder whose special-token ids match the offline CLIP tokenizers."""
+    return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=config.text_hidden_size,
         intermediate_size=config.text_intermediate_size,
@@ -142,7 +181,6 @@ def _text_encoder(config: TinySD3Config, pad_token_id: int) -> CLIPTextModelWith
         eos_token_id=CLIP_EOS_ID,
         pad_token_id=pad_token_id,
     )
-    return CLIPTextModelWithProjection(text_config)
 
 
 def build_tiny_sd3_pipeline(
@@ -169,29 +207,15 @@ def build_tiny_sd3_pipeline(
         caption_projection_dim=config.caption_projection_dim,
         pooled_projection_dim=config.pooled_projection_dim,
         pos_embed_max_size=config.pos_embed_max_size,
+        qk_norm=config.qk_norm,
+        dual_attention_layers=config.dual_attention_layers,
     )
     torch.manual_seed(seed)
-    n_blocks = len(config.vae_block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_blocks,
-        block_out_channels=config.vae_block_out_channels,
-        layers_per_block=config.vae_layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.vae_norm_num_groups,
-        sample_size=config.image_size,
-        scaling_factor=config.vae_scaling_factor,
-        shift_factor=config.vae_shift_factor,
-        # SD3's VAE has no quant convs; matching it keeps the state-dict layout SD3-like.
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(config)
     torch.manual_seed(seed)
-    text_encoder = _text_encoder(config, pad_token_id=CLIP_EOS_ID)
+    text_encoder = CLIPTextModelWithProjection(tiny_clip_text_config(config, pad_token_id=CLIP_EOS_ID))
     torch.manual_seed(seed)
-    text_encoder_2 = _text_encoder(config, pad_token_id=CLIP_G_PAD_ID)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(config, pad_token_id=CLIP_G_PAD_ID))
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=config.num_train_timesteps, shift=config.scheduler_shift
     )
@@ -263,11 +287,7 @@ def save_pipeline_folder(
     """
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (not tempfile.mkdtemp, which forces mode 0700) so the model folder gets the usual umask mode.
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
-    tmp_dir.mkdir()
-    try:
+    with replace_folder_atomically(out_dir) as tmp_dir:
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
         if compact_tokenizers:
             for path in tmp_dir.glob("tokenizer*/tokenizer.json"):
@@ -285,23 +305,11 @@ def save_pipeline_folder(
         for path in tmp_dir.rglob("*"):
             if path.is_file():
                 path.chmod(file_mode)
-        if out_dir.exists():
-            # Move the old folder aside first: a rename onto a non-empty folder fails, and deleting
-            # before the rename would leave no model at the target if the rename then failed.
-            old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
-            out_dir.rename(old_dir)
-            try:
-                tmp_dir.rename(out_dir)
-            except BaseException:
-                old_dir.rename(out_dir)
-                raise
-            shutil.rmtree(old_dir)
-        else:
-            tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
+
+
+# SD3.5-medium's block layout at tiny size: QK-norm everywhere, dual attention in the first half of the blocks.
+TINY_SD35_CONFIG = TinySD3Config(qk_norm="rms_norm", dual_attention_layers=(0, 1, 2))
 
 
 def write_tiny_sd3_pipeline(out_dir: Path, config: TinySD3Config = TinySD3Config(), seed: int = 0) -> Path:

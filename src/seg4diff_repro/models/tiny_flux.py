@@ -14,18 +14,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from seg4diff_repro.models.clip_tokenizer import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
-    CLIP_MAX_LENGTH,
-    CLIP_VOCAB_SIZE,
-    build_sd3_tokenizers,
-)
+from seg4diff_repro.models.clip_tokenizer import CLIP_EOS_ID, build_sd3_tokenizers
 from seg4diff_repro.models.t5_tokenizer import T5_EOS_ID, T5_PAD_ID, build_t5_tokenizer
-from seg4diff_repro.models.tiny import save_pipeline_folder
+from seg4diff_repro.models.tiny import (
+    raise_on_failed_size_checks,
+    save_pipeline_folder,
+    tiny_clip_text_config,
+    tiny_vae,
+)
 
 __all__ = ["TinyFluxConfig", "build_tiny_flux_pipeline", "write_tiny_flux_pipeline"]
 
@@ -93,38 +92,8 @@ class TinyFluxConfig:
                 all(d % 2 == 0 for d in self.axes_dims_rope),
                 f"every axes_dims_rope {self.axes_dims_rope} must be even (RoPE rotates pairs of channels)",
             ),
-            (
-                all(c % self.vae_norm_num_groups == 0 for c in self.vae_block_out_channels),
-                f"every vae_block_out_channels {self.vae_block_out_channels} must be divisible by "
-                f"vae_norm_num_groups={self.vae_norm_num_groups}",
-            ),
-            (
-                self.text_hidden_size % self.text_num_heads == 0,
-                f"text_hidden_size={self.text_hidden_size} must be divisible by text_num_heads={self.text_num_heads}",
-            ),
         ]
-        errors = [message for ok, message in checks if not ok]
-        if errors:
-            raise ValueError("Invalid TinyFluxConfig: " + "; ".join(errors) + ". Fix these sizes.")
-
-
-def _clip_text_encoder(config: TinyFluxConfig) -> CLIPTextModel:
-    """A random CLIP-L-like text encoder whose special-token ids match the offline CLIP tokenizer."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=config.text_hidden_size,
-            intermediate_size=config.text_intermediate_size,
-            num_hidden_layers=config.text_num_layers,
-            num_attention_heads=config.text_num_heads,
-            projection_dim=config.text_projection_dim,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            hidden_act=config.text_hidden_act,
-            bos_token_id=CLIP_BOS_ID,
-            eos_token_id=CLIP_EOS_ID,
-            pad_token_id=CLIP_EOS_ID,
-        )
-    )
+        raise_on_failed_size_checks(self, checks)
 
 
 def _t5_encoder(config: TinyFluxConfig, vocab_size: int) -> T5EncoderModel:
@@ -169,25 +138,10 @@ def build_tiny_flux_pipeline(config: TinyFluxConfig = TinyFluxConfig(), seed: in
         axes_dims_rope=config.axes_dims_rope,
     )
     torch.manual_seed(seed)
-    n_blocks = len(config.vae_block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_blocks,
-        block_out_channels=config.vae_block_out_channels,
-        layers_per_block=config.vae_layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.vae_norm_num_groups,
-        # FLUX.1-dev's VAE config says 1024, the model's pixel size; the adapter reads the image size from here.
-        sample_size=config.image_size,
-        scaling_factor=config.vae_scaling_factor,
-        shift_factor=config.vae_shift_factor,
-        use_quant_conv=False,  # as Flux's VAE
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(config)
     torch.manual_seed(seed)
-    text_encoder = _clip_text_encoder(config)
+    # No projection head: Flux uses CLIP-L's pooled output as pooled_projections.
+    text_encoder = CLIPTextModel(tiny_clip_text_config(config, pad_token_id=CLIP_EOS_ID))
     torch.manual_seed(seed)
     text_encoder_2 = _t5_encoder(config, vocab_size=len(t5_tokenizer))
     scheduler = FlowMatchEulerDiscreteScheduler(

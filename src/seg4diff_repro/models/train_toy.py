@@ -107,6 +107,20 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _set_scheduled_lr(optimizer: torch.optim.Optimizer, peak_lr: float, step: int, total: int, warmup: int) -> None:
+    """Give every parameter group the scheduled learning rate of ``step``."""
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr * _lr_factor(step, total, warmup)
+
+
+def _time_is_up(deadline: float | None, phase: str, step: int, total: int) -> bool:
+    """Whether ``deadline`` has passed; if so, log the step at which the phase stops."""
+    if deadline is not None and time.monotonic() > deadline:
+        log.warning("%s phase stopped at step %d of %d: time budget reached", phase, step, total)
+        return True
+    return False
+
+
 def _load_images(dataset_root: Path, limit: int | None, image_size: int) -> tuple[torch.Tensor, list[str]]:
     """All training images as uint8 [N, 3, H, W] and their captions."""
     dataset = SegmentationDataset(dataset_root, "train", limit=limit)
@@ -183,11 +197,9 @@ def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device
     window, first, last, done = [], None, None, 0
     bar = tqdm(range(steps), desc="train VAE", unit="step")
     for step in bar:
-        if deadline is not None and time.monotonic() > deadline:
-            log.warning("VAE phase stopped at step %d of %d: time budget reached", step, steps)
+        if _time_is_up(deadline, "VAE", step, steps):
             break
-        for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, warmup)
+        _set_scheduled_lr(optimizer, lr, step, steps, warmup)
         idx = torch.randint(n, (batch_size,), generator=g, device=device).to(images_u8.device)
         x = _to_pixels(images_u8[idx].to(device, non_blocking=True))
         with autocast():
@@ -415,11 +427,9 @@ def train_toy_model(
     tr_done, window = 0, []
     bar = tqdm(range(transformer_steps), desc="train transformer", unit="step")
     for step in bar:
-        if deadline is not None and time.monotonic() > deadline:
-            log.warning("transformer phase stopped at step %d of %d: time budget reached", step, transformer_steps)
+        if _time_is_up(deadline, "transformer", step, transformer_steps):
             break
-        for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, transformer_steps, warmup)
+        _set_scheduled_lr(optimizer, lr, step, transformer_steps, warmup)
         loss = flow_loss(*sample_batch(g))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

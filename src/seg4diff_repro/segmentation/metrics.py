@@ -10,41 +10,73 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..datasets.layout import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 
 
-def _to_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+def integer_array(x: np.ndarray | torch.Tensor, what: str, *, class_indices: bool = False) -> np.ndarray:
+    """``x`` (numpy or torch) as a numpy array; ValueError unless its dtype is an integer one (bool is not).
+
+    ``class_indices``: ``x`` must hold class indices, and the error says to take the argmax of scores first.
+    """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"{what} must have an integer dtype (class indices), got {x.dtype}; take argmax first")
+        if class_indices:
+            raise ValueError(f"{what} must have an integer dtype (class indices), got {x.dtype}; take argmax first")
+        raise ValueError(f"{what} must have an integer dtype, got {x.dtype}")
     return x
+
+
+def check_class_indices(num_classes: int, ignore_index: int) -> None:
+    """Raise unless ``num_classes`` is a positive int and ``ignore_index`` an int outside 0..num_classes-1."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index {ignore_index} collides with class indices 0..{num_classes - 1}")
+
+
+def save_npz_atomically(path: str | Path, **arrays: np.ndarray) -> None:
+    """Store ``arrays`` as an uncompressed .npz that readers see whole or not at all."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz_arrays(
+    path: str | Path, keys: Sequence[str], *, file_kind: str, written_by: str
+) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the .npz at ``path``; errors cite ``file_kind`` (missing) or ``written_by`` (bad)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{file_kind} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in keys}
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not {written_by} ({err}); recompute it") from err
 
 
 class ConfusionMatrix:
     """Accumulates a [num_classes, num_classes] int64 confusion matrix (rows = GT, cols = prediction)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} collides with class indices 0..{num_classes - 1}")
+        check_class_indices(num_classes, ignore_index)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self._counts = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
         """Add one batch/image of integer predictions and targets of the same shape."""
-        p = _to_numpy(pred, "pred")
-        t = _to_numpy(target, "target")
+        p = integer_array(pred, "pred", class_indices=True)
+        t = integer_array(target, "target", class_indices=True)
         if p.shape != t.shape:
             raise ValueError(f"pred shape {p.shape} differs from target shape {t.shape}")
         keep = t != self.ignore_index
@@ -100,22 +132,18 @@ class ConfusionMatrix:
 
     def save(self, path: str | Path) -> None:
         """Atomically store the counts as .npz so partial results can be merged later."""
-        buf = io.BytesIO()
-        np.savez(buf, matrix=self._counts, ignore_index=np.int64(self.ignore_index))
-        atomic_write_bytes(path, buf.getvalue())
+        save_npz_atomically(path, matrix=self._counts, ignore_index=np.int64(self.ignore_index))
 
     @classmethod
     def load(cls, path: str | Path) -> ConfusionMatrix:
         """Load a matrix written by :meth:`save`."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"confusion-matrix file {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                matrix, ignore_index = data["matrix"], data["ignore_index"]
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-            raise ValueError(
-                f"{path} is not a confusion-matrix .npz written by ConfusionMatrix.save ({err}); recompute it"
-            ) from err
+        arrays = load_npz_arrays(
+            path,
+            ("matrix", "ignore_index"),
+            file_kind="confusion-matrix",
+            written_by="a confusion-matrix .npz written by ConfusionMatrix.save",
+        )
+        matrix, ignore_index = arrays["matrix"], arrays["ignore_index"]
         if (
             matrix.ndim != 2
             or matrix.shape[0] != matrix.shape[1]

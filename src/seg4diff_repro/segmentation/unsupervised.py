@@ -7,9 +7,7 @@ in ``train_net.py`` (lines 60-85, 246-326) for the PiCIE/DiffSeg-style scores.
 
 from __future__ import annotations
 
-import io
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from ..datasets.layout import atomic_write_bytes
+from .metrics import check_class_indices, integer_array, load_npz_arrays, save_npz_atomically
 
 # Added to the per-pixel token range before dividing (att2mask, seg4diff_model_unsup.py:431-436).
 _MINMAX_EPS = 1e-6
@@ -131,15 +129,6 @@ def hungarian_match(hist: np.ndarray) -> np.ndarray:
     return cols.astype(np.int64)
 
 
-def _int_array(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"{what} must have an integer dtype, got {x.dtype}")
-    return x
-
-
 _STATE_KEYS = ("tp", "fp", "fn", "n_pixels", "n_ignored", "n_out_of_range", "n_images")
 
 
@@ -152,12 +141,7 @@ class HungarianAccumulator:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} collides with class indices 0..{num_classes - 1}")
+        check_class_indices(num_classes, ignore_index)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.tp = np.zeros(num_classes, dtype=np.int64)
@@ -172,8 +156,8 @@ class HungarianAccumulator:
         self, clusters: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor
     ) -> tuple[np.ndarray, np.ndarray]:
         """Validated integer numpy views of one image's cluster map and label map."""
-        pred = _int_array(clusters, "clusters")
-        gt = _int_array(label, "label")
+        pred = integer_array(clusters, "clusters")
+        gt = integer_array(label, "label")
         if pred.ndim != 2 or pred.shape != gt.shape:
             raise ValueError(f"clusters shape {pred.shape} and label shape {gt.shape} must be the same [H, W]")
         if pred.size == 0:
@@ -243,23 +227,20 @@ class HungarianAccumulator:
 
     def save(self, path: str | Path) -> None:
         """Atomically store the counts as .npz so shards can be merged or resumed."""
-        buf = io.BytesIO()
         state = {key: np.asarray(getattr(self, key), dtype=np.int64) for key in _STATE_KEYS}
-        np.savez(buf, num_classes=np.int64(self.num_classes), ignore_index=np.int64(self.ignore_index), **state)
-        atomic_write_bytes(path, buf.getvalue())
+        save_npz_atomically(
+            path, num_classes=np.int64(self.num_classes), ignore_index=np.int64(self.ignore_index), **state
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> HungarianAccumulator:
         """Load an accumulator written by :meth:`save`."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Hungarian accumulator file {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in ("num_classes", "ignore_index", *_STATE_KEYS)}
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-            raise ValueError(
-                f"{path} is not an .npz written by HungarianAccumulator.save ({err}); recompute it"
-            ) from err
+        arrays = load_npz_arrays(
+            path,
+            ("num_classes", "ignore_index", *_STATE_KEYS),
+            file_kind="Hungarian accumulator",
+            written_by="an .npz written by HungarianAccumulator.save",
+        )
         out = cls(int(arrays["num_classes"]), int(arrays["ignore_index"]))
         for key in _STATE_KEYS:
             value = arrays[key]

@@ -1,0 +1,70 @@
+"""Tables of the segmentation sweeps: over timesteps (appendix Fig. 2) and over score normalisation (appendix Table 1)."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+
+from seg4diff_repro.datasets.layout import atomic_write_bytes
+from seg4diff_repro.tables.per_layer import METRICS, paper_ovss_miou
+
+PROVENANCE = ("model", "dataset", "prompt", "resize", "attention", "seed", "images", "code_version")
+
+
+def _paper_numbers() -> dict:
+    return json.loads(files("seg4diff_repro.data").joinpath("paper_numbers.json").read_text())
+
+
+def timestep_sweep_table(
+    per_layer_scores: list[pd.DataFrame], layer: int, paper_model: str | None, paper_dataset: str | None
+) -> pd.DataFrame:
+    """One row per timestep k: the scores of ``layer``, with the paper's mIoU where it gives one (k = 8)."""
+    rows = []
+    for scores in per_layer_scores:
+        row = scores[scores["layer"] == layer]
+        if row.empty:
+            raise ValueError(f"layer {layer} was not recorded at t = {int(scores['timestep_k'].iloc[0])}: "
+                             f"recorded layers {sorted(scores['layer'])}")
+        row = row.iloc[0]
+        rows.append({
+            "model": row["model"], "dataset": row["dataset"], "layer": layer, "timestep_k": int(row["timestep_k"]),
+            "sigma": row["sigma"], **{m: row[m] for m in METRICS},
+            "paper_mIoU": paper_ovss_miou(paper_model, paper_dataset, layer, int(row["timestep_k"])),
+        })
+    table = pd.DataFrame(rows).sort_values("timestep_k", ignore_index=True)
+    table["best_k"] = int(table.loc[table["mIoU"].idxmax(), "timestep_k"])
+    table["paper_best_k"] = _paper_numbers()["timestep_sweep"]["best_k"]
+    return table
+
+
+def normalisation_table(
+    variants: dict[tuple[bool, bool], pd.DataFrame], layer: int, paper_model: str | None, paper_dataset: str | None
+) -> pd.DataFrame:
+    """One row per (post-softmax?, min-max?) combination at ``layer``, beside appendix Table 1."""
+    paper_rows = []
+    entry = _paper_numbers()["normalisation"].get(paper_model or "")
+    if entry is not None and entry["layer"] == layer:
+        paper_rows = entry["rows"]
+    rows = []
+    for (softmax, minmax), scores in sorted(variants.items(), key=lambda item: item[0]):
+        row = scores[scores["layer"] == layer].iloc[0]
+        paper = next((r.get(paper_dataset or "") for r in paper_rows
+                      if r["softmax"] == softmax and r["minmax"] == minmax), None)
+        rows.append({
+            "model": row["model"], "dataset": row["dataset"], "layer": layer, "timestep_k": int(row["timestep_k"]),
+            "post_softmax": softmax, "min_max": minmax, **{m: row[m] for m in METRICS}, "paper_mIoU": paper,
+        })
+    table = pd.DataFrame(rows)
+    table["diff_mIoU"] = table["mIoU"] - table["paper_mIoU"].astype(float)
+    return table
+
+
+def write_table(table: pd.DataFrame, provenance: pd.Series, title: str, note: str, csv_path: Path, md_path: Path) -> None:
+    """CSV and Markdown (headed by the settings that produced the numbers)."""
+    atomic_write_bytes(Path(csv_path), table.to_csv(index=False, float_format="%.2f").encode())
+    settings = ", ".join(f"{key} = {provenance[key]}" for key in PROVENANCE if key in provenance)
+    body = table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
+    atomic_write_bytes(Path(md_path), f"# {title}\n\n{settings}.\n\n{note}\n\n{body}\n".encode())
