@@ -24,5 +24,6 @@ rule all:
         per_layer_targets(),
         toy_world_targets(),
         timestep_sweep_targets(),
+        normalisation_targets(),
         "figures/toy_generations.png",
     default_target: True

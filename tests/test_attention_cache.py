@@ -151,3 +151,13 @@ def test_settings_key_order_independent():
     a = settings_key({"model": "sd3", "layers": [9], "seed": 0})
     b = settings_key({"seed": 0, "layers": [9], "model": "sd3"})
     assert a == b and a != settings_key({"seed": 1, "layers": [9], "model": "sd3"})
+
+
+def test_pre_softmax_logits_round_trip(tmp_path):
+    entry = make_entry()
+    entry.logits = (np.arange(entry.i2t.size, dtype=np.float32).reshape(entry.i2t.shape) / 7 - 20).astype(np.float16)
+    write_cached_image(tmp_path, entry)
+    loaded = read_cached_image(tmp_path, entry.image_id)
+    np.testing.assert_array_equal(loaded.logits, entry.logits)
+    write_cached_image(tmp_path, make_entry())
+    assert read_cached_image(tmp_path, entry.image_id).logits is None

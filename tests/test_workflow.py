@@ -98,6 +98,21 @@ def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
 
 
 @pytest.mark.slow
+def test_default_run_leaves_the_sweep_and_normalisation_tables(toy_run):
+    sweep = pd.read_csv(toy_run / "paper_tables/timestep_sweep_toy_sd3_toy_shapes.csv")
+    assert sweep["timestep_k"].tolist() == [1, 4, 8, 14, 20, 28]
+    per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv")
+    at_k8 = sweep.set_index("timestep_k").loc[8]
+    assert at_k8["mIoU"] == pytest.approx(per_layer.set_index("layer").loc[0, "mIoU"], abs=0.01)
+    normalisation = pd.read_csv(toy_run / "paper_tables/normalisation_toy_sd3_toy_shapes_t8.csv")
+    assert len(normalisation) == 4
+    post_raw = normalisation[(normalisation["post_softmax"]) & (~normalisation["min_max"])]
+    assert post_raw["mIoU"].iloc[0] == pytest.approx(at_k8["mIoU"], abs=0.01)  # the default scoring
+    pre = normalisation[~normalisation["post_softmax"]]["mIoU"]
+    assert not pre.round(2).isin(normalisation[normalisation["post_softmax"]]["mIoU"].round(2)).all()
+
+
+@pytest.mark.slow
 def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
     nothing = snakemake(toy_run, "-n")
     assert "Nothing to be done" in nothing.stdout + nothing.stderr

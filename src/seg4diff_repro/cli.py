@@ -105,6 +105,25 @@ def _timestep_sweep(args: argparse.Namespace) -> None:
     plot_timestep_sweep(table, Path(args.png), Path(args.pdf))
 
 
+def _normalisation_table(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.tables.sweeps import normalisation_table, write_table
+
+    variants = {}
+    for path in args.scores:
+        scores = pd.read_csv(path)
+        first = scores.iloc[0]
+        variants[(bool(first["softmax"]), bool(first["norm_before_merge"] or first["norm_after_merge"]))] = scores
+    table = normalisation_table(variants, args.layer, _none_if_none(args.paper_model), _none_if_none(args.paper_dataset))
+    write_table(
+        table, first.drop(labels=["attention"]), f"Score normalisation (appendix Table 1): {table['model'][0]} on {table['dataset'][0]}, "
+        f"layer {args.layer}", "mIoU etc. in percent. min_max = min-max per token before and per class after "
+        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, method_spec J).",
+        args.csv, args.markdown,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--png", required=True)
     command.add_argument("--pdf", required=True)
     command.set_defaults(handler=_timestep_sweep)
+
+    command = commands.add_parser("normalisation-table", help="appendix Table 1: the four scorings side by side")
+    command.add_argument("--scores", nargs=4, required=True, help="per-layer score CSVs of the four variants")
+    command.add_argument("--layer", type=int, required=True)
+    command.add_argument("--paper-model", default="none")
+    command.add_argument("--paper-dataset", default="none")
+    command.add_argument("--csv", required=True)
+    command.add_argument("--markdown", required=True)
+    command.set_defaults(handler=_normalisation_table)
 
     add_dataset_commands(commands)
     add_toy_commands(commands)

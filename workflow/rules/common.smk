@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from seg4diff_repro.attention.cache import CACHE_FORMAT
 from seg4diff_repro.config import apply_defaults, check_config, load_schema
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -66,6 +67,7 @@ def extraction_settings(wildcards):
             "split": dataset["split"],
             "drop_background": dataset["drop_background"],
             "limit": dataset["limit"],
+            "cache_format": CACHE_FORMAT,
         },
         sort_keys=True,
     )
@@ -99,4 +101,13 @@ def timestep_sweep_targets():
         for model in config["run"]["models"]
         for dataset in config["run"]["datasets"]
         for ext in ("csv", "md")
+    ]
+
+
+def normalisation_targets():
+    timestep = config["attention"]["timestep"]
+    return [
+        f"paper_tables/normalisation_{model}_{dataset}_t{timestep}.md"
+        for model in config["run"]["models"]
+        for dataset in config["run"]["datasets"]
     ]

@@ -19,6 +19,10 @@ import numpy as np
 from seg4diff_repro.atomic import atomic_write_bytes
 
 
+# Bumped whenever the cached content changes (2: pre-softmax logits added), so that the workflow re-extracts.
+CACHE_FORMAT = 2
+
+
 @dataclass
 class CachedImage:
     image_id: str
@@ -32,6 +36,7 @@ class CachedImage:
     seed: int
     box: tuple[int, int, int, int]  # region of the original image the input showed (top, left, bottom, right)
     columns: np.ndarray | None = None  # text positions of the i2t columns; None: 0..n-1
+    logits: np.ndarray | None = None  # pre-softmax scaled scores of the same slice (appendix Table 1)
 
     def local_spans(self) -> np.ndarray:
         """Class spans as indices into the stored columns (spans are runs of consecutive positions)."""
@@ -58,6 +63,7 @@ def write_cached_image(folder: Path, entry: CachedImage) -> Path:
         spans=entry.spans.astype(np.int32).reshape(-1, 2),
         seed=np.array(entry.seed, dtype=np.int64),
         box=np.array(entry.box, dtype=np.int64),
+        **({} if entry.logits is None else {"logits": entry.logits.astype(np.float16)}),
         columns=np.arange(entry.i2t.shape[-1]) if entry.columns is None else entry.columns.astype(np.int32),
     )
     # Keeps the umask's file mode and removes its temp file if anything fails before the rename.
@@ -81,6 +87,7 @@ def read_cached_image(folder: Path, image_id: str) -> CachedImage:
                 seed=int(data["seed"]),
                 box=tuple(int(v) for v in data["box"]),
                 columns=data["columns"].astype(np.int64),
+                logits=data["logits"] if "logits" in data.files else None,
             )
     except FileNotFoundError:
         raise FileNotFoundError(

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from seg4diff_repro import __version__
-from seg4diff_repro.attention.cache import CachedImage, cached_key, settings_key, write_cached_image
+from seg4diff_repro.attention.cache import CACHE_FORMAT, CachedImage, cached_key, settings_key, write_cached_image
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_json
@@ -46,6 +46,7 @@ class ExtractionSettings:
     drop_background: bool
     limit: int | None
     model_options: tuple[tuple[str, object], ...] = ()
+    cache_format: int = CACHE_FORMAT
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -131,10 +132,11 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
     prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
     # The prompt window only (77 CLIP or T5 positions), as the official slice: [B, L, n_image_tokens, 77].
     with AttentionRecorder(
-        adapter.transformer, layers=layers, record=("i2t",), heads="mean", text_tokens=adapter.prompt_tokens
+        adapter.transformer, layers=layers, record=("i2t", "logits"), heads="mean", text_tokens=adapter.prompt_tokens
     ) as recorder:
         adapter.forward(noisy, noising, prompt_embeds, pooled)
     i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
+    logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
     for b, (sample, prompt) in enumerate(zip(samples, prompts)):
         columns = np.unique(np.concatenate([np.arange(start, end) for start, end in prompt.spans] + [[]])).astype(int)
         write_cached_image(
@@ -151,6 +153,7 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
                 seed=seeds[b],
                 box=prepared[b][1],
                 columns=columns,
+                logits=logits[b][..., columns],
             ),
         )
 

@@ -11,15 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from seg4diff_repro.figures import save_figure  # noqa: E402
 from seg4diff_repro.tables.per_layer import METRICS  # noqa: E402
-
-
-def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
-    """PNG and PDF without time stamps, so that re-running an unchanged analysis gives identical bytes."""
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=150, metadata={"Software": None})
-    fig.savefig(pdf_path, metadata={"CreationDate": None, "Producer": None, "Creator": None})
-    plt.close(fig)
 
 
 def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:

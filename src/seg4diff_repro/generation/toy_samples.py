@@ -26,6 +26,7 @@ from PIL import Image
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_bytes
 from seg4diff_repro.datasets.toy_shapes import TOY_CLASSES
+from seg4diff_repro.figures import save_figure
 
 __all__ = [
     "COLOUR_NAMES",
@@ -313,8 +314,4 @@ def write_toy_generations_figure(
         fontsize=9,
     )
     fig.tight_layout()
-    for path, fmt in ((png_path, "png"), (pdf_path, "pdf")):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=fmt, dpi=150)
-        atomic_write_bytes(Path(path), buffer.getvalue())
-    plt.close(fig)
+    save_figure(fig, png_path, pdf_path)

@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 class ScoringSettings:
     """Options applied to cached maps; changing them never requires a new forward pass."""
 
+    softmax: bool = True  # post-softmax maps (the paper's default) or the pre-softmax logits (appendix Table 1)
     norm_before_merge: bool = False
     norm_after_merge: bool = False
+
+    @property
+    def attention(self) -> str:
+        return ("post-softmax" if self.softmax else "pre-softmax logits") + ", head mean"
 
 
 def score_layers(cache_manifest: Path, dataset_root: Path, settings: ScoringSettings) -> pd.DataFrame:
@@ -48,9 +53,14 @@ def score_layers(cache_manifest: Path, dataset_root: Path, settings: ScoringSett
         cached = read_cached_image(cache_dir, sample.image_id)
         label = crop_to_box(sample.label, cached.box)
         spans = cached.local_spans()
+        maps = cached.i2t if settings.softmax else cached.logits
+        if maps is None:
+            raise ValueError(
+                f"{cache_dir} holds no pre-softmax logits (written by an older version): re-run its extraction rule"
+            )
         for position, layer in enumerate(cached.layers.tolist()):
             scores = class_score_maps(
-                cached.i2t[position], spans, cached.token_grid,
+                maps[position], spans, cached.token_grid,
                 settings.norm_before_merge, settings.norm_after_merge,
             )
             confusion[layer].update(predict_labels(cached.class_ids, scores, num_classes, label.shape), label)
@@ -68,7 +78,7 @@ def score_layers(cache_manifest: Path, dataset_root: Path, settings: ScoringSett
             "sigma": noising["sigma"],
             "prompt": extraction["prompt"],
             "resize": extraction["resize"],
-            "attention": "post-softmax, head mean",
+            "attention": settings.attention,
             **asdict(settings),
             "seed": extraction["seed"],
             "code_version": __version__,
