@@ -15,23 +15,29 @@ from seg4diff_repro.figures import save_figure  # noqa: E402
 from seg4diff_repro.tables.per_layer import METRICS  # noqa: E402
 
 
-def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
-    """One curve per metric; the paper's mIoU, where reported, as a star."""
-    long = table.melt(id_vars=["layer"], value_vars=METRICS, var_name="metric", value_name="score")
+def _plot_metric_curves(table: pd.DataFrame, x: str, xlabel: str, title: str, png_path: Path, pdf_path: Path) -> None:
+    """pACC, mACC and mIoU against ``x``, one curve each; the paper's mIoU, where reported, as a star."""
+    long = table.melt(id_vars=[x], value_vars=METRICS, var_name="metric", value_name="score")
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    sns.lineplot(data=long, x="layer", y="score", hue="metric", marker="o", ax=ax)
+    sns.lineplot(data=long, x=x, y="score", hue="metric", marker="o", ax=ax)
     paper = table.dropna(subset=["paper_mIoU"])
     if not paper.empty:
-        ax.scatter(paper["layer"], paper["paper_mIoU"], marker="*", s=160, color="black", label="paper mIoU", zorder=3)
+        ax.scatter(paper[x], paper["paper_mIoU"], marker="*", s=160, color="black", label="paper mIoU", zorder=3)
         ax.legend()
-    first = table.iloc[0]
-    ax.set_title(f"{first['model']} on {first['dataset']}: segmentation from I2T attention per layer")
-    ax.set_xlabel("joint layer (0-based)")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("score (%)")
-    ax.set_xticks(sorted(table["layer"].unique()))
+    ax.set_xticks(sorted(table[x].unique()))
     fig.tight_layout()
     save_figure(fig, png_path, pdf_path)
+
+
+def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
+    """Segmentation scores against the joint layer."""
+    first = table.iloc[0]
+    title = f"{first['model']} on {first['dataset']}: segmentation from I2T attention per layer"
+    _plot_metric_curves(table, "layer", "joint layer (0-based)", title, png_path, pdf_path)
 
 
 def plot_miou_by_model(tables: list[pd.DataFrame], png_path: Path, pdf_path: Path, title: str) -> None:
@@ -49,18 +55,7 @@ def plot_miou_by_model(tables: list[pd.DataFrame], png_path: Path, pdf_path: Pat
 
 
 def plot_timestep_sweep(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
-    """pACC, mACC and mIoU against k ("t = k of N"), at the table's layer (appendix Fig. 2)."""
-    long = table.melt(id_vars=["timestep_k"], value_vars=METRICS, var_name="metric", value_name="score")
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    sns.lineplot(data=long, x="timestep_k", y="score", hue="metric", marker="o", ax=ax)
-    paper = table.dropna(subset=["paper_mIoU"])
-    if not paper.empty:
-        ax.scatter(paper["timestep_k"], paper["paper_mIoU"], marker="*", s=160, color="black", label="paper mIoU", zorder=3)
-        ax.legend()
+    """Segmentation scores against k ("t = k of N"), at the table's layer (appendix Fig. 2)."""
     first = table.iloc[0]
-    ax.set_title(f"{first['model']} on {first['dataset']}, layer {first['layer']}: segmentation vs timestep")
-    ax.set_xlabel("k (input noised to timesteps[-k])")
-    ax.set_ylabel("score (%)")
-    fig.tight_layout()
-    save_figure(fig, png_path, pdf_path)
+    title = f"{first['model']} on {first['dataset']}, layer {first['layer']}: segmentation vs timestep"
+    _plot_metric_curves(table, "timestep_k", "k (input noised to timesteps[-k])", title, png_path, pdf_path)
