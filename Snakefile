@@ -25,5 +25,4 @@ rule all:
         toy_world_targets(),
         timestep_sweep_targets(),
         normalisation_targets(),
-        "figures/toy_generations.png",
     default_target: True

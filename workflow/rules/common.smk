@@ -85,11 +85,15 @@ def per_layer_targets():
 
 
 def toy_world_targets():
-    """The toy world's summary, when the default run has both toy models on toy-shapes."""
+    """The toy world's summary and generations, when the run has both toy models on toy-shapes."""
     run = config["run"]
     if {"toy_sd3", "toy_sd3_random"} <= set(run["models"]) and "toy_shapes" in run["datasets"]:
         timestep = config["attention"]["timestep"]
-        return [f"paper_tables/toy_world_grounding_t{timestep}.md", f"figures/toy_world_per_layer_t{timestep}.png"]
+        return [
+            f"paper_tables/toy_world_grounding_t{timestep}.md",
+            f"figures/toy_world_per_layer_t{timestep}.png",
+            "figures/toy_generations.png",
+        ]
     return []
 
 
