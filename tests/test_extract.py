@@ -1,0 +1,78 @@
+"""The extraction stage: resumes per image, recomputes on a changed setting, caches what the recorder gives."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from seg4diff_repro.attention import AttentionRecorder
+from seg4diff_repro.attention.cache import cache_path, read_cached_image
+from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention, image_seed
+from seg4diff_repro.datasets import SegmentationDataset, generate_toy_shapes
+from seg4diff_repro.models.preprocess import prepare_image
+from seg4diff_repro.models.sd3 import SD3Adapter
+from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    write_tiny_sd3_pipeline(root / "model", seed=0)
+    generate_toy_shapes(root / "data", n_train=1, n_val=4, seed=5)
+    return root
+
+
+def settings_for(world, **changes) -> ExtractionSettings:
+    values = dict(
+        model="tiny", dataset="toy", backbone="sd3", source=str(world / "model"), dtype="float32", timestep=8,
+        num_steps=28, layers=[1, 3], seed=0, short_side=None, resize="stretch", prompt="oracle",
+        background_name="background", split="val", drop_background=True, limit=None,
+    )
+    return ExtractionSettings.from_dict({**values, **changes})
+
+
+def test_interrupted_extraction_resumes_and_a_changed_setting_recomputes(world, tmp_path, caplog):
+    out = tmp_path / "cache"
+    settings = settings_for(world)
+    manifest = extract_attention(settings, world / "data", out, batch_size=3)
+    files = {image_id: cache_path(out, image_id) for image_id in manifest["image_ids"]}
+    stamps = {image_id: path.stat().st_mtime_ns for image_id, path in files.items()}
+    lost = manifest["image_ids"][2]
+    files[lost].unlink()  # as if the run had been killed before this image
+    with caplog.at_level(logging.INFO):
+        extract_attention(settings, world / "data", out, batch_size=3)
+    assert "1 of 4 images to extract" in caplog.text
+    assert files[lost].is_file()
+    assert all(files[i].stat().st_mtime_ns == stamps[i] for i in stamps if i != lost)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        extract_attention(settings_for(world, seed=1), world / "data", out, batch_size=3)
+    assert "4 of 4 images to extract" in caplog.text
+
+
+def test_cache_holds_the_recorders_maps_of_the_class_tokens(world, tmp_path):
+    out = tmp_path / "cache"
+    settings = settings_for(world)
+    extract_attention(settings, world / "data", out, batch_size=2)
+    dataset = SegmentationDataset(world / "data", "val", drop_background=True)
+    sample = dataset[1]
+    cached = read_cached_image(out, sample.image_id)
+    # The same forward pass done by hand, batch of one.
+    adapter = SD3Adapter.from_pretrained(world / "model")
+    noising = adapter.noising(8, 28)
+    pixels, _ = prepare_image(sample.image, adapter.image_size)
+    latents = adapter.noise_latents(adapter.encode_images(pixels[None]), noising, [image_seed(0, sample.image_id)])
+    embeds, pooled = adapter.encode_prompts([cached.prompt])
+    with AttentionRecorder(adapter.transformer, layers=[1, 3], heads="mean", record=("i2t", "logits")) as rec:
+        adapter.forward(latents, noising, embeds, pooled)
+    assert cached.seed == image_seed(0, sample.image_id)
+    for position, layer in enumerate((1, 3)):
+        expected = rec.i2t[layer][0, 0][:, cached.columns].numpy()
+        np.testing.assert_allclose(cached.i2t[position].astype(np.float32), expected, rtol=2e-3, atol=1e-6)
+        expected_logits = rec.logits_i2t[layer][0, 0][:, cached.columns].numpy()
+        np.testing.assert_allclose(cached.logits[position].astype(np.float32), expected_logits, rtol=2e-3, atol=2e-3)
+    # The stored columns are exactly the class words' token positions, starting after <sos>.
+    assert cached.columns[0] == 1
+    assert cached.columns.tolist() == sorted({p for start, end in cached.spans for p in range(start, end)})
