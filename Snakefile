@@ -25,4 +25,5 @@ rule all:
         toy_world_targets(),
         timestep_sweep_targets(),
         normalisation_targets(),
+        unsupervised_targets(),
     default_target: True

@@ -98,7 +98,7 @@ def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
 
 
 @pytest.mark.slow
-def test_default_run_leaves_the_sweep_and_normalisation_tables(toy_run):
+def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_run):
     sweep = pd.read_csv(toy_run / "paper_tables/timestep_sweep_toy_sd3_toy_shapes.csv")
     assert sweep["timestep_k"].tolist() == [1, 4, 8, 14, 20, 28]
     per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv")
@@ -108,6 +108,9 @@ def test_default_run_leaves_the_sweep_and_normalisation_tables(toy_run):
     assert len(normalisation) == 4
     post_raw = normalisation[(normalisation["post_softmax"]) & (~normalisation["min_max"])]
     assert post_raw["mIoU"].iloc[0] == pytest.approx(at_k8["mIoU"], abs=0.01)  # the default scoring
+    unsupervised = pd.read_csv(toy_run / "paper_tables/unsupervised_toy_sd3_toy_shapes_bg_t8.csv")
+    assert unsupervised["layer"].tolist() == [0] and unsupervised["mean_proposals"].iloc[0] >= 1
+    assert 0 <= unsupervised["mIoU"].iloc[0] <= 100
     pre = normalisation[~normalisation["post_softmax"]]["mIoU"]
     assert not pre.round(2).isin(normalisation[normalisation["post_softmax"]]["mIoU"].round(2)).all()
 

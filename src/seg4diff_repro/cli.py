@@ -124,6 +124,32 @@ def _normalisation_table(args: argparse.Namespace) -> None:
     )
 
 
+def _score_unsupervised(args: argparse.Namespace) -> None:
+    from seg4diff_repro.datasets.layout import atomic_write_bytes
+    from seg4diff_repro.segmentation.score import score_unsupervised
+
+    scores = score_unsupervised(Path(args.cache), Path(args.dataset_root), args.kl_threshold)
+    atomic_write_bytes(Path(args.out), scores.to_csv(index=False).encode())
+
+
+def _unsupervised_table(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.tables.sweeps import unsupervised_table, write_table
+
+    scores = pd.read_csv(args.scores)
+    table = unsupervised_table(scores, args.layer, _none_if_none(args.paper_model), _none_if_none(args.paper_dataset))
+    write_table(
+        table, scores.iloc[0], f"Unsupervised segmentation: {table['model'][0]} on {table['dataset'][0]}, "
+        f"layer {args.layer}", "Empty prompt, the 77 token maps min-max normalised per pixel, spatial softmax, "
+        "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
+        "false negatives), mIoU = nanmean over classes (method_spec D). Not yet reproduced: the official zero-padding "
+        "to a multiple of 32 and scoring at the 640-short-side resized ground truth (scored here at the original "
+        "resolution). `paper_mIoU`: main Table 2 where it has the model and dataset.",
+        args.csv, args.markdown,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--csv", required=True)
     command.add_argument("--markdown", required=True)
     command.set_defaults(handler=_normalisation_table)
+
+    command = commands.add_parser("score-unsupervised", help="unsupervised segmentation scores from an empty-prompt cache")
+    command.add_argument("--cache", required=True, help="manifest.json of an attention cache extracted with prompt 'null'")
+    command.add_argument("--dataset-root", required=True)
+    command.add_argument("--kl-threshold", type=float, default=0.1)
+    command.add_argument("--out", required=True)
+    command.set_defaults(handler=_score_unsupervised)
+
+    command = commands.add_parser("unsupervised-table", help="unsupervised scores beside the paper's Table 2")
+    command.add_argument("--scores", required=True)
+    command.add_argument("--layer", type=int, required=True)
+    command.add_argument("--paper-model", default="none")
+    command.add_argument("--paper-dataset", default="none")
+    command.add_argument("--csv", required=True)
+    command.add_argument("--markdown", required=True)
+    command.set_defaults(handler=_unsupervised_table)
 
     add_dataset_commands(commands)
     add_toy_commands(commands)

@@ -1,5 +1,6 @@
-# Segmentation analyses across settings: the timestep sweep (appendix Fig. 2) and score normalisation
-# (appendix Table 1), both from the attention cache.
+# Segmentation analyses across settings: the timestep sweep (appendix Fig. 2), score normalisation
+# (appendix Table 1), both from the attention cache, and unsupervised segmentation (main Table 2) from an
+# empty-prompt cache.
 
 
 rule timestep_sweep:
@@ -105,5 +106,82 @@ rule normalisation_table:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro normalisation-table --scores {input:q} --layer {params.layer}"
+        " --paper-model {params.paper_model:q} --paper-dataset {params.paper_dataset:q}"
+        " --csv {output.csv:q} --markdown {output.markdown:q} 2> {log:q}"
+
+
+rule extract_unsupervised_attention:
+    input:
+        dataset=prepared_manifest,
+        model=model_inputs,
+    output:
+        "results/attention_null/{model}/{dataset}/t{timestep}/manifest.json",
+    params:
+        settings=unsupervised_extraction_settings,
+        dataset_root=prepared_root,
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
+        device=lambda wildcards: model_config(wildcards)["device"],
+        batch_size=config["attention"]["batch_size"],
+    log:
+        "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
+    benchmark:
+        "results/benchmarks/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.tsv"
+    resources:
+        mem_mb=8000,
+        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro extract-attention --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
+        " --out-dir {params.out_dir:q} --device {params.device:q} --batch-size {params.batch_size} 2> {log:q}"
+
+
+rule score_unsupervised:
+    input:
+        cache="results/attention_null/{model}/{dataset}/t{timestep}/manifest.json",
+        dataset=prepared_manifest,
+    output:
+        "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv",
+    params:
+        dataset_root=prepared_root,
+        kl_threshold=config["analyses"]["unsupervised"]["kl_threshold"],
+    log:
+        "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
+    benchmark:
+        "results/benchmarks/score_unsupervised/{model}_{dataset}_t{timestep}.tsv"
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro score-unsupervised --cache {input.cache:q} --dataset-root {params.dataset_root:q}"
+        " --kl-threshold {params.kl_threshold} --out {output:q} 2> {log:q}"
+
+
+rule unsupervised_table:
+    input:
+        "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv",
+    output:
+        csv=report(
+            "paper_tables/unsupervised_{model}_{dataset}_t{timestep}.csv",
+            caption="../report/unsupervised_table.rst",
+            category="Segmentation",
+            subcategory="Unsupervised",
+        ),
+        markdown="paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md",
+    params:
+        layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
+        paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
+        paper_dataset=lambda wildcards: config["datasets"][wildcards.dataset].get("paper_name", "none"),
+    log:
+        "logs/unsupervised_table/{model}_{dataset}_t{timestep}.log",
+    benchmark:
+        "results/benchmarks/unsupervised_table/{model}_{dataset}_t{timestep}.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro unsupervised-table --scores {input:q} --layer {params.layer}"
         " --paper-model {params.paper_model:q} --paper-dataset {params.paper_dataset:q}"
         " --csv {output.csv:q} --markdown {output.markdown:q} 2> {log:q}"

@@ -47,6 +47,16 @@ def prepared_manifest(wildcards):
 
 def extraction_settings(wildcards):
     """JSON of everything that determines the cached maps; a change re-runs extraction."""
+    return _extraction_settings(wildcards, {})
+
+
+def unsupervised_extraction_settings(wildcards):
+    """The empty prompt at the model's analysis layer only (method_spec D.1)."""
+    return _extraction_settings(wildcards, {"prompt": "null", "layers": [model_config(wildcards)["analysis_layer"]]})
+
+
+# Not a params function itself: Snakemake would pass input, output, ... into a **kwargs signature.
+def _extraction_settings(wildcards, overrides):
     model, dataset, attention = model_config(wildcards), config["datasets"][wildcards.dataset], config["attention"]
     return json.dumps(
         {
@@ -68,9 +78,11 @@ def extraction_settings(wildcards):
             "drop_background": dataset["drop_background"],
             "limit": dataset["limit"],
             "cache_format": CACHE_FORMAT,
-        },
+        }
+        | overrides,
         sort_keys=True,
     )
+
 
 
 def per_layer_targets():
@@ -114,4 +126,13 @@ def normalisation_targets():
         f"paper_tables/normalisation_{model}_{dataset}_t{timestep}.md"
         for model in config["run"]["models"]
         for dataset in config["run"]["datasets"]
+    ]
+
+
+def unsupervised_targets():
+    timestep = config["attention"]["timestep"]
+    return [
+        f"paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md"
+        for model in config["run"]["models"]
+        for dataset in config["analyses"]["unsupervised"]["datasets"]
     ]

@@ -138,7 +138,10 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
     i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
     logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
     for b, (sample, prompt) in enumerate(zip(samples, prompts)):
-        columns = np.unique(np.concatenate([np.arange(start, end) for start, end in prompt.spans] + [[]])).astype(int)
+        if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
+            columns = np.arange(adapter.prompt_tokens)
+        else:
+            columns = np.unique(np.concatenate([np.arange(s, e) for s, e in prompt.spans] + [[]])).astype(int)
         write_cached_image(
             out_dir,
             CachedImage(

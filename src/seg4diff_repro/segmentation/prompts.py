@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-PromptProtocol = Literal["oracle", "vocabulary"]
+PromptProtocol = Literal["oracle", "vocabulary", "null"]
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,16 @@ class ClassPrompt:
 
 
 def prompt_class_ids(label: np.ndarray, num_classes: int, protocol: PromptProtocol) -> list[int]:
-    """Class ids in the prompt: those present in the label map (oracle) or all of them (vocabulary)."""
+    """Class ids in the prompt: those present in the label map (oracle), all of them (vocabulary), or none
+    (null: the empty prompt of unsupervised segmentation, method_spec §B.2.8)."""
     if protocol == "vocabulary":
         return list(range(num_classes))
+    if protocol == "null":
+        return []
     if protocol != "oracle":
-        raise ValueError(f"prompt protocol {protocol!r}: use 'oracle' (GT classes, the paper) or 'vocabulary'")
+        raise ValueError(
+            f"prompt protocol {protocol!r}: use 'oracle' (GT classes, the paper), 'vocabulary' or 'null'"
+        )
     present = np.bincount(label[label < num_classes].ravel(), minlength=num_classes) > 0
     return np.flatnonzero(present).tolist()
 

@@ -6,6 +6,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -85,4 +86,47 @@ def score_layers(cache_manifest: Path, dataset_root: Path, settings: ScoringSett
         }
         for layer in layers
     ]
+    return pd.DataFrame(rows)
+
+
+def score_unsupervised(cache_manifest: Path, dataset_root: Path, kl_threshold: float = 0.1) -> pd.DataFrame:
+    """Unsupervised segmentation (method_spec §D) of each cached layer: empty-prompt token maps → KL-merged
+    proposals → clusters, scored with per-image Hungarian matching; one row per layer."""
+    from seg4diff_repro.segmentation.unsupervised import (
+        HungarianAccumulator,
+        cluster_labels,
+        proposals_from_token_maps,
+    )
+
+    manifest = load_manifest(cache_manifest)
+    extraction = manifest["settings"]
+    if extraction["prompt"] != "null":
+        raise ValueError(f"{cache_manifest} was extracted with the {extraction['prompt']!r} prompt; "
+                         "unsupervised segmentation needs the empty prompt (protocol 'null')")
+    dataset = SegmentationDataset(
+        dataset_root, extraction["split"], drop_background=extraction["drop_background"], limit=extraction["limit"]
+    )
+    layers = manifest["layers"]
+    scores = {layer: HungarianAccumulator(len(dataset.class_names), dataset.ignore_index) for layer in layers}
+    proposal_counts = {layer: [] for layer in layers}
+    cache_dir = Path(cache_manifest).parent
+    for sample in tqdm(dataset, total=len(dataset), desc="score unsupervised", unit="image"):
+        cached = read_cached_image(cache_dir, sample.image_id)
+        label = crop_to_box(sample.label, cached.box)
+        for position, layer in enumerate(cached.layers.tolist()):
+            proposals = proposals_from_token_maps(cached.i2t[position].astype(np.float64), cached.token_grid, kl_threshold)
+            proposal_counts[layer].append(len(proposals))
+            scores[layer].update(cluster_labels(proposals, label.shape), label)
+    noising = manifest["noising"]
+    rows = []
+    for layer in layers:
+        result = scores[layer].compute()
+        rows.append({
+            "model": extraction["model"], "dataset": extraction["dataset"], "layer": layer,
+            "mIoU": result["mIoU"], "pACC": result["pACC"], "mean_proposals": float(np.mean(proposal_counts[layer])),
+            "images": len(dataset), "timestep_k": noising["k"], "num_steps": noising["num_steps"],
+            "sigma": noising["sigma"], "prompt": "empty (null)", "resize": extraction["resize"],
+            "attention": "post-softmax, head mean", "kl_threshold": kl_threshold, "seed": extraction["seed"],
+            "code_version": __version__,
+        })
     return pd.DataFrame(rows)

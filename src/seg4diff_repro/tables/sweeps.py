@@ -68,3 +68,18 @@ def write_table(table: pd.DataFrame, provenance: pd.Series, title: str, note: st
     settings = ", ".join(f"{key} = {provenance[key]}" for key in PROVENANCE if key in provenance)
     body = table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
     atomic_write_bytes(Path(md_path), f"# {title}\n\n{settings}.\n\n{note}\n\n{body}\n".encode())
+
+
+def unsupervised_table(scores: pd.DataFrame, layer: int, paper_model: str | None, paper_dataset: str | None) -> pd.DataFrame:
+    """The unsupervised scores of ``layer``, beside the paper's Table 2 value where it has one."""
+    row = scores[scores["layer"] == layer]
+    if row.empty:
+        raise ValueError(f"layer {layer} was not recorded: recorded layers {sorted(scores['layer'])}")
+    table = row[["model", "dataset", "layer", "timestep_k", "kl_threshold", "mean_proposals", "pACC", "mIoU"]].copy()
+    entry = _paper_numbers()["unsupervised_miou"].get(paper_model or "")
+    paper = None
+    if entry is not None and entry["layer"] == layer and entry["timestep_k"] == int(table["timestep_k"].iloc[0]):
+        paper = entry["values"].get(paper_dataset or "")
+    table["paper_mIoU"] = paper
+    table["diff_mIoU"] = table["mIoU"] - table["paper_mIoU"].astype(float)
+    return table.reset_index(drop=True)
