@@ -176,3 +176,19 @@ def test_bad_config_fails_at_dag_build_naming_the_key(tmp_path, section, values,
 def test_lint_is_clean(tmp_path):
     result = snakemake(copy_workflow(tmp_path), "--lint")
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    dry_run = snakemake(workdir, "-n", "--configfile", "config.yaml", "configs/paper.yaml")
+    jobs = dry_run.stdout.split("Job stats:")[1].split("total")[0]
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", jobs, flags=re.MULTILINE)}
+    # 3 models x 5 datasets x 28 timesteps of forward passes; 3 x 6 unsupervised sets; all datasets prepared.
+    assert counts["extract_attention"] == 3 * 5 * 28
+    assert counts["extract_unsupervised_attention"] == 3 * 6
+    for rule in ("per_layer_table", "per_layer_figure", "timestep_sweep", "normalisation_table"):
+        assert counts[rule] == 15, rule
+    assert counts["unsupervised_table"] == 18
+    for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes"):
+        assert counts[f"prepare_{name}"] == 1
