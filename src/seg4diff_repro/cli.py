@@ -150,6 +150,17 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
     )
 
 
+def _add_paper_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--paper-model", default="none", help="row of the paper's tables, or none")
+    command.add_argument("--paper-dataset", default="none", help="column of the paper's tables, or none")
+
+
+def _add_outputs(command: argparse.ArgumentParser, *, table: bool, figure: bool) -> None:
+    """The output files of a table (CSV + Markdown) and/or a figure (PNG + PDF)."""
+    for flag in (("--csv", "--markdown") if table else ()) + (("--png", "--pdf") if figure else ()):
+        command.add_argument(flag, required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,45 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("per-layer-table", help="paper_tables/ per-layer table (CSV + Markdown)")
     command.add_argument("--scores", required=True)
-    command.add_argument("--paper-model", default="none", help="row of the paper's tables, or none")
-    command.add_argument("--paper-dataset", default="none", help="column of the paper's tables, or none")
-    command.add_argument("--csv", required=True)
-    command.add_argument("--markdown", required=True)
+    _add_paper_arguments(command)
+    _add_outputs(command, table=True, figure=False)
     command.set_defaults(handler=_per_layer_table)
 
     command = commands.add_parser("per-layer-figure", help="figures/ per-layer curves (PNG + PDF)")
     command.add_argument("--table", required=True)
-    command.add_argument("--png", required=True)
-    command.add_argument("--pdf", required=True)
+    _add_outputs(command, table=False, figure=True)
     command.set_defaults(handler=_per_layer_figure)
 
     command = commands.add_parser("toy-world-summary", help="trained toy model vs its random control (table + figure)")
     command.add_argument("--trained", required=True, help="per-layer table (CSV) of the trained toy model")
     command.add_argument("--control", required=True, help="per-layer table (CSV) of the random-weight control")
-    command.add_argument("--csv", required=True)
-    command.add_argument("--markdown", required=True)
-    command.add_argument("--png", required=True)
-    command.add_argument("--pdf", required=True)
+    _add_outputs(command, table=True, figure=True)
     command.set_defaults(handler=_toy_world_summary)
 
     command = commands.add_parser("timestep-sweep", help="segmentation vs timestep at one layer (table + figure)")
     command.add_argument("--scores", nargs="+", required=True, help="per-layer score CSVs, one per timestep")
     command.add_argument("--layer", type=int, required=True)
-    command.add_argument("--paper-model", default="none")
-    command.add_argument("--paper-dataset", default="none")
-    command.add_argument("--csv", required=True)
-    command.add_argument("--markdown", required=True)
-    command.add_argument("--png", required=True)
-    command.add_argument("--pdf", required=True)
+    _add_paper_arguments(command)
+    _add_outputs(command, table=True, figure=True)
     command.set_defaults(handler=_timestep_sweep)
 
     command = commands.add_parser("normalisation-table", help="appendix Table 1: the four scorings side by side")
     command.add_argument("--scores", nargs=4, required=True, help="per-layer score CSVs of the four variants")
     command.add_argument("--layer", type=int, required=True)
-    command.add_argument("--paper-model", default="none")
-    command.add_argument("--paper-dataset", default="none")
-    command.add_argument("--csv", required=True)
-    command.add_argument("--markdown", required=True)
+    _add_paper_arguments(command)
+    _add_outputs(command, table=True, figure=False)
     command.set_defaults(handler=_normalisation_table)
 
     command = commands.add_parser("score-unsupervised", help="unsupervised segmentation scores from an empty-prompt cache")
@@ -237,10 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("unsupervised-table", help="unsupervised scores beside the paper's Table 2")
     command.add_argument("--scores", required=True)
     command.add_argument("--layer", type=int, required=True)
-    command.add_argument("--paper-model", default="none")
-    command.add_argument("--paper-dataset", default="none")
-    command.add_argument("--csv", required=True)
-    command.add_argument("--markdown", required=True)
+    _add_paper_arguments(command)
+    _add_outputs(command, table=True, figure=False)
     command.set_defaults(handler=_unsupervised_table)
 
     add_dataset_commands(commands)
