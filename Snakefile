@@ -17,6 +17,8 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/segmentation.smk"
 include: "workflow/rules/analyses.smk"
+include: "workflow/rules/generation.smk"
+include: "workflow/rules/attention_figures.smk"
 
 
 rule all:
@@ -27,3 +29,9 @@ rule all:
         normalisation_targets(),
         unsupervised_targets(),
     default_target: True
+
+
+rule all_generation:
+    input:
+        generation_targets(),
+        attention_figure_targets(),

@@ -91,6 +91,11 @@ def check_config(config: dict, schema_path: str | Path) -> None:
         for name in config["run"][kind]:
             if name not in config[kind]:
                 raise ConfigError(f"run.{kind} names {name!r}, which is not defined; defined {kind}: {sorted(config[kind])}")
+        for role, name in config["appendix"][kind].items():
+            if name not in config[kind]:
+                raise ConfigError(
+                    f"appendix.{kind}.{role} names {name!r}, which is not defined; defined {kind}: {sorted(config[kind])}"
+                )
 
     for name, model in config["models"].items():
         expected = f"results/models/{name}"
@@ -101,7 +106,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
             )
 
     attention = config["attention"]
-    for name in config["run"]["models"]:
+    for name in dict.fromkeys([*config["run"]["models"], *config["appendix"]["models"].values()]):
         model = config["models"][name]
         steps = model["num_inference_steps"]
         if not 1 <= attention["timestep"] <= steps:

@@ -136,3 +136,13 @@ def unsupervised_targets():
         for model in config["run"]["models"]
         for dataset in config["analyses"]["unsupervised"]["datasets"]
     ]
+
+
+def appendix_model(role):
+    """The configured model standing in for the paper's `role` (sd3, sd35, flux) in the appendix targets."""
+    return config["appendix"]["models"][role]
+
+
+def appendix_dataset(role):
+    """The configured dataset standing in for the paper's `role` (voc20, voc21, coco_object, ...)."""
+    return config["appendix"]["datasets"][role]
