@@ -145,6 +145,7 @@ rule score_unsupervised:
     params:
         dataset_root=prepared_root,
         kl_threshold=config["analyses"]["unsupervised"]["kl_threshold"],
+        geometry=config["analyses"]["unsupervised"]["geometry"],
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -155,7 +156,7 @@ rule score_unsupervised:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro score-unsupervised --cache {input.cache:q} --dataset-root {params.dataset_root:q}"
-        " --kl-threshold {params.kl_threshold} --out {output:q} 2> {log:q}"
+        " --kl-threshold {params.kl_threshold} --geometry {params.geometry} --out {output:q} 2> {log:q}"
 
 
 rule unsupervised_table:

@@ -47,6 +47,7 @@ class ExtractionSettings:
     limit: int | None
     model_options: tuple[tuple[str, object], ...] = ()
     cache_format: int = CACHE_FORMAT
+    pad_multiple: int | None = None  # zero-pad to a multiple before the stretch (the unsupervised model's input)
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -112,9 +113,26 @@ def extract_attention(
     return manifest
 
 
-def _extract_batch(adapter, samples, class_names, settings, noising, layers, key, out_dir) -> None:
+@dataclass
+class RecordedBatch:
+    """One batch's forward pass: the prompts, input boxes and noise seeds, and the recorder holding the maps."""
+
+    prompts: list
+    boxes: list[tuple[int, int, int, int]]
+    seeds: list[int]
+    recorder: AttentionRecorder
+
+
+def record_batch(
+    adapter, samples, class_names, settings: ExtractionSettings, noising, layers, *, record, heads
+) -> RecordedBatch:
+    """Prepare ``samples`` as the official evaluation does, run one forward pass, and record ``record``.
+
+    The maps keep the prompt window only (77 CLIP or T5 positions), as the official slice.
+    """
     prepared = [
-        prepare_image(s.image, adapter.image_size, settings.short_side, settings.resize) for s in samples
+        prepare_image(s.image, adapter.image_size, settings.short_side, settings.resize, settings.pad_multiple)
+        for s in samples
     ]
     prompts = [
         build_class_prompt(
@@ -130,14 +148,19 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
     latents = adapter.encode_images(torch.stack([pixels for pixels, _ in prepared]))
     noisy = adapter.noise_latents(latents, noising, seeds)
     prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
-    # The prompt window only (77 CLIP or T5 positions), as the official slice: [B, L, n_image_tokens, 77].
     with AttentionRecorder(
-        adapter.transformer, layers=layers, record=("i2t", "logits"), heads="mean", text_tokens=adapter.prompt_tokens
+        adapter.transformer, layers=layers, record=record, heads=heads, text_tokens=adapter.prompt_tokens
     ) as recorder:
         adapter.forward(noisy, noising, prompt_embeds, pooled)
+    return RecordedBatch(prompts, [box for _, box in prepared], seeds, recorder)
+
+
+def _extract_batch(adapter, samples, class_names, settings, noising, layers, key, out_dir) -> None:
+    batch = record_batch(adapter, samples, class_names, settings, noising, layers, record=("i2t", "logits"), heads="mean")
+    recorder = batch.recorder
     i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
     logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
-    for b, (sample, prompt) in enumerate(zip(samples, prompts)):
+    for b, (sample, prompt) in enumerate(zip(samples, batch.prompts)):
         if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
             columns = np.arange(adapter.prompt_tokens)
         else:
@@ -153,8 +176,8 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
                 prompt=prompt.text,
                 class_ids=np.array(prompt.class_ids),
                 spans=np.array(prompt.spans),
-                seed=seeds[b],
-                box=prepared[b][1],
+                seed=batch.seeds[b],
+                box=batch.boxes[b],
                 columns=columns,
                 logits=logits[b][..., columns],
             ),

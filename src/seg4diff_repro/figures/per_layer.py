@@ -33,10 +33,10 @@ def _plot_metric_curves(table: pd.DataFrame, x: str, xlabel: str, title: str, pn
     save_figure(fig, png_path, pdf_path)
 
 
-def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path) -> None:
+def plot_per_layer(table: pd.DataFrame, png_path: Path, pdf_path: Path, title: str | None = None) -> None:
     """Segmentation scores against the joint layer."""
     first = table.iloc[0]
-    title = f"{first['model']} on {first['dataset']}: segmentation from I2T attention per layer"
+    title = title or f"{first['model']} on {first['dataset']}: segmentation from I2T attention per layer"
     _plot_metric_curves(table, "layer", "joint layer (0-based)", title, png_path, pdf_path)
 
 

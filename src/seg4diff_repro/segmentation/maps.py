@@ -48,26 +48,37 @@ def class_score_maps(
 def predict_labels(
     class_ids: np.ndarray, scores: np.ndarray, num_classes: int, out_shape: tuple[int, int]
 ) -> np.ndarray:
-    """Bilinear upsampling to ``out_shape`` and argmax over the whole vocabulary.
+    """Bilinear upsampling of [C, h, w] ``scores`` to ``out_shape`` and argmax over the whole vocabulary."""
+    class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    if class_ids.size == 0:
+        # No class in the prompt (e.g. an all-ignore label): the official tensor is all zeros → class 0.
+        return np.zeros(tuple(out_shape), dtype=np.int64)
+    return predict_labels_batch(class_ids, torch.from_numpy(np.ascontiguousarray(scores))[None], num_classes, out_shape)[0].numpy()
+
+
+def predict_labels_batch(
+    class_ids, scores: torch.Tensor, num_classes: int, out_shape: tuple[int, int]
+) -> torch.Tensor:
+    """[M, C, h, w] scores of the prompt's classes → [M, *out_shape] int64 labels, on the scores' device.
 
     As in the official code the vocabulary tensor is zero for classes missing from the prompt; the
     result equals ``argmax`` of that full tensor (first maximum wins) without materialising it.
     """
     class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
     if class_ids.size == 0:
-        # No class in the prompt (e.g. an all-ignore label): the official tensor is all zeros → class 0.
-        return np.zeros(tuple(out_shape), dtype=np.int64)
+        return torch.zeros((scores.shape[0], *out_shape), dtype=torch.int64, device=scores.device)
     # Ascending ids, so that a tie between prompt classes goes to the lowest id as in argmax.
     order = np.argsort(class_ids, kind="stable")
-    class_ids, scores = class_ids[order], np.asarray(scores)[order]
+    ids = torch.from_numpy(class_ids[order]).to(scores.device)
     upsampled = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(scores))[None], size=out_shape, mode="bilinear", align_corners=False
-    )[0]
-    best_value, best_index = upsampled.max(dim=0)
-    prediction = torch.from_numpy(class_ids)[best_index]
+        scores[:, torch.from_numpy(order).to(scores.device)].float(), size=tuple(out_shape), mode="bilinear",
+        align_corners=False,
+    )
+    best_value, best_index = upsampled.max(dim=1)
+    prediction = ids[best_index]
     absent = np.setdiff1d(np.arange(num_classes), class_ids)
     if absent.size:
         first_absent = int(absent[0])
         zero_wins = (best_value < 0) | ((best_value == 0) & (prediction > first_absent))
-        prediction = torch.where(zero_wins, torch.tensor(first_absent), prediction)
-    return prediction.numpy()
+        prediction = torch.where(zero_wins, torch.tensor(first_absent, device=scores.device), prediction)
+    return prediction

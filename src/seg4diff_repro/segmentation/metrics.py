@@ -157,3 +157,88 @@ class ConfusionMatrix:
         out = cls(matrix.shape[0], int(ignore_index))
         out._counts += matrix
         return out
+
+
+class RunningMean:
+    """Mean of a stream of numbers, mergeable and savable like the metric states (e.g. proposals per image)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> None:
+        self.total += float(value)
+        self.count += 1
+
+    def merge(self, other: RunningMean) -> None:
+        self.total += other.total
+        self.count += other.count
+
+    def compute(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    def save(self, path: str | Path) -> None:
+        save_npz_atomically(path, total=np.float64(self.total), count=np.int64(self.count))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunningMean:
+        arrays = load_npz_arrays(path, ("total", "count"), file_kind="running-mean",
+                                 written_by="an .npz written by RunningMean.save")
+        out = cls()
+        out.total, out.count = float(arrays["total"]), int(arrays["count"])
+        return out
+
+
+class ConfusionMatrixStack:
+    """``n`` confusion matrices updated together from [n, H, W] predictions of one image (e.g. every head).
+
+    The counting runs on the predictions' device, one bincount for all ``n``; ``stack[i]`` is the i-th
+    as a `ConfusionMatrix`.
+    """
+
+    def __init__(self, n: int, num_classes: int, ignore_index: int = 255) -> None:
+        check_class_indices(num_classes, ignore_index)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self._counts = np.zeros((n, num_classes, num_classes), dtype=np.int64)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add [n, H, W] integer predictions against one [H, W] target."""
+        n, c = self._counts.shape[0], self.num_classes
+        if preds.shape[0] != n or preds.shape[1:] != target.shape:
+            raise ValueError(f"preds shape {tuple(preds.shape)} must be [{n}, *target shape {tuple(target.shape)}]")
+        keep = target != self.ignore_index
+        t = target[keep].long()
+        p = preds[:, keep].long()
+        if t.numel() and (t.min() < 0 or t.max() >= c or p.min() < 0 or p.max() >= c):
+            raise ValueError(f"class indices outside [0, {c}) at non-ignored pixels (ignore_index={self.ignore_index})")
+        offsets = torch.arange(n, device=p.device)[:, None] * c * c
+        counts = torch.bincount((offsets + c * t[None] + p).reshape(-1), minlength=n * c * c)
+        self._counts += counts.reshape(n, c, c).cpu().numpy()
+
+    def __getitem__(self, index: int) -> ConfusionMatrix:
+        out = ConfusionMatrix(self.num_classes, self.ignore_index)
+        out._counts += self._counts[index]
+        return out
+
+    def merge(self, other: ConfusionMatrixStack) -> None:
+        if other._counts.shape != self._counts.shape or other.ignore_index != self.ignore_index:
+            raise ValueError(
+                f"cannot merge a stack of shape {other._counts.shape} (ignore_index={other.ignore_index}) into one "
+                f"of shape {self._counts.shape} (ignore_index={self.ignore_index})"
+            )
+        self._counts += other._counts
+
+    def save(self, path: str | Path) -> None:
+        save_npz_atomically(path, counts=self._counts, ignore_index=np.int64(self.ignore_index))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConfusionMatrixStack:
+        arrays = load_npz_arrays(path, ("counts", "ignore_index"), file_kind="confusion-matrix stack",
+                                 written_by="an .npz written by ConfusionMatrixStack.save")
+        counts = arrays["counts"]
+        if counts.ndim != 3 or counts.shape[1] != counts.shape[2] or counts.dtype != np.int64 or (counts < 0).any():
+            raise ValueError(f"{path}: 'counts' must be non-negative int64 [n, C, C], got {counts.shape} {counts.dtype}")
+        out = cls(counts.shape[0], counts.shape[1], int(arrays["ignore_index"]))
+        out._counts += counts
+        return out

@@ -116,6 +116,23 @@ def cluster_labels(proposals: np.ndarray, out_shape: tuple[int, int]) -> np.ndar
     return up.argmax(dim=0).numpy().astype(np.int64)
 
 
+def official_cluster_labels(
+    proposals: np.ndarray, original_shape: tuple[int, int], resized: tuple[int, int]
+) -> np.ndarray:
+    """Cluster ids at the test mapper's resized size, by the official code's route (method_spec D.1 6-7).
+
+    Proposals are upsampled to the original image size; ``sem_seg_postprocess`` then keeps the top-left
+    ``resized`` region and resizes it to ``resized``. Where the original is larger than the resized
+    image (Cityscapes: 1024×2048 → 640×1280) that keeps a top-left crop instead of the whole image:
+    the official quirk, reproduced because the paper's numbers come from it.
+    """
+    props = torch.from_numpy(np.ascontiguousarray(np.asarray(proposals, dtype=np.float32)))[None]
+    height, width = _shape2(resized, "resized")
+    full = F.interpolate(props, size=_shape2(original_shape, "original_shape"), mode="bilinear", align_corners=False)
+    kept = full[:, :, :height, :width]
+    return F.interpolate(kept, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(dim=0).numpy()
+
+
 def hungarian_match(hist: np.ndarray) -> np.ndarray:
     """For an overlap histogram [num_classes, n_cols] (n_cols ≥ num_classes), the column matched to each class.
 

@@ -14,7 +14,7 @@ from seg4diff_repro.tables.per_layer import METRICS, paper_ovss_miou
 PROVENANCE = ("model", "dataset", "prompt", "resize", "attention", "seed", "images", "code_version")
 
 
-def _paper_numbers() -> dict:
+def paper_numbers() -> dict:
     return json.loads(files("seg4diff_repro.data").joinpath("paper_numbers.json").read_text())
 
 
@@ -36,7 +36,7 @@ def timestep_sweep_table(
         })
     table = pd.DataFrame(rows).sort_values("timestep_k", ignore_index=True)
     table["best_k"] = int(table.loc[table["mIoU"].idxmax(), "timestep_k"])
-    table["paper_best_k"] = _paper_numbers()["timestep_sweep"]["best_k"]
+    table["paper_best_k"] = paper_numbers()["timestep_sweep"]["best_k"]
     return table
 
 
@@ -45,7 +45,7 @@ def normalisation_table(
 ) -> pd.DataFrame:
     """One row per (post-softmax?, min-max?) combination at ``layer``, beside appendix Table 1."""
     paper_rows = []
-    entry = _paper_numbers()["normalisation"].get(paper_model or "")
+    entry = paper_numbers()["normalisation"].get(paper_model or "")
     if entry is not None and entry["layer"] == layer:
         paper_rows = entry["rows"]
     rows = []
@@ -75,8 +75,8 @@ def unsupervised_table(scores: pd.DataFrame, layer: int, paper_model: str | None
     row = scores[scores["layer"] == layer]
     if row.empty:
         raise ValueError(f"layer {layer} was not recorded: recorded layers {sorted(scores['layer'])}")
-    table = row[["model", "dataset", "layer", "timestep_k", "kl_threshold", "mean_proposals", "pACC", "mIoU"]].copy()
-    entry = _paper_numbers()["unsupervised_miou"].get(paper_model or "")
+    table = row[["model", "dataset", "layer", "timestep_k", "kl_threshold", "geometry", "mean_proposals", "pACC", "mIoU"]].copy()
+    entry = paper_numbers()["unsupervised_miou"].get(paper_model or "")
     paper = None
     if entry is not None and entry["layer"] == layer and entry["timestep_k"] == int(table["timestep_k"].iloc[0]):
         paper = entry["values"].get(paper_dataset or "")

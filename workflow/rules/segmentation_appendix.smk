@@ -1,0 +1,300 @@
+# The appendix's segmentation figures and tables under their paper names (figures/figNN_*, paper_tables/tabNN_*,
+# main_table*), for the models and datasets that `appendix:` in the config makes stand in for the paper's.
+# `snakemake all_segmentation` builds them all; each file is also a target of its own.
+
+PAPER_MODELS = {"sd3": "SD3-medium", "sd35": "SD3.5-medium", "flux": "FLUX.1-dev"}
+PAPER_DATASETS = {
+    "voc20": "VOC20",
+    "voc21": "VOC21 (with background)",
+    "coco_object": "COCO-Object",
+    "coco_object_bg": "COCO-Object (with background)",
+    "pc59": "PC59",
+    "ade150": "ADE20K-150",
+}
+# Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object column includes background).
+PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object"}
+PAPER_MODEL_KEYS = {"sd3": "sd3_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
+
+PER_LAYER_FIGURES = {
+    "main_fig08_per_layer_sd3": ("sd3", "voc20", "Main Fig. 8"),
+    "fig08_per_layer_sd35": ("sd35", "voc20", "Appendix Fig. 8"),
+    "fig11_per_layer_flux": ("flux", "voc20", "Appendix Fig. 11"),
+}
+OVERLAY_FIGURES = {
+    "fig21_ovss_coco_object": ("ovss", "coco_object", "Appendix Fig. 21"),
+    "fig22_ovss_pc59": ("ovss", "pc59", "Appendix Fig. 22"),
+    "fig23_ovss_ade150": ("ovss", "ade150", "Appendix Fig. 23"),
+    "fig24_unsupervised_coco_object": ("unsupervised", "coco_object_bg", "Appendix Fig. 24"),
+    "fig25_unsupervised_voc21": ("unsupervised", "voc21", "Appendix Fig. 25"),
+    "fig26_unsupervised_ade150": ("unsupervised", "ade150", "Appendix Fig. 26"),
+}
+MAIN_TABLES = {
+    "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150"]),
+    "main_table2_unsupervised": ("unsupervised", ["sd3", "sd35"], ["voc21", "pc59", "coco_object_bg", "ade150"]),
+}
+TIMESTEP = config["attention"]["timestep"]
+
+
+def paper_dataset_key(role):
+    return PAPER_DATASET_KEYS.get(role, role)
+
+
+def stand_in(model_role=None, dataset_role=None):
+    """'toy_sd3 for SD3-medium on toy_shapes for VOC20': what the output shows in place of the paper's."""
+    parts = []
+    if model_role:
+        parts.append(f"{appendix_model(model_role)} for {PAPER_MODELS[model_role]}")
+    if dataset_role:
+        parts.append(f"{appendix_dataset(dataset_role)} for {PAPER_DATASETS[dataset_role]}")
+    return " on ".join(parts)
+
+
+def segmentation_appendix_targets():
+    stems = ["tab01_normalisation", "main_table1_ovss", "main_table2_unsupervised"]
+    figures = ["fig04_head_miou", *PER_LAYER_FIGURES]
+    if config["analyses"]["timestep_sweep"]["timesteps"]:
+        figures.append("fig02_timestep")
+    tables = [f"paper_tables/{stem}.{ext}" for stem in stems + figures for ext in ("csv", "md")]
+    images = [f"figures/{stem}.{ext}" for stem in figures + list(OVERLAY_FIGURES) for ext in ("png", "pdf")]
+    return tables + images
+
+
+rule all_segmentation:
+    input:
+        segmentation_appendix_targets(),
+
+
+rule score_heads:
+    input:
+        dataset=prepared_manifest,
+        model=model_inputs,
+    output:
+        "results/segmentation_heads/{model}/{dataset}/t{timestep}/per_head.csv",
+    params:
+        settings=extraction_settings,
+        dataset_root=prepared_root,
+        device=lambda wildcards: model_config(wildcards)["device"],
+        batch_size=config["attention"]["batch_size"],
+    log:
+        "logs/score_heads/{model}_{dataset}_t{timestep}.log",
+    benchmark:
+        "results/benchmarks/score_heads/{model}_{dataset}_t{timestep}.tsv"
+    resources:
+        mem_mb=8000,
+        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro score-heads --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
+        " --out {output:q} --device {params.device:q} --batch-size {params.batch_size} 2> {log:q}"
+
+
+rule fig04_head_miou:
+    input:
+        f"results/segmentation_heads/{appendix_model('sd3')}/{appendix_dataset('voc21')}/t{TIMESTEP}/per_head.csv",
+    output:
+        csv="paper_tables/fig04_head_miou.csv",
+        markdown="paper_tables/fig04_head_miou.md",
+        png=report("figures/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category="Appendix figures"),
+        pdf="figures/fig04_head_miou.pdf",
+    params:
+        title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}, t = {TIMESTEP}",
+    log:
+        "logs/fig04_head_miou.log",
+    benchmark:
+        "results/benchmarks/fig04_head_miou.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro head-figure --scores {input:q} --title {params.title:q} --csv {output.csv:q}"
+        " --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+
+
+def provenance_scores():
+    """The raw scores of SD3's stand-in on VOC20's: their settings head the combined tables."""
+    return f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{TIMESTEP}/per_layer.csv"
+
+
+rule fig02_timestep:
+    input:
+        tables=[
+            f"paper_tables/timestep_sweep_{appendix_model('sd3')}_{appendix_dataset(role)}.csv"
+            for role in ("voc20", "coco_object")
+        ],
+        provenance=provenance_scores(),
+    output:
+        csv="paper_tables/fig02_timestep.csv",
+        markdown="paper_tables/fig02_timestep.md",
+        png=report("figures/fig02_timestep.png", caption="../report/fig02_timestep.rst", category="Appendix figures"),
+        pdf="figures/fig02_timestep.pdf",
+    params:
+        labels=[f"({panel}) {stand_in(None, role)}" for panel, role in (("a", "voc20"), ("b", "coco_object"))],
+        title=f"Appendix Fig. 2: segmentation vs timestep, {stand_in('sd3')}, layer {config['models'][appendix_model('sd3')]['analysis_layer']}",
+    log:
+        "logs/fig02_timestep.log",
+    benchmark:
+        "results/benchmarks/fig02_timestep.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro timestep-panels --tables {input.tables:q} --provenance {input.provenance:q} --labels {params.labels:q} --title {params.title:q}"
+        " --csv {output.csv:q} --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+
+
+rule tab01_normalisation:
+    input:
+        tables=[
+            f"paper_tables/normalisation_{appendix_model('sd3')}_{appendix_dataset(role)}_t{TIMESTEP}.csv"
+            for role in ("voc20", "coco_object")
+        ],
+        provenance=provenance_scores(),
+    output:
+        csv=report("paper_tables/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
+                   category="Appendix tables"),
+        markdown="paper_tables/tab01_normalisation.md",
+    params:
+        labels=[stand_in(None, role) for role in ("voc20", "coco_object")],
+        title=f"Appendix Table 1: score normalisation, {stand_in('sd3')}, t = {TIMESTEP}",
+    log:
+        "logs/tab01_normalisation.log",
+    benchmark:
+        "results/benchmarks/tab01_normalisation.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro normalisation-panels --tables {input.tables:q} --provenance {input.provenance:q} --labels {params.labels:q} --title {params.title:q}"
+        " --csv {output.csv:q} --markdown {output.markdown:q} 2> {log:q}"
+
+
+rule appendix_per_layer:
+    input:
+        lambda wildcards: "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv".format(
+            model=appendix_model(PER_LAYER_FIGURES[wildcards.figure][0]),
+            dataset=appendix_dataset(PER_LAYER_FIGURES[wildcards.figure][1]),
+            timestep=TIMESTEP,
+        ),
+    output:
+        csv="paper_tables/{figure}.csv",
+        markdown="paper_tables/{figure}.md",
+        png=report("figures/{figure}.png", caption="../report/appendix_per_layer.rst", category="Appendix figures"),
+        pdf="figures/{figure}.pdf",
+    wildcard_constraints:
+        figure="|".join(PER_LAYER_FIGURES),
+    params:
+        paper_model=lambda wildcards: PAPER_MODEL_KEYS[PER_LAYER_FIGURES[wildcards.figure][0]],
+        paper_dataset=lambda wildcards: paper_dataset_key(PER_LAYER_FIGURES[wildcards.figure][1]),
+        title=lambda wildcards: "{}: per-layer segmentation, {}, t = {}".format(
+            PER_LAYER_FIGURES[wildcards.figure][2], stand_in(*PER_LAYER_FIGURES[wildcards.figure][:2]), TIMESTEP
+        ),
+    log:
+        "logs/appendix_per_layer/{figure}.log",
+    benchmark:
+        "results/benchmarks/appendix_per_layer/{figure}.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro appendix-per-layer --scores {input:q} --paper-model {params.paper_model}"
+        " --paper-dataset {params.paper_dataset} --title {params.title:q} --csv {output.csv:q}"
+        " --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+
+
+def overlay_cache(wildcards):
+    mode, role, _ = OVERLAY_FIGURES[wildcards.figure]
+    folder = "attention" if mode == "ovss" else "attention_null"
+    return f"results/{folder}/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/manifest.json"
+
+
+def overlay_dataset_root(wildcards):
+    dataset = config["datasets"][appendix_dataset(OVERLAY_FIGURES[wildcards.figure][1])]
+    return DATA_ROOT / "prepared" / dataset["prepared"]
+
+
+rule appendix_overlays:
+    input:
+        cache=overlay_cache,
+        dataset=lambda wildcards: overlay_dataset_root(wildcards) / "manifest.json",
+    output:
+        png=report("figures/{figure}.png", caption="../report/appendix_overlays.rst", category="Appendix figures"),
+        pdf="figures/{figure}.pdf",
+    wildcard_constraints:
+        figure="|".join(OVERLAY_FIGURES),
+    params:
+        dataset_root=overlay_dataset_root,
+        mode=lambda wildcards: OVERLAY_FIGURES[wildcards.figure][0],
+        layer=config["models"][appendix_model("sd3")]["analysis_layer"],
+        n=config["analyses"]["overlays"]["images"],
+        kl_threshold=config["analyses"]["unsupervised"]["kl_threshold"],
+        title=lambda wildcards: "{}: {} overlays, {}, layer {}".format(
+            OVERLAY_FIGURES[wildcards.figure][2],
+            "open-vocabulary" if OVERLAY_FIGURES[wildcards.figure][0] == "ovss" else "unsupervised",
+            stand_in("sd3", OVERLAY_FIGURES[wildcards.figure][1]),
+            config["models"][appendix_model("sd3")]["analysis_layer"],
+        ),
+    log:
+        "logs/appendix_overlays/{figure}.log",
+    benchmark:
+        "results/benchmarks/appendix_overlays/{figure}.tsv"
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro overlays --cache {input.cache:q} --dataset-root {params.dataset_root:q} --layer {params.layer}"
+        " --n {params.n} --mode {params.mode} --kl-threshold {params.kl_threshold} --title {params.title:q}"
+        " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+
+
+def main_table_entries(name):
+    kind, model_roles, dataset_roles = MAIN_TABLES[name]
+    pattern = (
+        "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv"
+        if kind == "ovss"
+        else "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv"
+    )
+    return [
+        {
+            "path": pattern.format(model=appendix_model(m), dataset=appendix_dataset(d), timestep=TIMESTEP),
+            "layer": config["models"][appendix_model(m)]["analysis_layer"],
+            "paper_model": PAPER_MODEL_KEYS[m],
+            "paper_dataset": paper_dataset_key(d),
+            "role_model": PAPER_MODELS[m],
+            "role_dataset": PAPER_DATASETS[d],
+        }
+        for m in model_roles
+        for d in dataset_roles
+    ]
+
+
+rule main_table:
+    input:
+        lambda wildcards: [entry["path"] for entry in main_table_entries(wildcards.table)],
+    output:
+        csv=report("paper_tables/{table}.csv", caption="../report/main_tables.rst", category="Appendix tables"),
+        markdown="paper_tables/{table}.md",
+    wildcard_constraints:
+        table="|".join(MAIN_TABLES),
+    params:
+        kind=lambda wildcards: MAIN_TABLES[wildcards.table][0],
+        entries=lambda wildcards: json.dumps(main_table_entries(wildcards.table)),
+        title=lambda wildcards: "Main Table {} ({}): our models beside the paper's, t = {}".format(
+            wildcards.table[len("main_table")], MAIN_TABLES[wildcards.table][0], TIMESTEP
+        ),
+    log:
+        "logs/main_table/{table}.log",
+    benchmark:
+        "results/benchmarks/main_table/{table}.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro main-table --kind {params.kind} --entries {params.entries:q} --title {params.title:q}"
+        " --csv {output.csv:q} --markdown {output.markdown:q} 2> {log:q}"
