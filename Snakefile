@@ -17,6 +17,8 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/segmentation.smk"
 include: "workflow/rules/analyses.smk"
+include: "workflow/rules/appendix_common.smk"
+include: "workflow/rules/segmentation_appendix.smk"
 include: "workflow/rules/generation.smk"
 include: "workflow/rules/attention_figures.smk"
 
@@ -28,6 +30,9 @@ rule all:
         timestep_sweep_targets(),
         normalisation_targets(),
         unsupervised_targets(),
+        segmentation_appendix_targets(),
+        generation_targets(),
+        attention_figure_targets(),
     default_target: True
 
 

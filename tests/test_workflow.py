@@ -116,12 +116,39 @@ def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_
 
 
 @pytest.mark.slow
+def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
+    heads = pd.read_csv(toy_run / "paper_tables/fig04_head_miou.csv")
+    assert heads["layer"].tolist() == list(range(6))
+    head_columns = [c for c in heads.columns if c.startswith("head_")]
+    assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
+    assert "toy_sd3 for SD3-medium on toy_shapes_bg for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
+    main1 = pd.read_csv(toy_run / "paper_tables/main_table1_ovss.csv")
+    assert len(main1) == 3 * 4 and main1["paper_mIoU"].notna().all()
+    assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
+    per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
+    assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
+    main2 = pd.read_csv(toy_run / "paper_tables/main_table2_unsupervised.csv")
+    assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random"} and main2["paper_mIoU"].notna().all()
+    fig02 = pd.read_csv(toy_run / "paper_tables/fig02_timestep.csv")
+    assert fig02["panel"].nunique() == 2
+    assert "seed = 0" in (toy_run / "paper_tables/tab01_normalisation.md").read_text()
+    for stem in ("fig02_timestep", "fig04_head_miou", "main_fig08_per_layer_sd3", "fig08_per_layer_sd35",
+                 "fig11_per_layer_flux", "fig21_ovss_coco_object", "fig22_ovss_pc59", "fig23_ovss_ade150",
+                 "fig24_unsupervised_coco_object", "fig25_unsupervised_voc21", "fig26_unsupervised_ade150"):
+        assert (toy_run / "figures" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
+        assert (toy_run / "figures" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
+    flux = pd.read_csv(toy_run / "paper_tables/fig11_per_layer_flux.csv")
+    assert len(flux) == 4  # the tiny Flux: 2 double-stream + 2 single-stream layers
+
+
+@pytest.mark.slow
 def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
     nothing = snakemake(toy_run, "-n")
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
     edit_config(toy_run, "segmentation", norm_after_merge=True)
     assert planned_jobs(snakemake(toy_run, "-n")) == {
-        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "timestep_sweep", "all"
+        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "timestep_sweep", "all",
+        "appendix_per_layer", "fig02_timestep", "tab01_normalisation", "main_table",
     }
     edit_config(toy_run, "attention", seed=1)
     assert "extract_attention" in planned_jobs(snakemake(toy_run, "-n"))
@@ -192,3 +219,10 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
     assert counts["unsupervised_table"] == 18
     for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes"):
         assert counts[f"prepare_{name}"] == 1
+    # The appendix's segmentation targets under their paper names, for the real models.
+    assert counts["score_heads"] == 1  # Fig. 4: SD3 on VOC21
+    assert counts["appendix_overlays"] == 6 and counts["appendix_per_layer"] == 3 and counts["main_table"] == 2
+    for rule in ("fig02_timestep", "fig04_head_miou", "tab01_normalisation", "all_segmentation"):
+        assert counts.get(rule, 0) <= 1, rule
+    dry_run = snakemake(workdir, "-n", "--configfile", "config.yaml", "configs/paper.yaml", "all_segmentation")
+    assert "sd3_medium/voc21/t8/per_head.csv" in dry_run.stdout

@@ -11,7 +11,10 @@ import json
 import logging
 from pathlib import Path
 
+from seg4diff_repro.cli_attention_figures import add_attention_figure_commands
 from seg4diff_repro.cli_datasets import add_dataset_commands
+from seg4diff_repro.cli_generation import add_generation_commands
+from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
 
 
@@ -44,11 +47,19 @@ def _extract_attention(args: argparse.Namespace) -> None:
     )
 
 
+def _shard_root(out: str) -> Path:
+    """Where a scoring run keeps its finished shards: beside its output, so a re-run after a kill resumes."""
+    return Path(out).with_suffix(".shards")
+
+
 def _score_layers(args: argparse.Namespace) -> None:
     from seg4diff_repro.datasets.layout import atomic_write_bytes
     from seg4diff_repro.segmentation.score import ScoringSettings, score_layers
 
-    scores = score_layers(Path(args.cache), Path(args.dataset_root), ScoringSettings(**json.loads(args.settings)))
+    scores = score_layers(
+        Path(args.cache), Path(args.dataset_root), ScoringSettings(**json.loads(args.settings)),
+        _shard_root(args.out), args.shard_size,
+    )
     atomic_write_bytes(Path(args.out), scores.to_csv(index=False).encode())
 
 
@@ -128,7 +139,10 @@ def _score_unsupervised(args: argparse.Namespace) -> None:
     from seg4diff_repro.datasets.layout import atomic_write_bytes
     from seg4diff_repro.segmentation.score import score_unsupervised
 
-    scores = score_unsupervised(Path(args.cache), Path(args.dataset_root), args.kl_threshold)
+    scores = score_unsupervised(
+        Path(args.cache), Path(args.dataset_root), _shard_root(args.out), args.kl_threshold, args.geometry,
+        args.shard_size,
+    )
     atomic_write_bytes(Path(args.out), scores.to_csv(index=False).encode())
 
 
@@ -143,9 +157,10 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
         table, scores.iloc[0], f"Unsupervised segmentation: {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "Empty prompt, the 77 token maps min-max normalised per pixel, spatial softmax, "
         "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
-        "false negatives), mIoU = nanmean over classes (method_spec D). Not yet reproduced: the official zero-padding "
-        "to a multiple of 32 and scoring at the 640-short-side resized ground truth (scored here at the original "
-        "resolution). `paper_mIoU`: main Table 2 where it has the model and dataset.",
+        "false negatives), mIoU = nanmean over classes (method_spec D). `geometry` official: input zero-padded to a "
+        "multiple of 32, scored at the 640-short-side resized ground truth with the official top-left-crop quirk for "
+        "larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
+        "Table 2 where it has the model and dataset.",
         args.csv, args.markdown,
     )
 
@@ -192,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--cache", required=True, help="manifest.json of the attention cache")
     command.add_argument("--dataset-root", required=True)
     command.add_argument("--settings", required=True, help="JSON of ScoringSettings")
-    command.add_argument("--out", required=True)
+    command.add_argument("--out", required=True, help="CSV; finished shards are kept in <out without .csv>.shards/")
+    command.add_argument("--shard-size", type=int, default=64, help="images per resumable shard")
     command.set_defaults(handler=_score_layers)
 
     command = commands.add_parser("per-layer-table", help="paper_tables/ per-layer table (CSV + Markdown)")
@@ -230,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--cache", required=True, help="manifest.json of an attention cache extracted with prompt 'null'")
     command.add_argument("--dataset-root", required=True)
     command.add_argument("--kl-threshold", type=float, default=0.1)
-    command.add_argument("--out", required=True)
+    command.add_argument("--geometry", choices=["official", "aligned"], default="official",
+                         help="official: padded input, scored at the 640-short-side label with the crop quirk")
+    command.add_argument("--out", required=True, help="CSV; finished shards are kept in <out without .csv>.shards/")
+    command.add_argument("--shard-size", type=int, default=64, help="images per resumable shard")
     command.set_defaults(handler=_score_unsupervised)
 
     command = commands.add_parser("unsupervised-table", help="unsupervised scores beside the paper's Table 2")
@@ -242,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_toy_commands(commands)
+    add_generation_commands(commands)
+    add_attention_figure_commands(commands)
+    add_segmentation_appendix_commands(commands)
     return parser
 
 

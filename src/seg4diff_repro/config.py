@@ -6,6 +6,7 @@ when the DAG is built with a message a user can act on.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -80,6 +81,63 @@ def model_num_layers(model: dict) -> int | None:
     return KNOWN_LAYER_COUNTS.get(source)
 
 
+# Double-stream (MM-DiT) blocks of the Flux hub models: the layers whose I2T attention Fig. 10 perturbs.
+KNOWN_DOUBLE_STREAM_COUNTS = {"black-forest-labs/FLUX.1-dev": 19}
+
+
+def perturbable_layer_count(model: dict) -> int | None:
+    """Joint layers the generation analyses perturb: every SD3/SD3.5 layer, Flux's double-stream ones (Fig. 10)."""
+    if model["backbone"] != "flux":
+        return model_num_layers(model)
+    transformer_config = Path(str(model["source"])) / "transformer" / "config.json"
+    if transformer_config.is_file():
+        return json.loads(transformer_config.read_text())["num_layers"]  # diffusers' Flux count of double blocks
+    if "build" in model:
+        from seg4diff_repro.models.tiny_flux import TinyFluxConfig
+
+        return TinyFluxConfig().num_layers
+    return KNOWN_DOUBLE_STREAM_COUNTS.get(str(model["source"]))
+
+
+def generation_layers(spec: str | list[int], name: str, model: dict, key: str) -> list[int]:
+    """The layers that a generation setting (``all`` or a list) means for model ``name``; ConfigError naming ``key``."""
+    count = perturbable_layer_count(model)
+    kind = "double-stream layers" if model["backbone"] == "flux" else "joint layers"
+    if spec == "all":
+        if count is None:
+            raise ConfigError(f"{key} = all, but the {kind} of model {name!r} ({model['source']}) cannot be "
+                              "counted before loading it: list them")
+        return list(range(count))
+    bad = [layer for layer in spec if count is not None and not 0 <= layer < count]
+    if bad:
+        raise ConfigError(f"{key} contains {bad}, out of range for model {name!r}: allowed 0..{count - 1} "
+                          f"(0-based {kind}) or \"all\"")
+    return sorted(spec)
+
+
+def _check_generation(config: dict, schema: dict) -> None:
+    generation = apply_defaults(copy.deepcopy(config), schema)["analyses"]["generation"]
+    roles = config["appendix"]["models"]
+    for role, spec in generation["fidelity_layers"].items():
+        key = f"analyses.generation.fidelity_layers.{role}"
+        generation_layers(spec, roles[role], config["models"][roles[role]], key)
+    generation_layers(generation["grid_layers"], roles["sd3"], config["models"][roles["sd3"]],
+                      "analyses.generation.grid_layers")
+    if generation["blur_kernel"] % 2 == 0:
+        raise ConfigError(
+            f"analyses.generation.blur_kernel = {generation['blur_kernel']} must be odd (a centred kernel)"
+        )
+    if generation["fidelity"]["weights"] == "random":
+        for role, name in roles.items():
+            if not config["models"][name].get("toy", False):
+                raise ConfigError(
+                    f"analyses.generation.fidelity.weights = 'random' is allowed for toy models only, but "
+                    f"appendix.models.{role} = {name!r} is not one (models.{name}.toy is not true): random CLIP/DINO "
+                    "scores say nothing about a real model. Set analyses.generation.fidelity.weights: pretrained "
+                    "(hub weights, or local copies via fidelity.clip_pretrained and fidelity.dino_source)."
+                )
+
+
 def check_config(config: dict, schema_path: str | Path) -> None:
     """Raise ConfigError for the first schema violation or out-of-range layer, timestep or name."""
     schema = load_schema(schema_path)
@@ -128,6 +186,8 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                     f"attention.layers contains {bad}, out of range for model {name!r}: "
                     f"allowed 0..{count - 1} (0-based joint layers) or \"all\""
                 )
+
+    _check_generation(config, schema)
 
 
 def apply_defaults(config: dict, schema: dict) -> dict:

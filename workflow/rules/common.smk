@@ -51,8 +51,12 @@ def extraction_settings(wildcards):
 
 
 def unsupervised_extraction_settings(wildcards):
-    """The empty prompt at the model's analysis layer only (method_spec D.1)."""
-    return _extraction_settings(wildcards, {"prompt": "null", "layers": [model_config(wildcards)["analysis_layer"]]})
+    """The empty prompt at the model's analysis layer only (method_spec D.1), padded as the geometry asks."""
+    pad_multiple = 32 if config["analyses"]["unsupervised"]["geometry"] == "official" else None
+    return _extraction_settings(
+        wildcards,
+        {"prompt": "null", "layers": [model_config(wildcards)["analysis_layer"]], "pad_multiple": pad_multiple},
+    )
 
 
 # Not a params function itself: Snakemake would pass input, output, ... into a **kwargs signature.

@@ -1,6 +1,143 @@
 # Generation analyses (issue 6): per-layer perturbation runs, fidelity scores, perturbation and guidance grids.
+#
+# Appendix Figs. 5, 7, 10: every (prompt, seed) of the fidelity prompts is generated once unperturbed ("none")
+# and once per layer with that layer's I2T attention blurred ("perturb_l<layer>"), one job per run so that the
+# layers spread over GPUs; one job per figure scores every run (CLIP-I, CLIP-T, DINO) against the unperturbed
+# run, loading the CLIP and DINO backbones once. Figs. 18, 19: the caption prompts with one seed, per layer
+# perturbed or with perturbed-I2T guidance, drawn as image grids.
+# Appendix Fig. 20 (generations of the MAGNET-fine-tuned models) is out of scope: it needs MAGNET training.
+#
+# Config keys read:
+#   analyses.generation: {prompts_file, n_prompts, seeds, cfg, guidance_scale, blur_sigma, blur_kernel,
+#                         max_sequence_length, fidelity_layers, grid_layers, grid_seed, batch_size, fidelity}
+#   appendix.models: {sd3, sd35, flux} (which configured model each figure uses)
+#   models.<name>: {backbone, source, dtype, device, num_inference_steps, options.guidance_scale, toy, paper_name}
+
+include: "generation_common.smk"
 
 
-def generation_targets():
-    """Every generation-side appendix figure and table (Figs. 5, 7, 10, 18, 19)."""
-    return []
+rule generate_run:
+    input:
+        model=model_inputs,
+        prompts=generation_prompt_inputs,
+    output:
+        # The whole run folder (PNG images + manifest.json), so that Snakemake clears it before a re-run.
+        directory("results/generation/{model}/{prompt_set}/{run}"),
+    wildcard_constraints:
+        prompt_set="fidelity|fig18|fig19",
+        run=RUN_PATTERN,
+    params:
+        settings=generation_run_settings,
+    log:
+        "logs/generate_run/{model}_{prompt_set}_{run}.log",
+    benchmark:
+        "results/benchmarks/generate_run/{model}_{prompt_set}_{run}.tsv"
+    resources:
+        mem_mb=lambda wildcards: 2000 if model_config(wildcards)["toy"] else 32000,
+        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro generate-run --settings {params.settings:q} --out {output:q} 2> {log:q}"
+
+
+rule score_fidelity:
+    input:
+        runs=fidelity_runs,
+        reference=fidelity_reference,
+    output:
+        "results/fidelity/{name}.csv",
+    wildcard_constraints:
+        name="|".join(FIDELITY_FIGURES),
+    params:
+        settings=fidelity_settings(),
+        model=lambda wildcards: appendix_model(FIDELITY_FIGURES[wildcards.name]),
+        # Only a toy model may be scored with random-weight backbones (the scorer refuses otherwise).
+        toy=lambda wildcards: "--toy-model" if fidelity_model_is_toy(wildcards) else "",
+        device=GENERATION["fidelity"]["device"],
+    log:
+        "logs/score_fidelity/{name}.log",
+    benchmark:
+        "results/benchmarks/score_fidelity/{name}.tsv"
+    resources:
+        mem_mb=4000,
+        gpu=int(GENERATION["fidelity"]["device"].startswith("cuda")),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro score-fidelity --runs {input.runs:q} --reference {input.reference:q}"
+        " --settings {params.settings:q} --model {params.model} {params.toy} --device {params.device:q}"
+        " --out {output:q} 2> {log:q}"
+
+
+rule fidelity_figure:
+    input:
+        scores="results/fidelity/{name}.csv",
+        reference=fidelity_reference,
+    output:
+        csv=report(
+            "paper_tables/{name}.csv",
+            caption="../report/fidelity_figure.rst",
+            category="Generation",
+            subcategory="Fidelity under perturbation",
+        ),
+        markdown="paper_tables/{name}.md",
+        png=report(
+            "figures/{name}.png",
+            caption="../report/fidelity_figure.rst",
+            category="Generation",
+            subcategory="Fidelity under perturbation",
+        ),
+        pdf="figures/{name}.pdf",
+    wildcard_constraints:
+        name="|".join(FIDELITY_FIGURES),
+    params:
+        role=lambda wildcards: FIDELITY_FIGURES[wildcards.name],
+        figure=lambda wildcards: wildcards.name.split("_")[0],
+        paper_name=lambda wildcards: config["models"][appendix_model(FIDELITY_FIGURES[wildcards.name])].get(
+            "paper_name", "none"
+        ),
+    log:
+        "logs/fidelity_figure/{name}.log",
+    benchmark:
+        "results/benchmarks/fidelity_figure/{name}.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro fidelity-figure --scores {input.scores:q} --reference {input.reference:q}"
+        " --role {params.role} --figure {params.figure} --paper-name {params.paper_name:q}"
+        " --csv {output.csv:q} --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+
+
+rule generation_grid:
+    input:
+        reference=lambda wildcards: f"results/generation/{appendix_model('sd3')}/{GRID_FIGURES[wildcards.name][0]}/none",
+        runs=grid_runs,
+    output:
+        png=report(
+            "figures/{name}.png",
+            caption="../report/generation_grid.rst",
+            category="Generation",
+            subcategory="Per-layer grids",
+        ),
+        pdf="figures/{name}.pdf",
+    wildcard_constraints:
+        name="|".join(GRID_FIGURES),
+    params:
+        figure=lambda wildcards: GRID_FIGURES[wildcards.name][0],
+        paper_name=config["models"][appendix_model("sd3")].get("paper_name", "none"),
+        guidance_scale=GENERATION["guidance_scale"],
+    log:
+        "logs/generation_grid/{name}.log",
+    benchmark:
+        "results/benchmarks/generation_grid/{name}.tsv"
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro generation-grid --reference {input.reference:q} --runs {input.runs:q} --role sd3"
+        " --figure {params.figure} --paper-name {params.paper_name:q} --png {output.png:q} --pdf {output.pdf:q}"
+        " 2> {log:q}"

@@ -1,62 +1,5 @@
-# The appendix's segmentation figures and tables under their paper names (figures/figNN_*, paper_tables/tabNN_*,
-# main_table*), for the models and datasets that `appendix:` in the config makes stand in for the paper's.
-# `snakemake all_segmentation` builds them all; each file is also a target of its own.
-
-PAPER_MODELS = {"sd3": "SD3-medium", "sd35": "SD3.5-medium", "flux": "FLUX.1-dev"}
-PAPER_DATASETS = {
-    "voc20": "VOC20",
-    "voc21": "VOC21 (with background)",
-    "coco_object": "COCO-Object",
-    "coco_object_bg": "COCO-Object (with background)",
-    "pc59": "PC59",
-    "ade150": "ADE20K-150",
-}
-# Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object column includes background).
-PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object"}
-PAPER_MODEL_KEYS = {"sd3": "sd3_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
-
-PER_LAYER_FIGURES = {
-    "main_fig08_per_layer_sd3": ("sd3", "voc20", "Main Fig. 8"),
-    "fig08_per_layer_sd35": ("sd35", "voc20", "Appendix Fig. 8"),
-    "fig11_per_layer_flux": ("flux", "voc20", "Appendix Fig. 11"),
-}
-OVERLAY_FIGURES = {
-    "fig21_ovss_coco_object": ("ovss", "coco_object", "Appendix Fig. 21"),
-    "fig22_ovss_pc59": ("ovss", "pc59", "Appendix Fig. 22"),
-    "fig23_ovss_ade150": ("ovss", "ade150", "Appendix Fig. 23"),
-    "fig24_unsupervised_coco_object": ("unsupervised", "coco_object_bg", "Appendix Fig. 24"),
-    "fig25_unsupervised_voc21": ("unsupervised", "voc21", "Appendix Fig. 25"),
-    "fig26_unsupervised_ade150": ("unsupervised", "ade150", "Appendix Fig. 26"),
-}
-MAIN_TABLES = {
-    "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150"]),
-    "main_table2_unsupervised": ("unsupervised", ["sd3", "sd35"], ["voc21", "pc59", "coco_object_bg", "ade150"]),
-}
-TIMESTEP = config["attention"]["timestep"]
-
-
-def paper_dataset_key(role):
-    return PAPER_DATASET_KEYS.get(role, role)
-
-
-def stand_in(model_role=None, dataset_role=None):
-    """'toy_sd3 for SD3-medium on toy_shapes for VOC20': what the output shows in place of the paper's."""
-    parts = []
-    if model_role:
-        parts.append(f"{appendix_model(model_role)} for {PAPER_MODELS[model_role]}")
-    if dataset_role:
-        parts.append(f"{appendix_dataset(dataset_role)} for {PAPER_DATASETS[dataset_role]}")
-    return " on ".join(parts)
-
-
-def segmentation_appendix_targets():
-    stems = ["tab01_normalisation", "main_table1_ovss", "main_table2_unsupervised"]
-    figures = ["fig04_head_miou", *PER_LAYER_FIGURES]
-    if config["analyses"]["timestep_sweep"]["timesteps"]:
-        figures.append("fig02_timestep")
-    tables = [f"paper_tables/{stem}.{ext}" for stem in stems + figures for ext in ("csv", "md")]
-    images = [f"figures/{stem}.{ext}" for stem in figures + list(OVERLAY_FIGURES) for ext in ("png", "pdf")]
-    return tables + images
+# The appendix's segmentation figures and tables under their paper names. `snakemake all_segmentation` builds
+# them all; each file is also a target of its own.
 
 
 rule all_segmentation:
@@ -110,11 +53,6 @@ rule fig04_head_miou:
     shell:
         "seg4diff-repro head-figure --scores {input:q} --title {params.title:q} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
-
-
-def provenance_scores():
-    """The raw scores of SD3's stand-in on VOC20's: their settings head the combined tables."""
-    return f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{TIMESTEP}/per_layer.csv"
 
 
 rule fig02_timestep:
@@ -206,17 +144,6 @@ rule appendix_per_layer:
         " --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
 
 
-def overlay_cache(wildcards):
-    mode, role, _ = OVERLAY_FIGURES[wildcards.figure]
-    folder = "attention" if mode == "ovss" else "attention_null"
-    return f"results/{folder}/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/manifest.json"
-
-
-def overlay_dataset_root(wildcards):
-    dataset = config["datasets"][appendix_dataset(OVERLAY_FIGURES[wildcards.figure][1])]
-    return DATA_ROOT / "prepared" / dataset["prepared"]
-
-
 rule appendix_overlays:
     input:
         cache=overlay_cache,
@@ -250,27 +177,6 @@ rule appendix_overlays:
         "seg4diff-repro overlays --cache {input.cache:q} --dataset-root {params.dataset_root:q} --layer {params.layer}"
         " --n {params.n} --mode {params.mode} --kl-threshold {params.kl_threshold} --title {params.title:q}"
         " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
-
-
-def main_table_entries(name):
-    kind, model_roles, dataset_roles = MAIN_TABLES[name]
-    pattern = (
-        "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv"
-        if kind == "ovss"
-        else "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv"
-    )
-    return [
-        {
-            "path": pattern.format(model=appendix_model(m), dataset=appendix_dataset(d), timestep=TIMESTEP),
-            "layer": config["models"][appendix_model(m)]["analysis_layer"],
-            "paper_model": PAPER_MODEL_KEYS[m],
-            "paper_dataset": paper_dataset_key(d),
-            "role_model": PAPER_MODELS[m],
-            "role_dataset": PAPER_DATASETS[d],
-        }
-        for m in model_roles
-        for d in dataset_roles
-    ]
 
 
 rule main_table:

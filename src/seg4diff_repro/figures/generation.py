@@ -1,0 +1,94 @@
+"""Figures of the generation analyses: fidelity curves over layers (appendix Figs. 5, 7, 10) and labelled
+image grids of per-layer perturbation and perturbed-I2T guidance (Figs. 18, 19)."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # rules run without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from seg4diff_repro.figures import save_figure  # noqa: E402
+from seg4diff_repro.tables.fidelity import METRIC_NAMES, METRICS  # noqa: E402
+
+__all__ = ["plot_fidelity_curves", "plot_layer_grid"]
+
+
+def plot_fidelity_curves(table: pd.DataFrame, title: str, footer: str, png_path: Path, pdf_path: Path) -> None:
+    """CLIP-I, CLIP-T and DINO (mean ± std over prompts) against the perturbed layer, one panel each.
+
+    The unperturbed run is a dashed line (CLIP-I and DINO are 1 there by construction; its CLIP-T is
+    the reference for the perturbed ones).
+    """
+    perturbed = table[table["layer"].notna()]
+    reference = table[table["layer"].isna()]
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.0 * len(METRICS), 3.5))
+    layers = perturbed["layer"].astype(int).to_numpy()
+    for ax, metric, colour in zip(axes, METRICS, sns.color_palette(n_colors=len(METRICS))):
+        std = np.nan_to_num(perturbed[f"{metric}_std"].to_numpy(float))  # one prompt: no std
+        ax.errorbar(layers, perturbed[f"{metric}_mean"].to_numpy(float), yerr=std, marker="o", capsize=3,
+                    color=colour, label="perturbed layer (mean ± std over prompts)")
+        if not reference.empty:
+            ax.axhline(reference[f"{metric}_mean"].iloc[0], color="black", linestyle="--", linewidth=1,
+                       label="unperturbed")
+        ax.set_title(METRIC_NAMES[metric])
+        ax.set_xlabel("perturbed joint layer (0-based)")
+        ax.set_xticks(layers)
+        ax.tick_params(axis="x", labelsize=7 if len(layers) > 12 else 9)
+    axes[0].set_ylabel("cosine similarity")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.01, footer, ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    save_figure(fig, png_path, pdf_path)
+
+
+def plot_layer_grid(
+    prompts: Sequence[str],
+    reference: Sequence[np.ndarray],
+    by_layer: dict[int, Sequence[np.ndarray]],
+    reference_label: str,
+    title: str,
+    png_path: Path,
+    pdf_path: Path,
+    layers_per_row: int = 8,
+) -> None:
+    """One block per prompt: the reference image in the first column, then one labelled image per layer.
+
+    ``reference`` and each ``by_layer[layer]`` hold one image per prompt (the same seed), in prompt order.
+    Layers wrap after ``layers_per_row`` columns, as in the paper's 8-column grids.
+    """
+    layers = sorted(by_layer)
+    columns = min(layers_per_row, len(layers))
+    rows_per_prompt = math.ceil(len(layers) / columns)
+    n_rows = rows_per_prompt * len(prompts)
+    fig, axes = plt.subplots(n_rows, columns + 1, figsize=(1.25 * (columns + 1) + 0.6, 1.4 * n_rows + 0.6),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for p, prompt in enumerate(prompts):
+        top = p * rows_per_prompt
+        ax = axes[top, 0]
+        ax.axis("on")  # a frameless axes would hide the prompt label too
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(reference[p])
+        ax.set_title(reference_label, fontsize=7)
+        label = "\n".join(textwrap.wrap(f"“{prompt}”", 24))
+        ax.set_ylabel(label, fontsize=6.5, rotation=0, ha="right", va="center")
+        for i, layer in enumerate(layers):
+            ax = axes[top + i // columns, 1 + i % columns]
+            ax.imshow(by_layer[layer][p])
+            ax.set_title(f"Layer {layer}", fontsize=7)
+    fig.suptitle(title, fontsize=9, wrap=True)
+    fig.tight_layout()
+    save_figure(fig, png_path, pdf_path)

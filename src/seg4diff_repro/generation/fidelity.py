@@ -1,0 +1,238 @@
+"""Image fidelity under perturbation (appendix §B.5, Figs. 5, 7, 10): CLIP-I, CLIP-T and DINO scores.
+
+* CLIP-I: cosine similarity of the CLIP image embeddings of a generated image and its reference;
+* CLIP-T: cosine similarity of the CLIP image embedding and the CLIP text embedding of the prompt;
+* DINO: cosine similarity of the DINO ViT CLS embeddings of a generated image and its reference.
+
+The reference of an image is the unperturbed image of the same prompt and seed (method_spec §F
+[assumption]). The paper does not name its backbones; the defaults are DreamBooth's: open_clip
+ViT-B-32 with OpenAI's weights and DINO ViT-S/16 (``facebook/dino-vits16``) [assumption]. Every score
+row records the backbones and weights it came from.
+
+``weights="random"`` builds the same architectures untrained (seeded), so the toy world runs offline;
+its scores only show that the pipeline runs, so it is refused for any model that is not a toy model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "DINO_VITS16_CONFIG",
+    "DINO_VITS16_PREPROCESSOR",
+    "FidelityScorer",
+    "FidelitySettings",
+    "RandomWeightsRefused",
+    "check_weights_allowed",
+    "score_run",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DINO = "facebook/dino-vits16"
+# config.json and preprocessor_config.json of facebook/dino-vits16: the architecture that random weights
+# get when the source is the hub id (offline), and its preprocessing (resize to 224, ImageNet statistics).
+DINO_VITS16_CONFIG = {
+    "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
+    "patch_size": 16, "image_size": 224, "qkv_bias": True, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+}
+DINO_VITS16_PREPROCESSOR = {
+    "do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2, "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+}
+
+
+class RandomWeightsRefused(ValueError):
+    """Random-weight fidelity backbones were asked for on a model that is not a toy model."""
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    """Which CLIP and DINO backbones score the images (config ``analyses.generation.fidelity``)."""
+
+    weights: str = "pretrained"  # "pretrained" (the weights below) or "random" (toy models only)
+    clip_arch: str = "ViT-B-32"  # an open_clip architecture name
+    clip_pretrained: str = "openai"  # an open_clip pretrained tag, or a local checkpoint file
+    dino_source: str = DEFAULT_DINO  # a Hugging Face id, or a local save_pretrained folder of a ViTModel
+    seed: int = 0  # initialisation seed of random weights
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("pretrained", "random"):
+            raise ValueError(f"weights={self.weights!r}: use 'pretrained' or 'random'")
+
+
+def check_weights_allowed(settings: FidelitySettings, model: str, toy_model: bool) -> None:
+    """Refuse random-weight backbones for a model that is not marked ``toy: true``."""
+    if settings.weights == "random" and not toy_model:
+        raise RandomWeightsRefused(
+            f"random-weight CLIP/DINO scores are allowed for toy models only, and {model!r} is not one "
+            f"(models.{model}.toy is not true): they would say nothing about a real model. Set "
+            "analyses.generation.fidelity.weights: pretrained, which loads CLIP "
+            f"{settings.clip_arch} '{settings.clip_pretrained}' and DINO {settings.dino_source} (needs the network "
+            "once, or local copies: fidelity.clip_pretrained = a checkpoint file, fidelity.dino_source = a "
+            "save_pretrained folder)."
+        )
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's CPU RNG seeded with ``seed`` inside the block (and restored after), so random weights repeat."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class FidelityScorer:
+    """CLIP (open_clip) and DINO (transformers ViT) embeddings and the three fidelity scores."""
+
+    def __init__(self, settings: FidelitySettings = FidelitySettings(), *, toy_model: bool = False,
+                 model: str = "the evaluated model", device: str | torch.device = "cpu"):
+        check_weights_allowed(settings, model, toy_model)
+        self.settings = settings
+        self.device = torch.device(device)
+        self._load_clip()
+        self._load_dino()
+
+    # --- loading ------------------------------------------------------------------------------------
+
+    def _load_clip(self) -> None:
+        import open_clip
+
+        s = self.settings
+        tag = open_clip.get_pretrained_cfg(s.clip_arch, s.clip_pretrained)  # {} for a file
+        # OpenAI's CLIP weights use QuickGELU, which the plain "ViT-B-32" config lacks: take it from the tag.
+        quick_gelu = bool(tag.get("quick_gelu", False))
+        pretrained = s.clip_pretrained if s.weights == "pretrained" else None
+        if pretrained is not None and not tag and not Path(pretrained).is_file():
+            raise FileNotFoundError(
+                f"fidelity.clip_pretrained = {pretrained!r} is neither an open_clip tag of {s.clip_arch} "
+                f"(tags: {open_clip.list_pretrained_tags_by_model(s.clip_arch)}) nor a checkpoint file"
+            )
+        try:
+            with _seeded(s.seed):
+                model, _, self.clip_preprocess = open_clip.create_model_and_transforms(
+                    s.clip_arch, pretrained=pretrained, force_quick_gelu=quick_gelu
+                )
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"could not load CLIP {s.clip_arch} '{pretrained}': {error}. Without network access, download "
+                "the checkpoint elsewhere and set analyses.generation.fidelity.clip_pretrained to its file."
+            ) from error
+        self.clip = model.to(self.device).eval()
+        self.clip_tokenizer = open_clip.get_tokenizer(s.clip_arch)
+        weights = "random weights" if pretrained is None else f"'{pretrained}'"
+        self.clip_name = f"open_clip {s.clip_arch}{' (QuickGELU)' if quick_gelu else ''}, {weights}"
+
+    def _load_dino(self) -> None:
+        from transformers import AutoImageProcessor, ViTConfig, ViTImageProcessor, ViTModel
+
+        source = self.settings.dino_source
+        local = Path(source).is_dir()
+        if self.settings.weights == "random":
+            if local:
+                config = ViTConfig.from_pretrained(source)
+                self.dino_processor = AutoImageProcessor.from_pretrained(source)
+            elif source == DEFAULT_DINO:
+                config = ViTConfig(**DINO_VITS16_CONFIG)
+                self.dino_processor = ViTImageProcessor(**DINO_VITS16_PREPROCESSOR)
+            else:
+                raise ValueError(
+                    f"random DINO weights need the architecture of {source!r}, which is not known offline: "
+                    f"use {DEFAULT_DINO} or a local folder with its config.json"
+                )
+            with _seeded(self.settings.seed + 1):
+                model = ViTModel(config, add_pooling_layer=False)
+            self.dino_name = f"{source} architecture, random weights"
+        else:
+            try:
+                model = ViTModel.from_pretrained(source, add_pooling_layer=False)
+                self.dino_processor = AutoImageProcessor.from_pretrained(source)
+            except OSError as error:
+                raise OSError(
+                    f"could not load DINO {source!r}: {error}. Without network access, save it elsewhere with "
+                    "save_pretrained (model and image processor) and set analyses.generation.fidelity.dino_source "
+                    "to that folder."
+                ) from error
+            self.dino_name = str(source)
+        self.dino = model.to(self.device).eval()
+
+    @property
+    def backbones(self) -> dict[str, str]:
+        """What produced the scores, recorded beside every score."""
+        return {"clip_backbone": self.clip_name, "dino_backbone": self.dino_name,
+                "fidelity_weights": self.settings.weights}
+
+    # --- embeddings (unit length) -------------------------------------------------------------------
+
+    def _batches(self, items: Sequence):
+        for start in range(0, len(items), self.settings.batch_size):
+            yield items[start : start + self.settings.batch_size]
+
+    @torch.no_grad()
+    def clip_image_embeddings(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        out = []
+        for batch in self._batches(images):
+            pixels = torch.stack([self.clip_preprocess(Image.fromarray(image)) for image in batch])
+            out.append(self.clip.encode_image(pixels.to(self.device)).float())
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def clip_text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        out = [self.clip.encode_text(self.clip_tokenizer(list(batch)).to(self.device)).float()
+               for batch in self._batches(prompts)]
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def dino_embeddings(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        out = []
+        for batch in self._batches(images):
+            pixels = self.dino_processor(images=[Image.fromarray(image) for image in batch], return_tensors="pt")
+            hidden = self.dino(pixel_values=pixels["pixel_values"].to(self.device)).last_hidden_state
+            out.append(hidden[:, 0].float())  # the CLS token
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    # --- scores -------------------------------------------------------------------------------------
+
+    def score(self, images: Sequence[np.ndarray], references: Sequence[np.ndarray],
+              prompts: Sequence[str]) -> list[dict[str, float]]:
+        """CLIP-I, CLIP-T and DINO of each image against its reference and its prompt."""
+        if not len(images) == len(references) == len(prompts):
+            raise ValueError(f"got {len(images)} images, {len(references)} references and {len(prompts)} prompts")
+        clip, clip_ref = self.clip_image_embeddings(images), self.clip_image_embeddings(references)
+        text = self.clip_text_embeddings(prompts)
+        dino, dino_ref = self.dino_embeddings(images), self.dino_embeddings(references)
+        pairs = ((clip, clip_ref), (clip, text), (dino, dino_ref))
+        clip_i, clip_t, dino_s = ((a * b).sum(-1).tolist() for a, b in pairs)
+        return [{"clip_i": i, "clip_t": t, "dino": d} for i, t, d in zip(clip_i, clip_t, dino_s)]
+
+
+def score_run(run_dir: str | Path, reference_dir: str | Path, scorer: FidelityScorer):
+    """One row per image of a generation run: its scores against the reference image of the same prompt and seed."""
+    import pandas as pd
+
+    from seg4diff_repro.generation.runs import read_run
+
+    manifest, images = read_run(run_dir)
+    reference_manifest, references = read_run(reference_dir)
+    key = [(e["prompt"], e["seed"]) for e in manifest["images"]]
+    if key != [(e["prompt"], e["seed"]) for e in reference_manifest["images"]]:
+        raise ValueError(f"{run_dir} and its reference {reference_dir} do not hold the same (prompt, seed) images")
+    scores = scorer.score(images, references, [prompt for prompt, _ in key])
+    run = manifest["run"]
+    rows = [
+        {"model": run["model"], "run": run["run"], "mode": manifest["mode"], "layer": manifest["layer"],
+         "prompt_index": entry["prompt_index"], "prompt": entry["prompt"], "seed": entry["seed"], **score,
+         **scorer.backbones}
+        for entry, score in zip(manifest["images"], scores)
+    ]
+    log.info("scored %d images of %s against %s", len(rows), run_dir, reference_dir)
+    return pd.DataFrame(rows)

@@ -1,0 +1,147 @@
+"""One generation run of the appendix's perturbation analyses: a folder of PNG images and a JSON manifest.
+
+A run is one model with one setting for every (prompt, seed) pair of a prompt set: unperturbed
+("none"), with the I2T attention of one layer blurred ("perturb_l<layer>", Figs. 5, 7, 10, 18), or with
+perturbed-I2T guidance at one layer ("guidance_l<layer>", Fig. 19). Each run is its own Snakemake job,
+so the layers of a sweep spread over GPUs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from seg4diff_repro import __version__
+from seg4diff_repro.atomic import replace_folder_atomically
+from seg4diff_repro.generation.prompts import figure_prompts, load_prompts
+from seg4diff_repro.generation.sampling import SamplingSettings, sample_images, truncated_prompts
+
+__all__ = ["GenerationRun", "RUN_PATTERN", "parse_run", "read_run", "run_generation"]
+
+log = logging.getLogger(__name__)
+
+RUN_PATTERN = r"none|perturb_l[0-9]+|guidance_l[0-9]+"
+MANIFEST = "manifest.json"
+
+
+def parse_run(run: str) -> tuple[str, int | None]:
+    """``"none"`` → ("none", None); ``"perturb_l9"`` → ("perturb", 9); ``"guidance_l9"`` → ("guidance", 9)."""
+    if not re.fullmatch(RUN_PATTERN, run):
+        raise ValueError(f"run {run!r}: use 'none', 'perturb_l<layer>' or 'guidance_l<layer>'")
+    if run == "none":
+        return "none", None
+    mode, layer = run.split("_l")
+    return mode, int(layer)
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """Everything that determines a run's images (the rule passes it as JSON)."""
+
+    model: str
+    backbone: str
+    source: str
+    run: str
+    seeds: list[int]
+    dtype: str = "float32"
+    device: str = "cpu"
+    # Prompts: an appendix figure's caption prompts (``figure``), else a file (None: DrawBench 50), first n.
+    figure: str | None = None
+    prompts_file: str | None = None
+    n_prompts: int | None = None
+    steps: int = 28
+    cfg: float = 7.5
+    guidance_scale: float = 3.0
+    blur_sigma: float = 9.0
+    blur_kernel: int = 5
+    max_sequence_length: int = 77
+    distilled_guidance: float = 3.5
+    batch_size: int = 4
+
+    @classmethod
+    def from_json(cls, text: str) -> GenerationRun:
+        return cls(**json.loads(text))
+
+    def prompts(self) -> list[str]:
+        if self.figure is not None:
+            return figure_prompts(self.figure)
+        return load_prompts(self.prompts_file, self.n_prompts)
+
+    def sampling(self) -> SamplingSettings:
+        mode, layer = parse_run(self.run)
+        return SamplingSettings(
+            steps=self.steps, cfg=self.cfg, guidance_scale=self.guidance_scale, blur_sigma=self.blur_sigma,
+            blur_kernel=self.blur_kernel, max_sequence_length=self.max_sequence_length,
+            distilled_guidance=self.distilled_guidance,
+            perturb_layers=(layer,) if mode == "perturb" else (),
+            guidance_layers=(layer,) if mode == "guidance" else (),
+        )
+
+
+def _load_pipeline(run: GenerationRun):
+    import torch
+
+    from seg4diff_repro.models.flux import load_flux_pipeline
+    from seg4diff_repro.models.sd3 import load_sd3_pipeline
+
+    load = load_flux_pipeline if run.backbone == "flux" else load_sd3_pipeline
+    pipe = load(run.source, getattr(torch, run.dtype)).to(run.device)
+    pipe.transformer.eval().requires_grad_(False)
+    return pipe
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buffer, format="PNG")  # no time stamps: identical bytes on a re-run
+    return buffer.getvalue()
+
+
+def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
+    """Generate every (prompt, seed) image of ``run`` into ``out_dir`` (replaced atomically); return the manifest."""
+    pipe = _load_pipeline(run)
+    prompts = run.prompts()
+    pairs = [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in run.seeds]
+    settings = run.sampling()
+    mode, layer = parse_run(run.run)
+    num_layers = len(pipe.transformer.transformer_blocks)  # Flux: the double-stream (MM-DiT) blocks
+    if layer is not None and layer >= num_layers:
+        raise ValueError(f"layer {layer} is out of range for {run.model}: joint layers 0..{num_layers - 1}")
+    log.info("%s %s: %d prompts x %d seeds", run.model, run.run, len(prompts), len(run.seeds))
+    truncated = truncated_prompts(pipe, prompts, settings.max_sequence_length)
+    images = sample_images(pipe, [p for _, p, _ in pairs], [s for *_, s in pairs], settings, batch_size=run.batch_size)
+    height, width = images[0].shape[:2]
+    manifest = {
+        "run": asdict(run),
+        "mode": mode,
+        "layer": layer,
+        "sampling": asdict(settings),
+        "height": height,
+        "width": width,
+        "n_prompts": len(prompts),
+        "truncated_prompts": truncated,
+        "code_version": __version__,
+        "images": [
+            {"file": f"p{index:03d}_s{seed}.png", "prompt_index": index, "prompt": prompt, "seed": seed}
+            for index, prompt, seed in pairs
+        ],
+    }
+    with replace_folder_atomically(out_dir) as staging:
+        for entry, image in zip(manifest["images"], images):
+            (staging / entry["file"]).write_bytes(_png_bytes(image))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_run(folder: str | Path) -> tuple[dict, list[np.ndarray]]:
+    """A run's manifest and its images (HxWx3 uint8, in manifest order)."""
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    images = [np.asarray(Image.open(folder / entry["file"]).convert("RGB")) for entry in manifest["images"]]
+    return manifest, images
