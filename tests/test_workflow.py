@@ -224,5 +224,5 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
     assert counts["appendix_overlays"] == 6 and counts["appendix_per_layer"] == 3 and counts["main_table"] == 2
     for rule in ("fig02_timestep", "fig04_head_miou", "tab01_normalisation", "all_segmentation"):
         assert counts.get(rule, 0) <= 1, rule
-    dry_run = snakemake(workdir, "-n", "--configfile", "config.yaml", "configs/paper.yaml", "all_segmentation")
+    dry_run = snakemake(workdir, "-n", "all_segmentation", "--configfile", "config.yaml", "configs/paper.yaml")
     assert "sd3_medium/voc21/t8/per_head.csv" in dry_run.stdout
