@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from seg4diff_repro.attention.joint import AttentionHooks, JointLayout
-from seg4diff_repro.attention.perturb import BRANCHES
+from seg4diff_repro.attention.perturb import BRANCHES, branch_rows
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.models.common import Noising
 
@@ -90,13 +90,6 @@ class StepGatedRecorder(AttentionRecorder):
         self._timestep = float("nan")
         self._handles: list = []
 
-    def _rows(self, batch: int) -> slice:
-        if self.branch == "uncond":
-            return slice(0, batch // 2)
-        if self.branch == "cond":
-            return slice(batch // 2, batch)
-        return slice(0, batch)
-
     def __enter__(self) -> StepGatedRecorder:
         super().__enter__()
         self._call = -1
@@ -117,7 +110,7 @@ class StepGatedRecorder(AttentionRecorder):
         self._call += 1
         self._active = self._call in self.calls
         if self._active:
-            rows = self._rows(batch)
+            rows = branch_rows(self.branch, batch)
             super().before_forward(rows.stop - rows.start, n_image, n_text)
 
     def _read_timestep(self, module, args, kwargs) -> None:
@@ -138,7 +131,7 @@ class StepGatedRecorder(AttentionRecorder):
     def attend(self, query, key, value, layout: JointLayout, layer: int) -> torch.Tensor:
         if not self._active:
             return AttentionHooks.attend(self, query, key, value, layout, layer)
-        rows = self._rows(query.shape[0])
+        rows = branch_rows(self.branch, query.shape[0])
         if rows == slice(0, query.shape[0]):
             return super().attend(query, key, value, layout, layer)
         # Record the kept rows only; the block output is the stock attention of the whole batch.

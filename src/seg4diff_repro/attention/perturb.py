@@ -20,6 +20,15 @@ from seg4diff_repro.attention.recorder import HookSwap
 BRANCHES = ("all", "uncond", "cond")
 
 
+def branch_rows(branch: str, batch: int) -> slice:
+    """Batch rows of a classifier-free-guidance branch: the batch is [uncond; cond], as diffusers stacks it."""
+    if branch == "uncond":
+        return slice(0, batch // 2)
+    if branch == "cond":
+        return slice(batch // 2, batch)
+    return slice(0, batch)
+
+
 def gaussian_kernel(sigma: float, size: int) -> torch.Tensor:
     """Normalised 1-D Gaussian weights; σ = 9, size 5 gives [0.19754, 0.20123, 0.20247, 0.20123, 0.19754]."""
     if size < 1 or size % 2 == 0:
@@ -63,18 +72,11 @@ class I2TPerturbation(HookSwap, AttentionHooks):
         self.branch = branch
         self.text_tokens = text_tokens
 
-    def _rows(self, batch: int) -> slice:
-        if self.branch == "uncond":
-            return slice(0, batch // 2)
-        if self.branch == "cond":
-            return slice(batch // 2, batch)
-        return slice(0, batch)
-
     @torch.no_grad()
     def attend(self, query, key, value, layout: JointLayout, layer: int) -> torch.Tensor:
         out, lse = attention_with_lse(query, key, value)
         scale = query.shape[-1] ** -0.5
-        rows = self._rows(query.shape[0])
+        rows = branch_rows(self.branch, query.shape[0])
         image = layout.image
         text = layout.text
         if self.text_tokens is not None:
