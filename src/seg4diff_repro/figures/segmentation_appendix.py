@@ -74,22 +74,24 @@ def plot_overlays(
 ) -> None:
     """Rows of (image, ground truth overlay, prediction overlay), as the appendix's qualitative figures.
 
-    Each row dict holds ``image`` [H, W, 3] uint8, ``gt`` and ``prediction`` [H, W, 3] colour maps and
-    a ``caption``. ``legend``: class names for a colour key (open-vocabulary figures); None for
+    Each row dict holds ``image`` [H, W, 3] uint8, ``label`` and ``prediction`` [H, W] class ids,
+    ``ignore_index`` (unlabelled pixels, drawn black) and a ``caption``. ``legend``: class names for a colour key (open-vocabulary figures); None for
     unsupervised clusters, which the appendix draws without labels.
     """
+    palette = class_palette()
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows) + 0.6), squeeze=False)
     for ax_row, row in zip(axes, rows):
+        truth = colourise(row["label"], palette, row["ignore_index"])
+        prediction = colourise(row["prediction"], palette, -1)  # every pixel gets a prediction
         for ax, picture, name in zip(
             ax_row,
-            (row["image"], blend(row["image"], row["gt"]), blend(row["image"], row["prediction"])),
+            (row["image"], blend(row["image"], truth), blend(row["image"], prediction)),
             ("image", "ground truth", "prediction"),
         ):
             ax.imshow(picture, interpolation="nearest")
             ax.set_axis_off()
             ax.set_title(f"{name}: {row['caption']}" if name == "image" else name, fontsize=7)
     if legend:
-        palette = class_palette()
         handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i] / 255) for i in legend]
         fig.legend(handles, list(legend.values()), loc="lower center", ncol=min(6, len(legend)), fontsize=6,
                    frameon=False)

@@ -15,7 +15,6 @@ import numpy as np
 from seg4diff_repro.attention.cache import read_cached_image
 from seg4diff_repro.attention.extract import load_manifest
 from seg4diff_repro.datasets import SegmentationDataset
-from seg4diff_repro.figures.segmentation_appendix import class_palette, colourise
 from seg4diff_repro.models.preprocess import crop_to_box
 from seg4diff_repro.segmentation.maps import class_score_maps, predict_labels
 from seg4diff_repro.segmentation.unsupervised import cluster_labels, hungarian_match, proposals_from_token_maps
@@ -24,7 +23,11 @@ from seg4diff_repro.segmentation.unsupervised import cluster_labels, hungarian_m
 def overlay_rows(
     cache_manifest: Path, dataset_root: Path, layer: int, n: int, *, unsupervised: bool, kl_threshold: float = 0.1
 ) -> tuple[list[dict], dict[int, str]]:
-    """Rows for `plot_overlays` for the first ``n`` images, and the classes their ground truth shows."""
+    """Rows for `plot_overlays` for the first ``n`` images, and the classes their ground truth shows.
+
+    Each row: the ``image`` the model saw (its box of the original), the ``label`` and the ``prediction``
+    (class ids; ``ignore_index`` marks unlabelled pixels), and a ``caption``.
+    """
     manifest = load_manifest(cache_manifest)
     extraction = manifest["settings"]
     if layer not in manifest["layers"]:
@@ -33,7 +36,6 @@ def overlay_rows(
         dataset_root, extraction["split"], drop_background=extraction["drop_background"], limit=extraction["limit"]
     )
     num_classes = len(dataset.class_names)
-    palette = class_palette()
     rows, shown = [], set()
     for index in range(min(n, len(dataset))):
         sample = dataset[index]
@@ -51,8 +53,9 @@ def overlay_rows(
         shown |= set(np.unique(label[label != dataset.ignore_index]).tolist())
         rows.append({
             "image": crop_to_box(sample.image, cached.box),
-            "gt": colourise(label, palette, dataset.ignore_index),
-            "prediction": colourise(prediction, palette, -1),
+            "label": label,
+            "prediction": prediction,
+            "ignore_index": dataset.ignore_index,
             "caption": caption,
         })
     return rows, {i: dataset.class_names[i] for i in sorted(shown)}
