@@ -22,11 +22,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from seg4diff_repro.attention.during_generation import block_kind, generate_and_record
-from seg4diff_repro.tables.value_norms import GROUPS
 
 if TYPE_CHECKING:
     from seg4diff_repro.models.flux import FluxAdapter
     from seg4diff_repro.models.sd3 import SD3Adapter
+
+# Token groups of the value norms (method_spec §G): image tokens, the 77 text positions, the prompt's own tokens.
+GROUPS = ("image", "text", "prompt")
 
 
 def value_norm_statistics(

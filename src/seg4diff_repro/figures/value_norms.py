@@ -13,7 +13,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from seg4diff_repro.figures import save_figure  # noqa: E402
-from seg4diff_repro.tables.value_norms import GROUPS  # noqa: E402
+from seg4diff_repro.attention.value_norms import GROUPS  # noqa: E402
 
 GROUP_TITLES = {"image": "image tokens", "text": "text tokens", "prompt": "prompt tokens only"}
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-# Token groups of the value norms (method_spec §G): image tokens, the 77 text positions, the prompt's own tokens.
-GROUPS = ("image", "text", "prompt")
+from seg4diff_repro.attention.value_norms import GROUPS
 
 # What the paper says about the peaks (no numbers are given: the figures are plots only; method_spec §G, J).
 PAPER_CLAIMS = {
