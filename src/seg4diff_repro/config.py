@@ -152,7 +152,8 @@ def check_config(config: dict, schema_path: str | Path) -> None:
         for role, name in config["appendix"][kind].items():
             if name not in config[kind]:
                 raise ConfigError(
-                    f"appendix.{kind}.{role} names {name!r}, which is not defined; defined {kind}: {sorted(config[kind])}"
+                    f"appendix.{kind}.{role} names {name!r}, which is not defined; "
+                    f"defined {kind}: {sorted(config[kind])}"
                 )
 
     for name, model in config["models"].items():

@@ -156,7 +156,9 @@ def record_batch(
 
 
 def _extract_batch(adapter, samples, class_names, settings, noising, layers, key, out_dir) -> None:
-    batch = record_batch(adapter, samples, class_names, settings, noising, layers, record=("i2t", "logits"), heads="mean")
+    batch = record_batch(
+        adapter, samples, class_names, settings, noising, layers, record=("i2t", "logits"), heads="mean"
+    )
     recorder = batch.recorder
     i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
     logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
