@@ -188,6 +188,8 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
         ("attention", {"timestep": 29}, r"attention\.timestep = 29 is out of range.*allowed 1\.\.28"),
         ("attention", {"resize": "squash"}, r"allowed values: \['stretch', 'center_crop'\]"),
         ("run", {"models": ["sd4"]}, r"run\.models names 'sd4'.*defined models: \["),
+        ("appendix", {"models": {"sd3": "sd4", "sd35": "toy_sd35_random", "flux": "toy_flux_random"}},
+         r"appendix\.models\.sd3 names 'sd4', which is not defined"),
         ("models", {"toy_sd3_random": {"backbone": "sd3", "source": "elsewhere", "build": {"kind": "tiny-random"}}},
          r"models\.toy_sd3_random\.source = 'elsewhere'.*build_tiny_model"),
     ],
