@@ -3,6 +3,7 @@ and qualitative overlays (Figs. 21–26)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -24,9 +25,10 @@ def plot_head_heatmap(scores: pd.DataFrame, title: str, png_path: Path, pdf_path
     """mIoU of every (layer, head): layers as rows, heads as columns (appendix Fig. 4)."""
     grid = scores.pivot(index="layer", columns="head", values="mIoU")
     sns.set_theme(style="white")
-    fig, ax = plt.subplots(figsize=(0.32 * grid.shape[1] + 2.5, 0.28 * grid.shape[0] + 1.6))
+    width = max(6.0, 0.32 * grid.shape[1] + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 0.28 * grid.shape[0] + 2.0))
     sns.heatmap(grid, ax=ax, cmap="viridis", annot=grid.shape[1] <= 8, fmt=".0f", cbar_kws={"label": "mIoU (%)"})
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, width=int(11 * width)), fontsize=9)  # long titles name the stand-ins
     ax.set_xlabel("head")
     ax.set_ylabel("joint layer (0-based)")
     fig.tight_layout()
@@ -95,6 +97,6 @@ def plot_overlays(
         handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i] / 255) for i in legend]
         fig.legend(handles, list(legend.values()), loc="lower center", ncol=min(6, len(legend)), fontsize=6,
                    frameon=False)
-    fig.suptitle(title, fontsize=9, wrap=True)
+    fig.suptitle(textwrap.fill(title, width=90), fontsize=9)
     fig.tight_layout(rect=(0, 0.06 if legend else 0, 1, 1))
     save_figure(fig, png_path, pdf_path)
