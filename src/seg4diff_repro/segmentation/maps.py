@@ -49,11 +49,8 @@ def predict_labels(
     class_ids: np.ndarray, scores: np.ndarray, num_classes: int, out_shape: tuple[int, int]
 ) -> np.ndarray:
     """Bilinear upsampling of [C, h, w] ``scores`` to ``out_shape`` and argmax over the whole vocabulary."""
-    class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
-    if class_ids.size == 0:
-        # No class in the prompt (e.g. an all-ignore label): the official tensor is all zeros → class 0.
-        return np.zeros(tuple(out_shape), dtype=np.int64)
-    return predict_labels_batch(class_ids, torch.from_numpy(np.ascontiguousarray(scores))[None], num_classes, out_shape)[0].numpy()
+    scores = torch.from_numpy(np.ascontiguousarray(scores))[None]
+    return predict_labels_batch(class_ids, scores, num_classes, out_shape)[0].numpy()
 
 
 def predict_labels_batch(
@@ -66,6 +63,7 @@ def predict_labels_batch(
     """
     class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
     if class_ids.size == 0:
+        # No class in the prompt (e.g. an all-ignore label): the official tensor is all zeros → class 0.
         return torch.zeros((scores.shape[0], *out_shape), dtype=torch.int64, device=scores.device)
     # Ascending ids, so that a tie between prompt classes goes to the lowest id as in argmax.
     order = np.argsort(class_ids, kind="stable")

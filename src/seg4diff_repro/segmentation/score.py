@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import pandas as pd
 from PIL import Image
 
 from seg4diff_repro import __version__
-from seg4diff_repro.attention.cache import read_cached_image
+from seg4diff_repro.attention.cache import read_cached_image, settings_key
 from seg4diff_repro.attention.extract import load_manifest
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.models.preprocess import crop_to_box, resized_shape
@@ -46,7 +45,7 @@ def _layer_name(layer: int) -> str:
 def _scoring_key(cache_manifest: Path, settings: dict) -> str:
     """Key of a scoring run: the cache it reads (its manifest, byte for byte), the settings and the code."""
     manifest = hashlib.sha256(Path(cache_manifest).read_bytes()).hexdigest()
-    return json.dumps([manifest, settings, __version__], sort_keys=True)
+    return settings_key({"cache_manifest_sha256": manifest, "scoring": settings, "code_version": __version__})
 
 
 def score_layers(
