@@ -75,7 +75,7 @@ def _value_norms(args: argparse.Namespace) -> None:
 def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
     import pandas as pd
 
-    from seg4diff_repro import __version__
+    from seg4diff_repro.provenance import provenance_label
 
     first = frame.iloc[0]
     return pd.Series({
@@ -84,7 +84,7 @@ def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
         "attention": f"value features of the conditional branch during generation, {first['num_steps']} steps, "
         f"CFG {first['cfg']}",
         "seed": f"{first['seed']} + prompt index",
-        "code_version": __version__,
+        "code_version": provenance_label(),
     })
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seg4diff_repro import __version__
 from seg4diff_repro.atomic import replace_folder_atomically
 from seg4diff_repro.generation.prompts import figure_prompts, load_prompts
 from seg4diff_repro.generation.sampling import SamplingSettings, sample_images, truncated_prompts
+from seg4diff_repro.provenance import provenance
 
 __all__ = ["GenerationRun", "RUN_PATTERN", "parse_run", "read_run", "run_generation"]
 
@@ -105,6 +105,8 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
     """Generate every (prompt, seed) image of ``run`` into ``out_dir`` (replaced atomically); return the manifest."""
+    from seg4diff_repro.models.common import model_fingerprint
+
     pipe = _load_pipeline(run)
     prompts = run.prompts()
     pairs = [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in run.seeds]
@@ -126,7 +128,8 @@ def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
         "width": width,
         "n_prompts": len(prompts),
         "truncated_prompts": truncated,
-        "code_version": __version__,
+        "model_fingerprint": model_fingerprint(run.source),
+        "provenance": provenance("generation"),
         "images": [
             {"file": f"p{index:03d}_s{seed}.png", "prompt_index": index, "prompt": prompt, "seed": seed}
             for index, prompt, seed in pairs
