@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from seg4diff_repro import __version__
 
 PACKAGE = "seg4diff_repro"
 PACKAGE_DIR = Path(__file__).resolve().parent
+LAZY_IMPORT = re.compile(r"seg4diff_repro(\.[a-z_0-9]+)+")
 
 # Entry modules of the stages whose results are cached; everything else (tables, figures, the command
 # line) is cheap and keyed by the whole package.
@@ -81,6 +83,9 @@ def _imported_modules(path: Path) -> set[str]:
             names.add(node.module)
             # `from seg4diff_repro.x import y` may name a submodule y
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif (path.name == "__init__.py" and isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and LAZY_IMPORT.fullmatch(node.value)):
+            names.add(node.value)  # a package's export imported on first use by name (import_module)
     return names
 
 
