@@ -131,7 +131,8 @@ def _normalisation_table(args: argparse.Namespace) -> None:
     write_table(
         table, first.drop(labels=["attention"]), f"Score normalisation (appendix Table 1): {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "mIoU etc. in percent. min_max = min-max per token before and per class after "
-        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, docs/method.md#reported-numbers).",
+        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, "
+        "docs/method.md#reported-numbers).",
         args.csv, args.markdown,
     )
 
@@ -158,9 +159,9 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
         table, scores.iloc[0], f"Unsupervised segmentation: {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "Empty prompt, the 77 token maps min-max normalised per pixel, spatial softmax, "
         "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
-        "false negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). `geometry` official: input zero-padded to a "
-        "multiple of 32, scored at the 640-short-side resized ground truth with the official top-left-crop quirk for "
-        "larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
+        "false negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). `geometry` official: "
+        "input zero-padded to a multiple of 32, scored at the 640-short-side resized ground truth with the official "
+        "top-left-crop quirk for larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
         "Table 2 where it has the model and dataset.",
         args.csv, args.markdown,
     )

@@ -14,7 +14,7 @@ import textwrap
 
 # Options that mean the same in every command that has them; a command's own help text wins.
 SHARED_OPTION_HELP = {
-    "--dataset-root": "prepared dataset folder (<data.root>/prepared/<name>: images, labels, split files, classes.json)",
+    "--dataset-root": "prepared dataset folder, <data.root>/prepared/<name> (images, labels, splits, classes.json)",
     "--device": "torch device: cpu, cuda, cuda:1, ...",
     "--batch-size": "images per forward pass",
     "--layer": "0-based joint layer the output reports (the model's analysis_layer)",
