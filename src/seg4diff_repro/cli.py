@@ -161,8 +161,8 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
         "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
         "false negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). `geometry` official: "
         "input zero-padded to a multiple of 32, scored at the 640-short-side resized ground truth with the official "
-        "top-left-crop quirk for larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
-        "Table 2 where it has the model and dataset.",
+        "top-left-crop quirk for larger images (Cityscapes); aligned: no padding, scored at the original resolution. "
+        "`paper_mIoU`: main Table 2 where it has the model and dataset.",
         args.csv, args.markdown,
     )
 

@@ -81,7 +81,8 @@ def _normalisation_panels(args: argparse.Namespace) -> None:
     write_table(
         combined, _provenance(args.provenance), args.title,
         "Post- or pre-softmax maps, raw or min-max normalised (before and after merging a class's tokens). The "
-        "paper's checkmarks are lost in every copy; its row-to-setting pairing is inferred (docs/method.md#reported-numbers).",
+        "paper's checkmarks are lost in every copy; its row-to-setting pairing is inferred "
+        "(docs/method.md#reported-numbers).",
         args.csv, args.markdown,
     )
 

@@ -4,7 +4,8 @@
 for chosen rows of the batch; every other call runs the stock attention. The stock pipelines make one
 transformer call per denoising step: `StableDiffusion3Pipeline` with the batch ``[uncond ; cond]`` under
 classifier-free guidance, `FluxPipeline` (guidance-distilled, no true CFG) with the prompt alone. So call i
-is step i, and the conditional branch is the second half of an SD3 batch (docs/method.md#attention-during-generation [assumption]).
+is step i, and the conditional branch is the second half of an SD3 batch
+(docs/method.md#attention-during-generation [assumption]).
 
 Time convention (as `models.common.noising_at_step`): "t = k" is schedule index ``num_steps − k``; t = 28 of
 28 is the first step (σ = 1) and t = 8 is index 20.

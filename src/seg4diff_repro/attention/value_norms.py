@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from seg4diff_repro.models.flux import FluxAdapter
     from seg4diff_repro.models.sd3 import SD3Adapter
 
-# Token groups of the value norms (docs/method.md#value-norms): image tokens, the 77 text positions, the prompt's own tokens.
+# Token groups of the value norms (docs/method.md#value-norms): image tokens, the 77 text positions, the prompt's
+# own tokens.
 GROUPS = ("image", "text", "prompt")
 
 

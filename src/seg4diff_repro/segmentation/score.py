@@ -135,8 +135,8 @@ def score_unsupervised(
     cache_manifest: Path, dataset_root: Path, shard_root: Path, kl_threshold: float = 0.1,
     geometry: str = "official", shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> pd.DataFrame:
-    """Unsupervised segmentation (docs/method.md#unsupervised-protocol) of each cached layer: empty-prompt token maps → KL-merged
-    proposals → clusters, scored with per-image Hungarian matching; one row per layer.
+    """Unsupervised segmentation (docs/method.md#unsupervised-protocol) of each cached layer: empty-prompt token
+    maps → KL-merged proposals → clusters, scored with per-image Hungarian matching; one row per layer.
 
     ``geometry`` "official" needs a cache extracted with ``pad_multiple`` 32, "aligned" one without padding.
     """
