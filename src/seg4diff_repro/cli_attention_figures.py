@@ -261,7 +261,7 @@ def add_attention_figure_commands(subparsers: argparse._SubParsersAction) -> Non
 
     command = subparsers.add_parser("token-maps-figure", help="appendix Figs. 3, 12, 13, 14, 17: token maps")
     common(command, generation=True)
-    command.add_argument("--figure", choices=TOKEN_MAP_FIGURES, required=True)
+    command.add_argument("--figure", choices=TOKEN_MAP_FIGURES, required=True, help="which appendix figure")
     command.add_argument("--timestep", type=int, default=8, help="k of 't = k' (index N - k)")
     command.add_argument("--keywords", type=json.loads, default=None,
                          help="JSON: fig03 a list of words per prompt; fig13/fig14 one word per fig13_14 prompt")

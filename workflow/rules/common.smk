@@ -53,7 +53,7 @@ def extraction_settings(wildcards):
 
 
 def unsupervised_extraction_settings(wildcards):
-    """The empty prompt at the model's analysis layer only (method_spec D.1), padded as the geometry asks."""
+    """The empty prompt at the model's analysis layer only (docs/method.md#unsupervised-protocol), padded as the geometry asks."""
     pad_multiple = 32 if config["analyses"]["unsupervised"]["geometry"] == "official" else None
     return _extraction_settings(
         wildcards,

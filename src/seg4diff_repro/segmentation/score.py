@@ -125,7 +125,7 @@ def score_layers(
 
 UNSUPERVISED_GEOMETRIES = {
     # The official route: input zero-padded to a multiple of 32, scored at the 640-short-side resized
-    # label, with the top-left-crop quirk for images larger than that (method_spec D.1, K.4).
+    # label, with the top-left-crop quirk for images larger than that (docs/method.md#unsupervised-protocol).
     "official": 32,
     # Ours: no padding, scored at the original label resolution like the open-vocabulary protocol.
     "aligned": None,
@@ -136,8 +136,8 @@ def score_unsupervised(
     cache_manifest: Path, dataset_root: Path, shard_root: Path, kl_threshold: float = 0.1,
     geometry: str = "official", shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> pd.DataFrame:
-    """Unsupervised segmentation (method_spec §D) of each cached layer: empty-prompt token maps → KL-merged
-    proposals → clusters, scored with per-image Hungarian matching; one row per layer.
+    """Unsupervised segmentation (docs/method.md#unsupervised-protocol) of each cached layer: empty-prompt token
+    maps → KL-merged proposals → clusters, scored with per-image Hungarian matching; one row per layer.
 
     ``geometry`` "official" needs a cache extracted with ``pad_multiple`` 32, "aligned" one without padding.
     """
