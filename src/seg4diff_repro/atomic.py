@@ -21,6 +21,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "current_umask",
+    "remove_leftover_temp_files",
     "replace_folder_atomically",
 ]
 
@@ -48,6 +49,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftover_temp_files(folder: str | Path) -> int:
+    """Delete the temp files (``.<name>.<random>.tmp``) that writers killed by SIGKILL left under ``folder``.
+
+    Only for a folder that this process alone writes (a Snakemake job's own output folder); returns the count.
+    """
+    leftovers = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
