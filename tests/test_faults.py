@@ -142,6 +142,7 @@ def isolated_env(home: Path) -> dict[str, str]:
 
 
 def small_world(workdir: Path, n_val: int = 4) -> Path:
+    workdir.mkdir()
     copy_workflow(workdir)
     edit_config(workdir, "toy_shapes", n_train=1, n_val=n_val)
     edit_config(workdir, "attention", batch_size=1, layers=[0, 3])
