@@ -196,7 +196,8 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     head_map_layers = config["analyses"]["attention_figures"]["head_map_layers"]
     sd3_role = config["appendix"]["models"]["sd3"]
     count = model_num_layers(config["models"][sd3_role])
-    if head_map_layers is not None and count is not None and (bad := [l for l in head_map_layers if l >= count]):
+    bad = [layer for layer in head_map_layers or [] if count is not None and layer >= count]
+    if bad:
         raise ConfigError(
             f"analyses.attention_figures.head_map_layers contains {bad}, out of range for model {sd3_role!r} "
             f"(appendix.models.sd3): allowed 0..{count - 1}, or null for every layer"
@@ -271,7 +272,7 @@ def _check_model_source(name: str, model: dict, trainable_source: str) -> None:
     if not folder.is_dir():
         raise ConfigError(
             f"models.{name}.source = {source!r} is a local path (not a Hugging Face id, owner/name) and does not "
-            "exist: point it at a folder written by `save_pipeline.save_pretrained`, or at the hub id"
+            "exist: point it at a folder written by `pipeline.save_pretrained`, or at the hub id"
         )
     if not (folder / "model_index.json").is_file():
         raise ConfigError(
