@@ -42,11 +42,13 @@ def test_interrupted_extraction_resumes_and_a_changed_setting_recomputes(world, 
     files = {image_id: cache_path(out, image_id) for image_id in manifest["image_ids"]}
     stamps = {image_id: path.stat().st_mtime_ns for image_id, path in files.items()}
     lost = manifest["image_ids"][2]
-    files[lost].unlink()  # as if the run had been killed before this image
+    files[lost].unlink()  # as if the run had been killed before this image ...
+    half_written = files[lost].with_name(f".{files[lost].name}.k2x9.tmp")  # ... while atomic_write_bytes wrote it
+    half_written.write_bytes(b"PK\x03\x04")
     with caplog.at_level(logging.INFO):
         extract_attention(settings, world / "data", out, batch_size=3)
     assert "1 of 4 images to extract" in caplog.text
-    assert files[lost].is_file()
+    assert files[lost].is_file() and not half_written.exists()
     assert all(files[i].stat().st_mtime_ns == stamps[i] for i in stamps if i != lost)
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -22,6 +22,7 @@ from seg4diff_repro.datasets import (
     write_manifest,
     write_split,
 )
+from seg4diff_repro.datasets.layout import DamagedFileError
 
 NAMES = ["background", "cat", "dog"]
 
@@ -132,7 +133,8 @@ def test_atomic_write_json_replaces_and_leaves_no_temp_files(tmp_path: Path) -> 
 
 def test_missing_root_classes_and_split_mention_prepare_target(tmp_path: Path) -> None:
     root = tmp_path / "voc2012"
-    with pytest.raises(FileNotFoundError, match=r"voc2012.*snakemake prepare_voc2012.*data\.paths\.voc2012"):
+    # A plain `snakemake prepare_<name>` does nothing while manifest.json exists: the hint forces the rule.
+    with pytest.raises(FileNotFoundError, match=r"voc2012.*`snakemake --forcerun prepare_voc2012`.*data\.paths\.voc2012"):
         SegmentationDataset(root)
     _make_dataset(root)
     with pytest.raises(FileNotFoundError, match=r"test\.txt.*available splits: \['train', 'val'\]"):
@@ -151,6 +153,19 @@ def test_missing_label_names_file_and_split(tmp_path: Path) -> None:
         SegmentationDataset(tmp_path, "train")
     assert "SegmentationClass/b.png" in str(err.value) and "train.txt" in str(err.value)
     SegmentationDataset(tmp_path, "val")  # other splits are unaffected
+
+
+@pytest.mark.parametrize("damaged", ["JPEGImages/a.jpg", "SegmentationClass/a.png"])
+def test_damaged_image_or_label_names_the_file_and_the_rebuild(tmp_path: Path, damaged: str) -> None:
+    root = tmp_path / "voc21"
+    _make_dataset(root)
+    raw = (root / damaged).read_bytes()
+    (root / damaged).write_bytes(raw[: len(raw) // 2])  # as a copy cut short by a full disk or a kill
+    with pytest.raises(DamagedFileError) as err:  # PIL alone says "image file is truncated", naming no file
+        SegmentationDataset(root, "train")[0]
+    assert str(root / damaged) in str(err.value) and "`snakemake --forcerun prepare_voc21`" in str(err.value)
+    assert isinstance(err.value, OSError)
+    SegmentationDataset(root, "train")[1]  # the other image is unaffected
 
 
 def test_bad_label_value_and_size_mismatch(tmp_path: Path) -> None:

@@ -73,6 +73,26 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_regenerates_over_its_output_without_manifest_and_a_killed_runs_staging(toy_root: Path, tmp_path: Path) -> None:
+    # Snakemake deletes a rule's output (manifest.json) before it re-runs the rule (--forcerun, a changed
+    # toy_shapes key); a killed run leaves its staging folder behind.
+    root = tmp_path / "toy_shapes"
+    generate_toy_shapes(root, **{**ARGS, "seed": 4})
+    (root / "manifest.json").unlink()
+    (tmp_path / ".toy_shapes.partial").mkdir()
+    (tmp_path / ".toy_shapes.partial" / "half.jpg").write_bytes(b"\xff\xd8")
+    generate_toy_shapes(root, **ARGS)
+    assert _all_files(root) == _all_files(toy_root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_shapes"]
+    # A folder of other classes is still refused, whole.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "classes.json").write_text(json.dumps({"names": ["background", "cat"]}))
+    with pytest.raises(FileExistsError, match="other.*not a toy-shapes dataset"):
+        generate_toy_shapes(other, **ARGS)
+    assert [p.name for p in other.iterdir()] == ["classes.json"]
+
+
 def test_label_values_areas_and_boundary_band(toy_root: Path) -> None:
     for image_id, label in _labels(toy_root).items():
         values = set(np.unique(label).tolist())

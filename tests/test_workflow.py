@@ -18,11 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    # Generous: the default toy run takes about 8 minutes alone on 2 cores, and CI machines are shared.
+def snakemake(workdir: Path, *args: str, check: bool = True, cores: str | None = "2",
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run Snakemake in ``workdir``; ``cores=None`` leaves the core count to the workflow's default profile.
+
+    Generous time limit: the default toy run takes about 8 minutes alone on 2 cores, and CI machines are shared.
+    """
+    env = {**(os.environ if env is None else env), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        [sys.executable, "-m", "snakemake", *(["--cores", cores] if cores else []), *args],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=2700,
     )
     if check and result.returncode != 0:
@@ -37,7 +41,7 @@ def planned_jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
 
 
 def copy_workflow(target: Path, **overrides) -> Path:
-    for name in ("Snakefile", "workflow", "envs", "models"):
+    for name in ("Snakefile", "workflow", "envs", "models", "profiles"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -160,7 +164,7 @@ def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
 
 @pytest.mark.slow
 def test_report_has_figure_table_and_captions(toy_run):
-    snakemake(toy_run, "--report", "report.html")
+    snakemake(toy_run, "--report", "report.html", cores=None)  # the README's command, as written
     report = (toy_run / "report.html").read_text(errors="replace")
     assert "per_layer_toy_sd3_random_toy_shapes_t8.png" in report
     assert "per_layer_toy_sd3_toy_shapes_t8.csv" in report
@@ -188,6 +192,9 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
         ("attention", {"colour": "red"}, r"unknown key\(s\) \['colour'\] in attention; allowed keys: \['background_name'"),
         ("attention", {"layers": [99]}, r"attention\.layers contains \[99\].*allowed 0\.\.5"),
         ("attention", {"timestep": 29}, r"attention\.timestep = 29 is out of range.*allowed 1\.\.28"),
+        ("analyses", {"timestep_sweep": {"timesteps": [8, 40]}},
+         r"analyses\.timestep_sweep\.timesteps contains \[40\].*allowed 1\.\.28"),
+        ("toy_generations", {"device": "gpu"}, r"toy_generations\.device = 'gpu' is not a torch device"),
         ("attention", {"resize": "squash"}, r"allowed values: \['stretch', 'center_crop'\]"),
         ("run", {"models": ["sd4"]}, r"run\.models names 'sd4'.*defined models: \["),
         ("appendix", {"models": {"sd3": "sd4", "sd35": "toy_sd35_random", "flux": "toy_flux_random"}},
@@ -239,7 +246,7 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     edit_config(workdir, "toy_shapes", n_val=2)
     src = tmp_path / "src"
     shutil.copytree(REPO / "src/seg4diff_repro", src / "seg4diff_repro", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {"PYTHONPATH": str(src)}
+    env = {**os.environ, "PYTHONPATH": str(src)}
     target = "results/attention/toy_sd3/toy_shapes/t8/manifest.json"
     log = workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8.log"
     snakemake(workdir, target, env=env)

@@ -1,6 +1,7 @@
 # Config checks and the small helpers the rules share.
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +10,19 @@ from seg4diff_repro.config import apply_defaults, check_config, load_schema
 from seg4diff_repro.provenance import command_fingerprint
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+
+# Tool caches go to the project's .cache/ (gitignored), not the home folder: jobs inherit these variables. A value
+# the user set is kept (e.g. HF_HOME pointing at a cache that already holds the hub models); a `hf auth login` token
+# in the default place is still read.
+PROJECT_CACHE = Path(workflow.basedir) / ".cache"
+os.environ.setdefault(
+    "HF_TOKEN_PATH",
+    str(Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface",
+             "token").expanduser()),
+)
+for _variable, _folder in {"MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "", "HF_HOME": "huggingface",
+                           "TORCH_HOME": "torch"}.items():
+    os.environ.setdefault(_variable, str(PROJECT_CACHE / _folder))
 
 # Friendly errors first (they name the key and the allowed values), then Snakemake's own validation.
 check_config(config, SCHEMA)

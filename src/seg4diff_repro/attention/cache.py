@@ -71,6 +71,15 @@ def write_cached_image(folder: Path, entry: CachedImage) -> Path:
     return path
 
 
+def rebuild_command(folder: Path) -> str:
+    """The command that re-runs the extraction job writing ``folder``: it recomputes only missing or unreadable files."""
+    return f"snakemake --forcerun {Path(folder) / 'manifest.json'}"
+
+
+class DamagedCacheError(OSError):
+    """A cache file exists but cannot be read (truncated, not an .npz, a field missing)."""
+
+
 def read_cached_image(folder: Path, image_id: str) -> CachedImage:
     path = cache_path(folder, image_id)
     try:
@@ -91,8 +100,15 @@ def read_cached_image(folder: Path, image_id: str) -> CachedImage:
             )
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"attention cache file {path} is missing: re-run the extraction rule that writes {Path(folder)}"
+            f"attention cache file {path} is missing: `{rebuild_command(folder)}` re-runs the extraction job that "
+            "writes it (it recomputes only missing or unreadable files), then what depends on it"
         ) from None
+    except Exception as error:  # zipfile.BadZipFile, EOFError, zlib.error, KeyError, ValueError: all mean damaged
+        raise DamagedCacheError(
+            f"attention cache file {path} is damaged ({type(error).__name__}: {error}): `{rebuild_command(folder)}` "
+            "re-runs the extraction job that writes it (it recomputes only missing or unreadable files), then what "
+            "depends on it"
+        ) from error
 
 
 def cached_key(folder: Path, image_id: str) -> str | None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from seg4diff_repro.atomic import remove_leftover_temp_files
 from seg4diff_repro.attention.cache import CACHE_FORMAT, CachedImage, cached_key, settings_key, write_cached_image
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
@@ -89,6 +90,8 @@ def extract_attention(
     run resumes without recomputing them.
     """
     out_dir = Path(out_dir)
+    if removed := remove_leftover_temp_files(out_dir):
+        log.info("%s: removed %d temp files of a killed run", out_dir, removed)
     dataset = SegmentationDataset(
         dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
     )

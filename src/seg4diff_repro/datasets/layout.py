@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,18 +218,33 @@ class Sample:
 
 
 def _hint(root: str | Path) -> str:
+    """What rebuilds a prepared dataset: its prepare rule, named after the folder, forced (a plain `snakemake
+    prepare_<name>` does nothing while manifest.json exists)."""
     name = Path(root).name or str(root)
-    return (
-        f"Run the dataset's prepare target (e.g. `snakemake prepare_{name}`) or point the config's "
-        f"`data.paths.{name}` at a prepared copy."
-    )
+    origin = "" if name.startswith("toy_shapes") else f" from its downloaded archives (or `data.paths.{name}`)"
+    return f"`snakemake --forcerun prepare_{name}` rebuilds the prepared dataset {root}{origin}, then re-runs what depends on it."
+
+
+class DamagedFileError(OSError):
+    """A file of a prepared dataset exists but cannot be decoded."""
+
+
+@contextmanager
+def _decoding(path: Path, root: Path) -> Iterator[None]:
+    """Name the file and the rebuild command when PIL cannot decode it (PIL's own messages name neither)."""
+    try:
+        yield
+    except (OSError, SyntaxError) as error:  # "image file is truncated", UnidentifiedImageError, broken chunks
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise DamagedFileError(f"{path} cannot be decoded ({error}): the file is damaged. {_hint(root)}") from error
 
 
 def _load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-run the dataset's prepare target") from err
+        raise ValueError(f"{path} is not valid JSON ({err}). {_hint(path.parent)}") from err
 
 
 def _check_indices(where: str, num_classes: int, ignore_index: Any, background_index: Any) -> None:
@@ -307,7 +323,7 @@ class SegmentationDataset:
                 raise ValueError(f"limit must be a positive int or None, got {limit!r}")
             ids = ids[:limit]
         if not ids:
-            raise ValueError(f"split file {self.split_file} lists no image ids; re-run the dataset's prepare target")
+            raise ValueError(f"split file {self.split_file} lists no image ids. {_hint(self.root)}")
         # Check every file up front so a broken dataset fails before hours of model inference.
         for image_id in ids:
             for path in (self._image_path(image_id), self._label_path(image_id)):
@@ -353,9 +369,9 @@ class SegmentationDataset:
     def __getitem__(self, index: int) -> Sample:
         image_id = self.ids[index]
         image_path, label_path = self._image_path(image_id), self._label_path(image_id)
-        with Image.open(image_path) as im:
+        with _decoding(image_path, self.root), Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        with Image.open(label_path) as im:
+        with _decoding(label_path, self.root), Image.open(label_path) as im:
             if im.mode not in ("L", "P"):
                 raise ValueError(
                     f"{label_path} has PIL mode {im.mode!r}; label maps must be single-channel 'L' or 'P' PNGs"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from seg4diff_repro.config import looks_like_local_path
+
 HF_LOGIN_HELP = (
     "Accept the model licence at https://huggingface.co/{repo} while logged in, then log in here with "
     "`hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN environment variable to a token "
@@ -92,12 +94,14 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
     )
 
     source = str(source)
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_like_path and not Path(source).exists():
-        raise ModelLoadError(
-            f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
-            "(for the toy models, run the rule that builds them, e.g. `snakemake build_tiny_model`)."
-        )
+    if looks_like_local_path(source):
+        # Never a hub id: a missing folder must not send the hub a request for "models/..." or "./...".
+        source = str(Path(source).expanduser())
+        if not Path(source).exists():
+            raise ModelLoadError(
+                f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
+                f"(a model with `build` in the config is written by `snakemake {source}`)."
+            )
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelLoadError(
             f"{source} has no model_index.json: point the model's `source` at a folder written by "
