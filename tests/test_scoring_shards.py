@@ -162,3 +162,16 @@ def test_unsupervised_scores_both_matchings_and_the_official_class_count(caches,
     assert (rows["out_of_range_pixels"] == 0).all()
     with pytest.raises(ValueError, match="scored_classes=9"):
         score_unsupervised(manifest, data, tmp_path / "d.shards", kl_threshold=0.01, scored_classes=9)
+
+
+def test_a_cache_of_an_older_format_is_refused_with_what_to_do(caches, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(caches / "oracle", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["settings"]["cache_format"] = 2  # untruncated spans and the background views came with format 3
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"format 2, but this version reads format 3: re-run its extraction rule"):
+        score_layers(old / "manifest.json", caches / "data", ScoringSettings(), tmp_path / "s.shards")

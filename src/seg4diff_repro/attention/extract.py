@@ -195,4 +195,12 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
 
 
 def load_manifest(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """An extraction manifest; one written in another cache format is refused (its keys and spans differ)."""
+    manifest = json.loads(Path(path).read_text())
+    found = manifest.get("settings", {}).get("cache_format")
+    if found != CACHE_FORMAT:
+        raise ValueError(
+            f"{path} was written in attention-cache format {found}, but this version reads format {CACHE_FORMAT}: "
+            "re-run its extraction rule"
+        )
+    return manifest
