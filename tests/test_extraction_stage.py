@@ -30,7 +30,7 @@ def settings_for(world, **changes) -> ExtractionSettings:
     values = dict(
         model="tiny", dataset="toy", backbone="sd3", source=str(world / "model"), dtype="float32", timestep=8,
         num_steps=28, layers=[1, 3], seed=0, short_side=None, resize="stretch", prompt="oracle",
-        background_name="background", split="val", drop_background=True, limit=None,
+        background_name="background", split="val", background="drop", limit=None,
     )
     return ExtractionSettings.from_dict({**values, **changes})
 
@@ -87,7 +87,7 @@ def test_cache_holds_the_recorders_maps_of_the_class_tokens(world, tmp_path):
     out = tmp_path / "cache"
     settings = settings_for(world)
     extract_attention(settings, world / "data", out, batch_size=2)
-    dataset = SegmentationDataset(world / "data", "val", drop_background=True)
+    dataset = SegmentationDataset(world / "data", "val", background="drop")
     sample = dataset[1]
     cached = read_cached_image(out, sample.image_id)
     # The same forward pass done by hand, batch of one.

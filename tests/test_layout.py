@@ -91,18 +91,47 @@ def test_reader_roundtrip_captions_and_limit(tmp_path: Path) -> None:
 
 def test_drop_background_view(tmp_path: Path) -> None:
     labels = _make_dataset(tmp_path)
-    ds = SegmentationDataset(tmp_path, "val", drop_background=True)
+    ds = SegmentationDataset(tmp_path, "val", background="drop")
     assert ds.class_names == ["cat", "dog"] and ds.background_index is None
     raw = labels["c"].astype(np.int64)
     expected = np.select([raw == 0, raw == 255], [255, 255], raw - 1)
     np.testing.assert_array_equal(ds[0].label, expected)
     assert set(np.unique(ds[0].label)) == {0, 1, 255}
+    np.testing.assert_array_equal(ds.label_for_scoring(ds[0].label), expected)
 
 
-def test_drop_background_without_background_is_an_error(tmp_path: Path) -> None:
+def test_background_last_view_is_the_official_voc21_order(tmp_path: Path) -> None:
+    """Official voc21.json / prepare_voc.py: background -> 20 (last), class k -> k - 1."""
+    labels = _make_dataset(tmp_path)
+    ds = SegmentationDataset(tmp_path, "val", background="last")
+    assert ds.class_names == ["cat", "dog", "background"] and ds.background_index == 2
+    raw = labels["c"].astype(np.int64)
+    official = {0: 2, 1: 0, 2: 1, 255: 255}  # clsID_to_trID_bg of prepare_voc.py, for three classes
+    np.testing.assert_array_equal(ds[0].label, np.vectorize(official.get)(raw))
+    np.testing.assert_array_equal(ds.label_for_scoring(ds[0].label), ds[0].label)
+
+
+def test_background_ignore_view_keeps_background_in_the_label_but_not_in_scoring(tmp_path: Path) -> None:
+    """Official COCO-Object open vocabulary: background stays class 0 (a prompt word), GT 0 is ignore_label."""
+    labels = _make_dataset(tmp_path)
+    ds = SegmentationDataset(tmp_path, "val", background="ignore")
+    assert ds.class_names == NAMES and ds.background_index == 0
+    raw = labels["c"].astype(np.int64)
+    np.testing.assert_array_equal(ds[0].label, raw)  # the prompt sees background
+    np.testing.assert_array_equal(ds.label_for_scoring(ds[0].label), np.where(raw == 0, 255, raw))
+
+
+@pytest.mark.parametrize("mode", ["drop", "last", "ignore"])
+def test_background_view_without_background_is_an_error(tmp_path: Path, mode: str) -> None:
     _make_dataset(tmp_path, background_index=None)
     with pytest.raises(ValueError, match="background_index null"):
-        SegmentationDataset(tmp_path, "val", drop_background=True)
+        SegmentationDataset(tmp_path, "val", background=mode)
+
+
+def test_unknown_background_view_is_an_error(tmp_path: Path) -> None:
+    _make_dataset(tmp_path)
+    with pytest.raises(ValueError, match="'class', 'last', 'ignore', 'drop'"):
+        SegmentationDataset(tmp_path, "val", background="first")
 
 
 def test_manifest_hashes_and_counts(tmp_path: Path) -> None:

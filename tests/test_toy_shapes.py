@@ -154,7 +154,7 @@ def test_reader_roundtrip_and_voc20_view(toy_root: Path) -> None:
     captions = json.loads((toy_root / "captions.json").read_text())
     ds = SegmentationDataset(toy_root, "val")
     assert len(ds) == 4 and ds.class_names == CLASS_NAMES
-    view = SegmentationDataset(toy_root, "val", drop_background=True)
+    view = SegmentationDataset(toy_root, "val", background="drop")
     assert view.class_names == ["circle", "square", "triangle", "star"] and view.background_index is None
     for sample, dropped in zip(ds, view):
         raw = np.array(Image.open(toy_root / "SegmentationClass" / f"{sample.image_id}.png")).astype(np.int64)

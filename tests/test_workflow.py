@@ -117,6 +117,9 @@ def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_
     unsupervised = pd.read_csv(toy_run / "paper_tables/unsupervised_toy_sd3_toy_shapes_bg_t8.csv")
     assert unsupervised["layer"].tolist() == [0] and unsupervised["mean_proposals"].iloc[0] >= 1
     assert 0 <= unsupervised["mIoU"].iloc[0] <= 100
+    # Both Hungarian matchings, labelled; the headline one is the official per-row matching.
+    assert unsupervised["mIoU"].iloc[0] == unsupervised["mIoU (official, per-row matching)"].iloc[0]
+    assert 0 <= unsupervised["mIoU (corrected, per-image)"].iloc[0] <= 100
     pre = normalisation[~normalisation["post_softmax"]]["mIoU"]
     assert not pre.round(2).isin(normalisation[normalisation["post_softmax"]]["mIoU"].round(2)).all()
 
@@ -127,7 +130,7 @@ def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     assert heads["layer"].tolist() == list(range(6))
     head_columns = [c for c in heads.columns if c.startswith("head_")]
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
-    assert "toy_sd3 for SD3-medium on toy_shapes_bg for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
+    assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
     main1 = pd.read_csv(toy_run / "paper_tables/main_table1_ovss.csv")
     assert len(main1) == 3 * 4 and main1["paper_mIoU"].notna().all()
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))

@@ -143,7 +143,7 @@ def _score_unsupervised(args: argparse.Namespace) -> None:
 
     scores = score_unsupervised(
         Path(args.cache), Path(args.dataset_root), _shard_root(args.out), args.kl_threshold, args.geometry,
-        args.shard_size,
+        args.shard_size, args.matching, args.scored_classes,
     )
     atomic_write_bytes(Path(args.out), scores.to_csv(index=False).encode())
 
@@ -158,11 +158,15 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
     write_table(
         table, scores.iloc[0], f"Unsupervised segmentation: {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "Empty prompt, the 77 token maps min-max normalised per pixel, spatial softmax, "
-        "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
-        "false negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). `geometry` official: "
-        "input zero-padded to a multiple of 32, scored at the 640-short-side resized ground truth with the official "
-        "top-left-crop quirk for larger images (Cityscapes); aligned: no padding, scored at the original resolution. "
-        "`paper_mIoU`: main Table 2 where it has the model and dataset.",
+        "one greedy symmetric-KL merging pass, argmax; Hungarian matching (unmatched proposals count as false "
+        "negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). The official trainer matches each image ROW on "
+        "its own (its `hungarian_matching` loops over the first axis of one [H, W] map): a bug, but the protocol of "
+        "the paper's Table 2; both are shown, `mIoU` is the `matching` the config chose. `background`: class = scored "
+        "as a class (the paper includes it for VOC, PC59 and Object); `scored_classes`: the official N_CLASS, labels "
+        "from it on dropped. `geometry` official: input zero-padded to a "
+        "multiple of 32, scored at the 640-short-side resized ground truth with the official top-left-crop quirk for "
+        "larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
+        "Table 2 where it has the model and dataset.",
         args.csv, args.markdown,
     )
 
@@ -255,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--kl-threshold", type=float, default=0.1)
     command.add_argument("--geometry", choices=["official", "aligned"], default="official",
                          help="official: padded input, scored at the 640-short-side label with the crop quirk")
+    command.add_argument("--matching", choices=["per_row", "per_image"], default="per_row",
+                         help="the headline mIoU: per_row (the official trainer's) or per_image; both are scored")
+    command.add_argument("--scored-classes", type=lambda v: None if v == "none" else int(v), default=None,
+                         help="the official N_CLASS where it differs from the dataset view's class count, or none")
     command.add_argument("--out", required=True, help="CSV; finished shards are kept in <out without .csv>.shards/")
     command.add_argument("--shard-size", type=int, default=64, help="images per resumable shard")
     command.set_defaults(handler=_score_unsupervised)

@@ -63,7 +63,9 @@ rule score_normalisation_variant:
     wildcard_constraints:
         variant="|".join(NORMALISATION_VARIANTS),
     params:
-        settings=lambda wildcards: json.dumps(NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True),
+        settings=lambda wildcards: json.dumps(
+            config["segmentation"] | NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True
+        ),
         dataset_root=prepared_root,
     log:
         "logs/score_normalisation_variant/{model}_{dataset}_t{timestep}_{variant}.log",
@@ -146,6 +148,8 @@ rule score_unsupervised:
         dataset_root=prepared_root,
         kl_threshold=config["analyses"]["unsupervised"]["kl_threshold"],
         geometry=config["analyses"]["unsupervised"]["geometry"],
+        matching=config["analyses"]["unsupervised"]["matching"],
+        scored_classes=lambda wildcards: config["datasets"][wildcards.dataset]["scored_classes"] or "none",
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -156,7 +160,8 @@ rule score_unsupervised:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro score-unsupervised --cache {input.cache:q} --dataset-root {params.dataset_root:q}"
-        " --kl-threshold {params.kl_threshold} --geometry {params.geometry} --out {output:q} 2> {log:q}"
+        " --kl-threshold {params.kl_threshold} --geometry {params.geometry} --matching {params.matching}"
+        " --scored-classes {params.scored_classes} --out {output:q} 2> {log:q}"
 
 
 rule unsupervised_table:

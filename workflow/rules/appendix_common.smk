@@ -11,10 +11,11 @@ PAPER_DATASETS = {
     "coco_object": "COCO-Object",
     "coco_object_bg": "COCO-Object (with background)",
     "pc59": "PC59",
+    "pc59_bg": "PC59 (with background)",
     "ade150": "ADE20K-150",
 }
-# Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object column includes background).
-PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object"}
+# Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object and PC59 columns include background).
+PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object", "pc59_bg": "pc59"}
 PAPER_MODEL_KEYS = {"sd3": "sd3_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
 
 PER_LAYER_FIGURES = {
@@ -32,7 +33,7 @@ OVERLAY_FIGURES = {
 }
 MAIN_TABLES = {
     "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150"]),
-    "main_table2_unsupervised": ("unsupervised", ["sd3", "sd35"], ["voc21", "pc59", "coco_object_bg", "ade150"]),
+    "main_table2_unsupervised": ("unsupervised", ["sd3", "sd35"], ["voc21", "pc59_bg", "coco_object_bg", "ade150"]),
 }
 TIMESTEP = config["attention"]["timestep"]
 

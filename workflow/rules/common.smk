@@ -94,8 +94,9 @@ def _extraction_settings(wildcards, overrides):
             "resize": attention["resize"],
             "prompt": attention["prompt"],
             "background_name": attention["background_name"],
+            "prompt_classes_from": attention["prompt_classes_from"],
             "split": dataset["split"],
-            "drop_background": dataset["drop_background"],
+            "background": dataset["background"],
             "limit": dataset["limit"],
             "cache_format": CACHE_FORMAT,
         }

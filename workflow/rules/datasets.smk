@@ -1,6 +1,6 @@
 # Evaluation datasets: download (resumable, checksum-verified) and prepare into the common layout
 # <data.root>/prepared/<name>/ (see docs/datasets.md). Targets: prepare_<name>, prepare_voc20 (the
-# drop_background view of voc21) and prepare_all.
+# background: drop view of voc21) and prepare_all.
 #
 # Config keys read: data.root; data.paths.<name> (folder of an existing raw copy: nothing is downloaded
 # for it); data.source_overrides.<archive key>.{url, checksum} (mirrors; the tests use a local server).
@@ -163,7 +163,7 @@ rule prepare_cityscapes:
         "seg4diff-repro prepare-dataset --name cityscapes --out {params.out:q} {params.source} > {log:q} 2>&1"
 
 
-# VOC20 is the drop_background view of voc21 (SegmentationDataset(..., drop_background=True)).
+# VOC20 is the background: drop view of voc21 (SegmentationDataset(..., background="drop")).
 rule prepare_voc20:
     input:
         rules.prepare_voc21.output,

@@ -21,7 +21,7 @@ from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
 from seg4diff_repro.models import load_adapter
 from seg4diff_repro.models.common import describe_model_source, model_fingerprint
 from seg4diff_repro.provenance import code_fingerprint, provenance
-from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids
+from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids, prompt_label, window_spans
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ class ExtractionSettings:
     prompt: str
     background_name: str
     split: str
-    drop_background: bool
+    background: str  # the dataset view: class, last, ignore or drop (datasets.layout.BACKGROUND_MODES)
     limit: int | None
     model_options: tuple[tuple[str, object], ...] = ()
     cache_format: int = CACHE_FORMAT
     pad_multiple: int | None = None  # zero-pad to a multiple before the stretch (the unsupervised model's input)
+    prompt_classes_from: str = "resized"  # the oracle class set: from the short-side resized label (official)
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -93,7 +94,7 @@ def extract_attention(
     if removed := remove_leftover_temp_files(out_dir):
         log.info("%s: removed %d temp files of a killed run", out_dir, removed)
     dataset = SegmentationDataset(
-        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
+        dataset_root, settings.split, background=settings.background, limit=settings.limit
     )
     adapter = load_adapter(
         settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
@@ -116,6 +117,7 @@ def extract_attention(
         "noising": asdict(noising),
         "layers": layers,
         "token_grid": list(adapter.token_grid),
+        "text_tokens": adapter.prompt_tokens,
         "image_ids": dataset.ids,
         "class_names": dataset.class_names,
         "ignore_index": dataset.ignore_index,
@@ -143,7 +145,8 @@ def record_batch(
 ) -> RecordedBatch:
     """Prepare ``samples`` as the official evaluation does, run one forward pass, and record ``record``.
 
-    The maps keep the prompt window only (77 CLIP or T5 positions), as the official slice.
+    The maps keep the prompt window only (77 CLIP or T5 positions), as the official slice. The oracle
+    class set is read from the label as ``settings.prompt_classes_from`` says (official: resized).
     """
     prepared = [
         prepare_image(s.image, adapter.image_size, settings.short_side, settings.resize, settings.pad_multiple)
@@ -151,7 +154,10 @@ def record_batch(
     ]
     prompts = [
         build_class_prompt(
-            prompt_class_ids(crop_to_box(s.label, box), len(class_names), settings.prompt),
+            prompt_class_ids(
+                prompt_label(crop_to_box(s.label, box), settings.short_side, settings.prompt_classes_from),
+                len(class_names), settings.prompt,
+            ),
             class_names,
             adapter.tokenizer,
             settings.background_name,
@@ -181,7 +187,9 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
         if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
             columns = np.arange(adapter.prompt_tokens)
         else:
-            columns = np.unique(np.concatenate([np.arange(s, e) for s, e in prompt.spans] + [[]])).astype(int)
+            # The official rule's columns: a superset of the corrected rule's (segmentation.prompts.window_spans).
+            spans = window_spans(prompt.spans, adapter.prompt_tokens, "official")
+            columns = np.unique(np.concatenate([np.arange(s, e) for s, e in spans] + [[]])).astype(int)
         write_cached_image(
             out_dir,
             CachedImage(
@@ -202,4 +210,12 @@ def _extract_batch(adapter, samples, class_names, settings, noising, layers, key
 
 
 def load_manifest(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """An extraction manifest; one written in another cache format is refused (its keys and spans differ)."""
+    manifest = json.loads(Path(path).read_text())
+    found = manifest.get("settings", {}).get("cache_format")
+    if found != CACHE_FORMAT:
+        raise ValueError(
+            f"{path} was written in attention-cache format {found}, but this version reads format {CACHE_FORMAT}: "
+            "re-run its extraction rule"
+        )
+    return manifest

@@ -285,15 +285,23 @@ def _read_split_file(path: Path) -> list[str]:
     return ids
 
 
+#: How a view of a dataset treats its background class (``classes.json`` ``background_index``):
+#: ``class``: an ordinary class at its prepared index; ``last``: an ordinary class moved to the last index
+#: (the official voc21.json order); ``ignore``: a class of the vocabulary (so a prompt word and an argmax
+#: candidate) whose ground-truth pixels are ignored when scoring (the official COCO-Object open-vocabulary
+#: protocol, ignore_label 0); ``drop``: removed from the vocabulary, its pixels ignored (VOC20, PC59).
+BACKGROUND_MODES = ("class", "last", "ignore", "drop")
+
+
 class SegmentationDataset:
-    """Reader for one split of a prepared dataset; optional "VOC20" view without background."""
+    """Reader for one split of a prepared dataset, in one of the views of ``BACKGROUND_MODES``."""
 
     def __init__(
         self,
         root: str | Path,
         split: str = "val",
         *,
-        drop_background: bool = False,
+        background: str = "class",
         limit: int | None = None,
     ) -> None:
         self.root = Path(root)
@@ -304,12 +312,15 @@ class SegmentationDataset:
         self.ignore_index: int = classes["ignore_index"]
         self._raw_names: list[str] = classes["names"]
         self._raw_background: int | None = classes["background_index"]
-        if drop_background and self._raw_background is None:
+        if background not in BACKGROUND_MODES:
+            raise ValueError(f"background={background!r} for {self.root}: use one of {list(BACKGROUND_MODES)}")
+        if background != "class" and self._raw_background is None:
             raise ValueError(
-                f"drop_background=True was asked of {self.root}, but its {CLASSES_FILE} has "
-                "background_index null (no background class to drop); use drop_background=False"
+                f"background={background!r} was asked of {self.root}, but its {CLASSES_FILE} has "
+                "background_index null (no background class); use background='class', or re-run the dataset's "
+                "prepare target if this dataset should have one (PC59 keeps its background since this version)"
             )
-        self.drop_background = drop_background
+        self.background = background
 
         self.split_file = self.root / SPLIT_DIR / f"{split}.txt"
         if not self.split_file.is_file():
@@ -343,15 +354,31 @@ class SegmentationDataset:
 
     @property
     def class_names(self) -> list[str]:
-        """Class names of this view (background removed when ``drop_background``)."""
-        if self.drop_background:
-            return [n for i, n in enumerate(self._raw_names) if i != self._raw_background]
+        """Class names of this view: background removed (``drop``) or moved to the end (``last``)."""
+        others = [n for i, n in enumerate(self._raw_names) if i != self._raw_background]
+        if self.background == "drop":
+            return others
+        if self.background == "last":
+            return [*others, self._raw_names[self._raw_background]]
         return list(self._raw_names)
 
     @property
     def background_index(self) -> int | None:
         """Background class index of this view (None when dropped or absent)."""
-        return None if self.drop_background else self._raw_background
+        if self.background == "drop":
+            return None
+        if self.background == "last":
+            return len(self._raw_names) - 1
+        return self._raw_background
+
+    def label_for_scoring(self, label: np.ndarray) -> np.ndarray:
+        """``label`` with the pixels that scoring ignores set to ``ignore_index`` (background under ``ignore``).
+
+        The prompt is built from the label itself, so that under ``ignore`` background is a prompt word.
+        """
+        if self.background != "ignore":
+            return label
+        return np.where(label == self._raw_background, self.ignore_index, label)
 
     def _image_path(self, image_id: str) -> Path:
         return self.root / IMAGE_DIR / f"{image_id}.jpg"
@@ -390,9 +417,9 @@ class SegmentationDataset:
                 f"(0..{num_classes - 1}, see {self.root / CLASSES_FILE}) nor ignore_index {self.ignore_index}"
             )
         label = raw.astype(np.int64)
-        if self.drop_background:
+        if self.background in ("drop", "last"):
             bg = self._raw_background
             is_class = label != self.ignore_index
             label = np.where(is_class & (label > bg), label - 1, label)
-            label[raw == bg] = self.ignore_index
+            label[raw == bg] = self.ignore_index if self.background == "drop" else num_classes - 1
         return Sample(image_id=image_id, image=image, label=label, caption=self._captions.get(image_id))

@@ -28,8 +28,9 @@ def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int,
     """(height, width) after detectron2's test mapper scales the shorter side to ``short_side``."""
     if short_side is None:
         return height, width
+    # ResizeShortestEdge.get_output_shape: int(x + 0.5), which rounds halves up (round() would go to even).
     factor = short_side / min(height, width)
-    return int(round(height * factor)), int(round(width * factor))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def prepare_image(
