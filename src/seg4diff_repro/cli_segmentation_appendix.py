@@ -115,19 +115,28 @@ def _overlays(args: argparse.Namespace) -> None:
 def _main_table(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from seg4diff_repro.tables.segmentation_appendix import main_table
-    from seg4diff_repro.tables.sweeps import write_table
+    from seg4diff_repro.tables.segmentation_appendix import main_table, write_main_table
 
     entries = json.loads(args.entries)
     for entry in entries:
         entry["scores"] = pd.read_csv(entry.pop("path"))
     table = main_table(entries, args.kind)
-    first = entries[0]["scores"].iloc[0]
+    title = args.title
     note = (
-        "Our models at their analysis layer beside the paper's main-text table (`paper_mIoU`; empty where it has no "
-        "such entry). `paper_model`/`paper_dataset`: what the configured model and dataset stand in for."
+        "Our models at their analysis layer beside the paper's main-text table (`paper_mIoU`; empty or – where "
+        "it has no such entry; the paper's numbers are for its own models at layer 9, Flux's layer is not stated). "
+        "`paper_model`/`paper_dataset`: what the configured `model`/`dataset` stand in for. Each row carries "
+        "the settings that produced it (timestep k of the model's own schedule, σ, prompt, resize, attention, "
+        "seed, images, code version)."
     )
-    write_table(table, first, args.title, note, args.csv, args.markdown)
+    if args.kind == "unsupervised":
+        thresholds = ", ".join(f"{value:g}" for value in sorted(table["kl_threshold"].unique()))
+        title = f"{title}, τ = {thresholds}"
+        note += (
+            f" τ (`kl_threshold`) is the symmetric-KL threshold that merges the empty prompt's 77 token maps into "
+            f"proposals: here {thresholds}; the official code hard-codes 0.1 (its config's 0.035 is never read)."
+        )
+    write_main_table(table, title, note, args.csv, args.markdown)
 
 
 def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> None:

@@ -190,9 +190,7 @@ rule main_table:
     params:
         kind=lambda wildcards: MAIN_TABLES[wildcards.table][0],
         entries=lambda wildcards: json.dumps(main_table_entries(wildcards.table)),
-        title=lambda wildcards: "Main Table {} ({}): our models beside the paper's, t = {}".format(
-            wildcards.table[len("main_table")], MAIN_TABLES[wildcards.table][0], TIMESTEP
-        ),
+        title=lambda wildcards: main_table_title(wildcards.table),
     log:
         "logs/main_table/{table}.log",
     benchmark:
