@@ -78,10 +78,12 @@ def _normalisation_panels(args: argparse.Namespace) -> None:
 
     tables = [pd.read_csv(path).assign(panel=label) for label, path in zip(args.labels, args.tables)]
     combined = pd.concat(tables, ignore_index=True)
+    # The rows differ in softmax and min-max: the provenance line keeps only what they share.
     write_table(
-        combined, _provenance(args.provenance), args.title,
-        "Post- or pre-softmax maps, raw or min-max normalised (before and after merging a class's tokens). The "
-        "paper's checkmarks are lost in every copy; its row-to-setting pairing is inferred (method_spec J).",
+        combined, _provenance(args.provenance).drop(labels=["attention"], errors="ignore"), args.title,
+        "Head-mean I2T maps, post-softmax (`post_softmax` True) or the pre-softmax logits (False), raw or min-max "
+        "normalised (`min_max`: before and after merging a class's tokens), as each row says. The paper's "
+        "checkmarks are lost in every copy; its row-to-setting pairing is inferred (method_spec J).",
         args.csv, args.markdown,
     )
 

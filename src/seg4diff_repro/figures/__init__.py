@@ -1,14 +1,18 @@
-"""Figures for figures/ (seaborn, PNG and PDF)."""
+"""Figures for figures/ (seaborn, PNG and PDF), and the wording every figure shares: wrapped titles and step labels."""
 
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 from seg4diff_repro.atomic import atomic_write_bytes
 
 # No time stamps or tool versions in the files, so that re-running an unchanged analysis gives identical bytes.
 _METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
+# Average glyph width of DejaVu Sans (matplotlib's default) as a fraction of the font size: wide enough that
+# a wrapped line never runs past the figure.
+_GLYPH_WIDTH = 0.62
 
 
 def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
@@ -20,3 +24,20 @@ def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
         fig.savefig(buffer, format=fmt, dpi=150, metadata=_METADATA[fmt])
         atomic_write_bytes(Path(path), buffer.getvalue())
     plt.close(fig)
+
+
+def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
+    """``title`` broken into lines that fit ``width_inches`` at ``fontsize`` points (its own line breaks kept)."""
+    characters = max(20, int(width_inches * 72 / (fontsize * _GLYPH_WIDTH)))
+    return "\n".join(textwrap.fill(line, characters) if line else line for line in title.split("\n"))
+
+
+def step_label(k: int, num_steps: int, index: int, sigma: float, paper_steps: int | None = None) -> str:
+    """"t = 8 of 28: schedule index 20, σ = 0.515": the paper's t, where it sits in the schedule, and its noise.
+
+    ``paper_steps``: the schedule length k counts on when it is not the model's own (the paper's "t = k of 28"
+    placed on a ``num_steps`` schedule): "t = 28 of 28, on a 50-step schedule: schedule index 0, σ = 1.000".
+    """
+    if paper_steps is None or paper_steps == num_steps:
+        return f"t = {k} of {num_steps}: schedule index {index}, σ = {sigma:.3f}"
+    return f"t = {k} of {paper_steps}, on a {num_steps}-step schedule: schedule index {index}, σ = {sigma:.3f}"
