@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+from seg4diff_repro.steps import PAPER_STEPS
+
 ATTENTION_FIGURES = config["analyses"]["attention_figures"]
 # Per-layer value-norm figures: file stem -> (appendix role, appendix figure number).
 VALUE_NORM_LAYER_FIGURES = {"fig06_value_norms_sd35": ("sd35", 6), "fig09_value_norms_flux": ("flux", 9)}
@@ -18,10 +20,13 @@ TOKEN_MAP_FIGURES = {
 for _role in ("sd3", "sd35", "flux"):
     _steps = config["models"][appendix_model(_role)]["num_inference_steps"]
     _ks = ATTENTION_FIGURES["timesteps"] + ([ATTENTION_FIGURES["map_timestep"]] if _role == "sd3" else [])
-    if any(not 1 <= k <= _steps for k in _ks):
+    _limit = _steps if ATTENTION_FIGURES["step_convention"] == "official" else PAPER_STEPS
+    if any(not 1 <= k <= _limit for k in _ks):
         raise ValueError(
-            f"analyses.attention_figures: timesteps {_ks} must lie in 1..{_steps}, the schedule of "
-            f"{appendix_model(_role)!r} (appendix.models.{_role})"
+            f"analyses.attention_figures: timesteps {_ks} must lie in 1..{_limit}: "
+            + (f"the schedule of {appendix_model(_role)!r} (appendix.models.{_role})"
+               if ATTENTION_FIGURES["step_convention"] == "official"
+               else f"the paper's t = k of {PAPER_STEPS} (step_convention: paper)")
         )
 
 
