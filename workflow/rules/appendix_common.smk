@@ -66,6 +66,11 @@ def segmentation_appendix_targets():
     return tables + images
 
 
+def per_layer_figure_model(figure):
+    """The config entry of the model standing in for a per-layer figure's paper model."""
+    return config["models"][appendix_model(PER_LAYER_FIGURES[figure][0])]
+
+
 def provenance_scores():
     """The raw scores of SD3's stand-in on VOC20's: their settings head the combined tables."""
     return f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{TIMESTEP}/per_layer.csv"
