@@ -23,6 +23,7 @@ from seg4diff_repro.figures.prompts import prompt_list_figure
 from seg4diff_repro.figures.segmentation_appendix import blend, colourise, plot_overlays, view_palette
 from seg4diff_repro.generation.prompts import load_prompts
 from seg4diff_repro.tables.fidelity import METRICS as FIDELITY_METRICS
+from test_workflow import copy_workflow, planned_jobs, snakemake
 
 # Some of Fig. 1's prompts, copied by hand from the appendix (typos and curly quotes are the appendix's).
 APPENDIX_PROMPTS = {
@@ -236,3 +237,13 @@ def test_toy_overlay_colours_are_one_per_class_and_none_of_the_shapes_own(tmp_pa
             ours, theirs = hue(colour), hue(toy.rgb)
             if ours is not None:
                 assert min(abs(ours - theirs), 360 - abs(ours - theirs)) >= 40, (colour, toy.name)
+
+
+def test_fig01_is_a_target_of_all_generation(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    dry_run = snakemake(workdir, "-n", "-p", "all_generation")
+    assert "fig01_drawbench_prompts" in planned_jobs(dry_run)
+    for path in ("figures/fig01_drawbench_prompts.png", "paper_tables/fig01_drawbench_prompts.md"):
+        assert path in dry_run.stdout
+    # The toy config uses the first 4 prompts for both analyses, and the figure says so.
+    assert '"fidelity (Figs. 5, 7, 10)": 4' in dry_run.stdout

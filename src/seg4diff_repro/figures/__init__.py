@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,9 +10,6 @@ from seg4diff_repro.atomic import atomic_write_bytes
 
 # No time stamps or tool versions in the files, so that re-running an unchanged analysis gives identical bytes.
 _METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
-# Average glyph width of DejaVu Sans (matplotlib's default) as a fraction of the font size: wide enough that
-# a wrapped line never runs past the figure.
-_GLYPH_WIDTH = 0.62
 
 
 def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
@@ -28,9 +24,28 @@ def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
 
 
 def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
-    """``title`` broken into lines that fit ``width_inches`` at ``fontsize`` points (its own line breaks kept)."""
-    characters = max(20, int(width_inches * 72 / (fontsize * _GLYPH_WIDTH)))
-    return "\n".join(textwrap.fill(line, characters) if line else line for line in title.split("\n"))
+    """``title`` broken at spaces into lines that fit ``width_inches`` at ``fontsize`` points in matplotlib's default
+    font, measured glyph by glyph (its own line breaks kept; a single word longer than the width stays whole)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    font, measure = FontProperties(size=fontsize), TextToPath()
+    limit = 72 * width_inches * 0.96  # points, with a margin for the renderer's hinting
+
+    def fits(text: str) -> bool:
+        return measure.get_text_width_height_descent(text, font, ismath=False)[0] <= limit
+
+    lines = []
+    for paragraph in title.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and not fits(candidate):
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def step_label(k: int, num_steps: int, index: int, sigma: float, paper_steps: int | None = None) -> str:
