@@ -16,7 +16,7 @@ import pandas as pd
 
 from seg4diff_repro.cli import main
 from seg4diff_repro.datasets.toy_shapes import TOY_CLASS_NAMES, TOY_CLASSES, generate_toy_shapes
-from seg4diff_repro.figures import step_label
+from seg4diff_repro.figures import step_label, wrap_title
 from seg4diff_repro.figures.generation import plot_fidelity_curves
 from seg4diff_repro.figures.per_layer import plot_per_layer
 from seg4diff_repro.figures.prompts import prompt_list_figure
@@ -247,3 +247,18 @@ def test_fig01_is_a_target_of_all_generation(tmp_path):
         assert path in dry_run.stdout
     # The toy config uses the first 4 prompts for both analyses, and the figure says so.
     assert '"fidelity (Figs. 5, 7, 10)": 4' in dry_run.stdout
+
+
+def test_wrapped_titles_fit_and_keep_step_labels_whole():
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    title = ("Appendix Fig. 21: open-vocabulary overlays, toy_sd3 for SD3-medium on toy_shapes for COCO-Object, "
+             "layer 0, t = 8 of 28: schedule index 20, σ = 0.515")
+    for width in (3.0, 4.0, 5.5, 7.2):
+        lines = wrap_title(title, width, 9).split("\n")
+        assert " ".join(lines) == title
+        for line in lines:  # measured with matplotlib's own metrics of the default font
+            assert TextToPath().get_text_width_height_descent(line, FontProperties(size=9), ismath=False)[0] <= 72 * width
+        assert any("t = 8 of 28:" in line for line in lines) and any("σ = 0.515" in line for line in lines)
+        assert not any(line.endswith(("layer", "=", "t")) for line in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
 
 def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
     """``title`` broken at spaces into lines that fit ``width_inches`` at ``fontsize`` points in matplotlib's default
-    font, measured glyph by glyph (its own line breaks kept; a single word longer than the width stays whole)."""
+    font, measured glyph by glyph (its own line breaks kept; a single word longer than the width stays whole;
+    never inside "name = value" nor before a number)."""
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextToPath
 
@@ -38,7 +40,10 @@ def wrap_title(title: str, width_inches: float, fontsize: float) -> str:
     lines = []
     for paragraph in title.split("\n"):
         line = ""
-        for word in paragraph.split(" "):
+        # "t = 8 of 28", "σ = 0.515", "layer 9" stay on one line: "=" binds the words on either side of it, a
+        # number the word before it, and "k of N" its three words.
+        for word in re.sub(r" (?==|\d)|(?<==) |(?<=\d) (?=of \d)", "\u00a0", paragraph).split(" "):
+            word = word.replace("\u00a0", " ")
             candidate = f"{line} {word}" if line else word
             if line and not fits(candidate):
                 lines.append(line)
