@@ -80,14 +80,15 @@ def paper_layout(table: pd.DataFrame) -> pd.DataFrame:
 def write_main_table(table: pd.DataFrame, title: str, note: str, csv_path: Path, md_path: Path) -> None:
     """CSV (one row per model and dataset, with its settings) and Markdown: the paper's layout, then every row.
 
-    Scores print with 2 decimals; settings as they are (σ = 0.51507 and τ = 0.01 keep their digits).
+    Scores print with 2 decimals; other numbers with 6 significant digits (σ = 0.515072, τ = 0.01).
     """
     scores = [column for column in (*METRICS, "paper_mIoU", "diff_mIoU") if column in table]
     shown = table.astype(object).where(table.notna(), None)
     for column in shown:
         two_decimals = column in scores
         shown[column] = [
-            "" if value is None else f"{value:.2f}" if two_decimals and isinstance(value, float) else str(value)
+            "" if value is None else f"{value:.2f}" if two_decimals and isinstance(value, float)
+            else f"{value:.6g}" if isinstance(value, float) else str(value)
             for value in shown[column]
         ]
     atomic_write_bytes(Path(csv_path), shown.to_csv(index=False).encode())
