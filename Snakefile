@@ -40,3 +40,8 @@ rule all_generation:
     input:
         generation_targets(),
         attention_figure_targets(),
+
+
+# Every rule that runs the package gets the fingerprint of the code its command runs as a parameter,
+# so that Snakemake re-runs it (and what depends on it) when that code changes; `snakemake -n` shows why.
+add_code_fingerprints(workflow.rules)

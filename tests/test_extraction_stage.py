@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -50,6 +52,33 @@ def test_interrupted_extraction_resumes_and_a_changed_setting_recomputes(world, 
     with caplog.at_level(logging.INFO):
         extract_attention(settings_for(world, seed=1), world / "data", out, batch_size=3)
     assert "4 of 4 images to extract" in caplog.text
+
+
+def test_new_weights_or_new_data_at_the_same_path_recompute_every_image(world, tmp_path, caplog):
+    """The key holds the model's and the dataset's contents, not their paths."""
+    shutil.copytree(world / "model", tmp_path / "model")
+    shutil.copytree(world / "data", tmp_path / "data")
+    out = tmp_path / "cache"
+    settings = settings_for(world, source=str(tmp_path / "model"))
+    first = extract_attention(settings, tmp_path / "data", out, batch_size=4)
+    assert first["inputs"]["model_fingerprint"].startswith("sha256:")
+
+    def planned() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            manifest = extract_attention(settings, tmp_path / "data", out, batch_size=4)
+        return re.search(r"(\d+ of \d+) images to extract", caplog.text).group(1), manifest
+
+    assert planned()[0] == "0 of 4"
+    shutil.rmtree(tmp_path / "model")
+    write_tiny_sd3_pipeline(tmp_path / "model", seed=1)  # rebuilt with another seed
+    done, manifest = planned()
+    assert done == "4 of 4" and manifest["inputs"]["model_fingerprint"] != first["inputs"]["model_fingerprint"]
+    shutil.rmtree(tmp_path / "data")
+    generate_toy_shapes(tmp_path / "data", n_train=1, n_val=4, seed=6)  # regenerated with another seed
+    done, manifest = planned()
+    assert done == "4 of 4" and manifest["inputs"]["dataset_fingerprint"] != first["inputs"]["dataset_fingerprint"]
+    assert planned()[0] == "0 of 4"
 
 
 def test_cache_holds_the_recorders_maps_of_the_class_tokens(world, tmp_path):

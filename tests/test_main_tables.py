@@ -1,7 +1,7 @@
 """Main Tables 1 and 2: every column of the paper's tables, the paper's numbers, and each row's own settings.
 
-References: the paper's tables as transcribed in method_spec §C.3 / §D.3 (column order and numbers copied by
-hand below), and the synthetic score files each row is built from.
+References: the paper's tables as transcribed in docs/method.md#reported-numbers (column order and numbers copied
+by hand below), and the synthetic score files each row is built from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from seg4diff_repro.cli import main
 from test_workflow import REPO, copy_workflow, snakemake
 
-# The paper's columns in its order and its numbers (method_spec §C.3 main Table 1, §D.3 main Table 2).
+# The paper's columns in its order and its numbers (docs/method.md#reported-numbers: main Tables 1 and 2).
 TABLE1 = {
     "columns": ["VOC20", "COCO-Object", "PC59", "ADE20K-150", "Cityscapes"],
     "SD3-medium": [89.2, 62.0, 49.0, 34.2, 26.5],

@@ -1,4 +1,4 @@
-"""Open-vocabulary prompts and class token spans (method_spec §B.2.7, §B.3.2-3, §B.3.9-10).
+"""Open-vocabulary prompts and class token spans (docs/method.md#prompts-and-token-spans).
 
 References: plain-Python restatements of the official rules (seg4diff_model_ovss.py:93-99, 149-168, 319-339)
 and the real offline CLIP-L tokenizer, tokenizing the whole prompt exactly as the SD3 pipeline does.

@@ -1,6 +1,7 @@
 """Token maps → class maps → label map, against a float64 restatement of the official code.
 
-Reference (seg4diff_model_ovss.py:164-253, method_spec §B.3-B.4): optional per-token min–max
+Reference (seg4diff_model_ovss.py:164-253, docs/method.md#label-prediction,
+docs/method.md#attention-maps-and-normalisation): optional per-token min–max
 (x - min) / (max - min + 1e-6); per class the mean of its token columns; optional per-class min–max;
 row-major reshape to the token grid; a FULL (num_classes, h, w) tensor that is zero for classes not in
 the prompt; torch bilinear upsampling (align_corners=False) to the label size; argmax over classes,

@@ -129,7 +129,7 @@ def test_gated_recording_is_the_chosen_steps_conditional_call(adapter):
     recording, noising = generated.recordings[8], generated.noising[8]
     assert (recording.call, noising.index) == (20, 20)
     assert recording.timestep == pytest.approx(float(log.calls[20]["timestep"][0]))
-    assert noising.sigma == pytest.approx(0.51507, abs=1e-4)  # method_spec B.2.4
+    assert noising.sigma == pytest.approx(0.51507, abs=1e-4)  # docs/method.md#noising-and-timesteps
 
     mask = prompt_mask(adapter.tokenizer, PROMPT)
     cond = manual_recording(adapter.transformer, rows_of(log.calls[20], slice(1, 2)), layers, mask)

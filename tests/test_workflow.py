@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    # Generous: the default toy run takes about 8 minutes alone on 2 cores, and CI machines are shared.
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2", *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=2700,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -229,3 +231,37 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
         assert counts.get(rule, 0) <= 1, rule
     dry_run = snakemake(workdir, "-n", "all_segmentation", "--configfile", "config.yaml", "configs/paper.yaml")
     assert "sd3_medium/voc21/t8/per_head.csv" in dry_run.stdout
+
+
+def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp_path):
+    """The package's source is copied so that it can be edited; jobs import the copy (PYTHONPATH)."""
+    (tmp_path / "run").mkdir()
+    workdir = copy_workflow(tmp_path / "run", attention={"layers": [0, 1]})
+    edit_config(workdir, "toy_shapes", n_val=2)
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src/seg4diff_repro", src / "seg4diff_repro", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PYTHONPATH": str(src)}
+    target = "results/attention/toy_sd3/toy_shapes/t8/manifest.json"
+    log = workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8.log"
+    snakemake(workdir, target, env=env)
+    assert "2 of 2 images to extract" in log.read_text()
+    manifest = json.loads((workdir / target).read_text())
+    assert manifest["provenance"]["code_fingerprint"] == manifest["inputs"]["code_fingerprint"]
+
+    def plan() -> set[str]:
+        result = snakemake(workdir, "-n", target, env=env)
+        return set() if "Nothing to be done" in result.stdout + result.stderr else planned_jobs(result)
+
+    assert plan() == set()
+    table_code = src / "seg4diff_repro/tables/per_layer.py"
+    table_code.write_text(table_code.read_text() + "\n# a change that no forward pass runs\n")
+    assert plan() == set()
+    snakemake(workdir, target, "--forcerun", "extract_attention", env=env)  # same code: every image reused
+    assert "0 of 2 images to extract" in log.read_text()
+
+    recorder = src / "seg4diff_repro/attention/recorder.py"
+    recorder.write_text(recorder.read_text() + "\n# a change to the code that computes the maps\n")
+    assert plan() == {"extract_attention"}
+    snakemake(workdir, target, env=env)
+    assert "2 of 2 images to extract" in log.read_text()
+    assert json.loads((workdir / target).read_text())["inputs"]["code_fingerprint"] != manifest["inputs"]["code_fingerprint"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from seg4diff_repro.cli_attention_figures import add_attention_figure_commands
 from seg4diff_repro.cli_datasets import add_dataset_commands
 from seg4diff_repro.cli_generation import add_generation_commands
+from seg4diff_repro.cli_help import MAIN_EPILOG, HelpFormatter, finish_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
 
@@ -130,7 +131,8 @@ def _normalisation_table(args: argparse.Namespace) -> None:
     write_table(
         table, first.drop(labels=["attention"]), f"Score normalisation (appendix Table 1): {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "mIoU etc. in percent. min_max = min-max per token before and per class after "
-        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, method_spec J).",
+        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, "
+        "docs/method.md#reported-numbers).",
         args.csv, args.markdown,
     )
 
@@ -157,10 +159,10 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
         table, scores.iloc[0], f"Unsupervised segmentation: {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "Empty prompt, the 77 token maps min-max normalised per pixel, spatial softmax, "
         "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
-        "false negatives), mIoU = nanmean over classes (method_spec D). `geometry` official: input zero-padded to a "
-        "multiple of 32, scored at the 640-short-side resized ground truth with the official top-left-crop quirk for "
-        "larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
-        "Table 2 where it has the model and dataset.",
+        "false negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). `geometry` official: "
+        "input zero-padded to a multiple of 32, scored at the 640-short-side resized ground truth with the official "
+        "top-left-crop quirk for larger images (Cityscapes); aligned: no padding, scored at the original resolution. "
+        "`paper_mIoU`: main Table 2 where it has the model and dataset.",
         args.csv, args.markdown,
     )
 
@@ -177,28 +179,33 @@ def _add_outputs(command: argparse.ArgumentParser, *, table: bool, figure: bool)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    from seg4diff_repro import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="seg4diff-repro", description=__doc__.splitlines()[0], epilog=MAIN_EPILOG, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     command = commands.add_parser("build-tiny-model", help="write a tiny random-weight pipeline of the real classes")
-    command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3")
+    command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3", help="model family of the pipeline")
     command.add_argument("--variant", choices=["sd3", "sd35"], default="sd3", help="sd3 backbone: SD3 or SD3.5 blocks")
-    command.add_argument("--out", required=True)
-    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--out", required=True, help="folder to write the pipeline to (save_pretrained layout)")
+    command.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     command.set_defaults(handler=_build_tiny_model)
 
     command = commands.add_parser("make-toy-shapes", help="generate the toy-shapes dataset (VOC layout)")
-    command.add_argument("--root", required=True)
-    command.add_argument("--n-train", type=int, default=512)
-    command.add_argument("--n-val", type=int, default=64)
-    command.add_argument("--image-size", type=int, default=64)
-    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--root", required=True, help="dataset folder to write (images, labels, splits, classes.json)")
+    command.add_argument("--n-train", type=int, default=512, help="images in the train split")
+    command.add_argument("--n-val", type=int, default=64, help="images in the val split")
+    command.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
+    command.add_argument("--seed", type=int, default=0, help="seed of the generator (the dataset is a function of it)")
     command.set_defaults(handler=_make_toy_shapes)
 
     command = commands.add_parser("extract-attention", help="cache I2T attention maps of a dataset split")
     command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")
     command.add_argument("--dataset-root", required=True)
-    command.add_argument("--out-dir", required=True)
+    command.add_argument("--out-dir", required=True, help="cache folder: one file per image and manifest.json")
     command.add_argument("--device", default="cpu")
     command.add_argument("--batch-size", type=int, default=8)
     command.set_defaults(handler=_extract_attention)
@@ -212,13 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=_score_layers)
 
     command = commands.add_parser("per-layer-table", help="paper_tables/ per-layer table (CSV + Markdown)")
-    command.add_argument("--scores", required=True)
+    command.add_argument("--scores", required=True, help="per-layer score CSV of score-layers")
     _add_paper_arguments(command)
     _add_outputs(command, table=True, figure=False)
     command.set_defaults(handler=_per_layer_table)
 
     command = commands.add_parser("per-layer-figure", help="figures/ per-layer curves (PNG + PDF)")
-    command.add_argument("--table", required=True)
+    command.add_argument("--table", required=True, help="per-layer table CSV of per-layer-table")
     _add_outputs(command, table=False, figure=True)
     command.set_defaults(handler=_per_layer_figure)
 
@@ -253,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=_score_unsupervised)
 
     command = commands.add_parser("unsupervised-table", help="unsupervised scores beside the paper's Table 2")
-    command.add_argument("--scores", required=True)
+    command.add_argument("--scores", required=True, help="score CSV of score-unsupervised")
     command.add_argument("--layer", type=int, required=True)
     _add_paper_arguments(command)
     _add_outputs(command, table=True, figure=False)
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(commands)
     add_attention_figure_commands(commands)
     add_segmentation_appendix_commands(commands)
+    finish_commands(parser, commands)
     return parser
 
 

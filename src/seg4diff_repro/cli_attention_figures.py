@@ -75,7 +75,7 @@ def _value_norms(args: argparse.Namespace) -> None:
 
 
 def _convention_note(convention: str) -> str:
-    """How "t = k" was placed on the schedule (`during_generation.step_index`), for tables and captions."""
+    """How "t = k" was placed on the schedule (`seg4diff_repro.steps.step_index`), for tables and captions."""
     if convention == "official":
         return ("t = k is timesteps[-k] of the model's own N-step schedule (schedule index N − k), the official "
                 "code's timestep convention (step_convention: official); on Flux's 50 steps t = 28 is index 22, "
@@ -99,7 +99,7 @@ def _step_label(frame: pd.DataFrame, k: int) -> str:
 def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
     import pandas as pd
 
-    from seg4diff_repro import __version__
+    from seg4diff_repro.provenance import provenance_label
 
     first = frame.iloc[0]
     return pd.Series({
@@ -108,7 +108,7 @@ def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
         "attention": f"value features of the conditional branch during generation, {first['num_steps']} steps, "
         f"CFG {first['cfg']}, step_convention = {first['step_convention']}",
         "seed": f"{first['seed']} + prompt index",
-        "code_version": __version__,
+        "code_version": provenance_label(),
     })
 
 
@@ -297,7 +297,7 @@ def add_attention_figure_commands(subparsers: argparse._SubParsersAction) -> Non
 
     command = subparsers.add_parser("token-maps-figure", help="appendix Figs. 3, 12, 13, 14, 17: token maps")
     common(command, generation=True)
-    command.add_argument("--figure", choices=TOKEN_MAP_FIGURES, required=True)
+    command.add_argument("--figure", choices=TOKEN_MAP_FIGURES, required=True, help="which appendix figure")
     command.add_argument("--timestep", type=int, default=8, help="k of 't = k' (see --step-convention)")
     command.add_argument("--keywords", type=json.loads, default=None,
                          help="JSON: fig03 a list of words per prompt; fig13/fig14 one word per fig13_14 prompt")

@@ -165,7 +165,7 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--usage", required=True,
                          help='JSON: analysis -> number of the first prompts it uses, null for all, e.g. '
                          '{"fidelity (Figs. 5, 7, 10)": 4}')
-    command.add_argument("--title", required=True)
+    command.add_argument("--title", required=True, help="figure and table title")
     for name in ("csv", "markdown", "png", "pdf"):
         command.add_argument(f"--{name}", required=True)
     command.set_defaults(handler=_prompts_figure)
@@ -173,9 +173,10 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser("generation-grid", help="appendix Fig. 18/19: labelled image grid over layers")
     command.add_argument("--reference", required=True, help="the unperturbed (unguided) run folder")
     command.add_argument("--runs", nargs="+", required=True, help="one run folder per layer")
-    command.add_argument("--role", required=True, choices=["sd3", "sd35", "flux"])
+    command.add_argument("--role", required=True, choices=["sd3", "sd35", "flux"],
+                         help="the paper's model it stands for")
     command.add_argument("--figure", required=True, help="figure key, e.g. fig18")
-    command.add_argument("--paper-name", default=None)
+    command.add_argument("--paper-name", default=None, help="the model's paper_name, if it is the paper's model")
     for name in ("png", "pdf"):
         command.add_argument(f"--{name}", required=True)
     command.set_defaults(handler=_generation_grid)

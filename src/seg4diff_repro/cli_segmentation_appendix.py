@@ -84,7 +84,7 @@ def _normalisation_panels(args: argparse.Namespace) -> None:
         combined, _provenance(args.provenance).drop(labels=["attention"], errors="ignore"), args.title,
         "Head-mean I2T maps, post-softmax (`post_softmax` True) or the pre-softmax logits (False), raw or min-max "
         "normalised (`min_max`: before and after merging a class's tokens), as each row says. The paper's "
-        "checkmarks are lost in every copy; its row-to-setting pairing is inferred (method_spec J).",
+        "checkmarks are lost in every copy; its row-to-setting pairing is inferred (docs/method.md#reported-numbers).",
         args.csv, args.markdown,
     )
 
@@ -195,7 +195,7 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
 
     command = commands.add_parser("normalisation-panels", help="appendix Table 1 over several datasets")
     command.add_argument("--tables", nargs="+", required=True, help="normalisation-table CSVs, one per dataset")
-    command.add_argument("--labels", nargs="+", required=True)
+    command.add_argument("--labels", nargs="+", required=True, help="panel titles, one per table")
     command.add_argument("--provenance", required=True, help="a raw score CSV whose settings head the table")
     _outputs(command, table=True, figure=False)
     command.set_defaults(handler=_normalisation_panels)
@@ -204,7 +204,7 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
     command.add_argument("--scores", required=True, help="per-layer score CSV of score-layers")
     command.add_argument("--paper-model", required=True, help="row of the paper's tables (sd3_medium, ...)")
     command.add_argument("--paper-dataset", required=True, help="column of the paper's tables (voc20, ...)")
-    command.add_argument("--backbone", choices=["sd3", "flux"], required=True)
+    command.add_argument("--backbone", choices=["sd3", "flux"], required=True, help="the model's backbone")
     command.add_argument("--model-source", required=True,
                          help="the model's source (Flux: its transformer config says where single-stream blocks begin)")
     _outputs(command, table=True, figure=True)
@@ -215,13 +215,15 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
     command.add_argument("--dataset-root", required=True)
     command.add_argument("--layer", type=int, required=True)
     command.add_argument("--n", type=int, default=4, help="number of images (the first of the split)")
-    command.add_argument("--mode", choices=["ovss", "unsupervised"], required=True)
+    command.add_argument("--mode", choices=["ovss", "unsupervised"], required=True,
+                         help="ovss: oracle-prompt predictions; unsupervised: matched empty-prompt proposals")
     command.add_argument("--kl-threshold", type=float, default=0.1)
     _outputs(command, table=False, figure=True)
     command.set_defaults(handler=_overlays)
 
     command = commands.add_parser("main-table", help="main Tables 1/2: our rows beside the paper's")
-    command.add_argument("--kind", choices=["ovss", "unsupervised"], required=True)
+    command.add_argument("--kind", choices=["ovss", "unsupervised"], required=True,
+                         help="ovss: main Table 1; unsupervised: main Table 2")
     command.add_argument("--entries", required=True,
                          help="JSON list of {path, layer, paper_model, paper_dataset, role_model, role_dataset}")
     _outputs(command, table=True, figure=False)

@@ -3,13 +3,13 @@
 ``step_convention``, recorded in every output of generation-time recording:
 
 * "official" (the default): "t = k" is ``timesteps[-k]`` of the model's own schedule, schedule index
-  ``num_steps − k``, as the official code indexes the timestep of every backbone (``NOISE_STEPS``, method_spec
-  B.2.4-5; its value-norm code is not released, §G, which assumes the same convention) and as
+  ``num_steps − k``, as the official code indexes the timestep of every backbone (``NOISE_STEPS``,
+  docs/method.md#noising-and-timesteps; its value-norm code is not released, docs/method.md#value-norms) and as
   `models.common.noising_at_step` does for segmentation. On SD3's 28 steps t = 28 is the first step (σ = 1) and
   t = 8 is index 20; on Flux's 50 steps t = 28 is index 22 and t = 8 index 42 (the segmentation's t = 8).
 * "paper": the paper's "t = k of 28" (appendix A.1, §3.3) as a position along SD3's 28-step schedule, placed at
   the same fraction of the model's schedule: index ``round((28 − k) · num_steps / 28)``, halves up. t = 28 is
-  then the first step on every schedule (method_spec §G: value norms "at t = 8 and t = 28"), and on Flux's
+  then the first step on every schedule (the paper's value norms "at t = 8 and t = 28", §3.3), and on Flux's
   50 steps t = 8 is index 36. On 28 steps both conventions agree.
 """
 

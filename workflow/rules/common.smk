@@ -1,10 +1,12 @@
 # Config checks and the small helpers the rules share.
 
 import json
+import re
 from pathlib import Path
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT
 from seg4diff_repro.config import apply_defaults, check_config, load_schema
+from seg4diff_repro.provenance import command_fingerprint
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 
@@ -51,7 +53,7 @@ def extraction_settings(wildcards):
 
 
 def unsupervised_extraction_settings(wildcards):
-    """The empty prompt at the model's analysis layer only (method_spec D.1), padded as the geometry asks."""
+    """The empty prompt at the model's analysis layer only (docs/method.md#unsupervised-protocol), padded as the geometry asks."""
     pad_multiple = 32 if config["analyses"]["unsupervised"]["geometry"] == "official" else None
     return _extraction_settings(
         wildcards,
@@ -150,3 +152,12 @@ def appendix_model(role):
 def appendix_dataset(role):
     """The configured dataset standing in for the paper's `role` (voc20, voc21, coco_object, ...)."""
     return config["appendix"]["datasets"][role]
+
+
+def add_code_fingerprints(rules):
+    """Give each rule that calls `seg4diff-repro <command>` a `code` parameter: its stage's fingerprint."""
+    for each in rules:
+        match = re.search(r"seg4diff-repro ([a-z-]+)", each.shellcmd or "")
+        fingerprint = command_fingerprint(match.group(1)) if match else None
+        if fingerprint is not None:
+            each.set_params(code=fingerprint)

@@ -4,7 +4,8 @@
 for chosen rows of the batch; every other call runs the stock attention. The stock pipelines make one
 transformer call per denoising step: `StableDiffusion3Pipeline` with the batch ``[uncond ; cond]`` under
 classifier-free guidance, `FluxPipeline` (guidance-distilled, no true CFG) with the prompt alone. So call i
-is step i, and the conditional branch is the second half of an SD3 batch (method_spec §G [assumption]).
+is step i, and the conditional branch is the second half of an SD3 batch
+(docs/method.md#attention-during-generation [assumption]).
 
 Time: "t = k" lies on the schedule by ``step_convention`` (`seg4diff_repro.steps`), recorded in every output.
 """
@@ -67,7 +68,7 @@ class StepGatedRecorder(AttentionRecorder):
     "uncond" the first, "all" every row. The block outputs stay the stock ones for the whole batch.
     Each recorded call ends up in ``recordings[call]``. ``value_norms`` gains, beside the per-head
     entries, ``image_all_heads`` / ``text_all_heads`` / ``prompt_all_heads`` [rows]: the mean norm of the
-    whole value vector (all heads concatenated), the per-layer metric of method_spec §G.
+    whole value vector (all heads concatenated), the per-layer metric of docs/method.md#value-norms.
     Other keyword arguments are `AttentionRecorder`'s; ``prompt_mask`` must have the kept rows only.
     """
 

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seg4diff_repro import __version__
 from seg4diff_repro.attention.cache import CACHE_FORMAT, CachedImage, cached_key, settings_key, write_cached_image
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
-from seg4diff_repro.datasets.layout import atomic_write_json
+from seg4diff_repro.datasets.layout import atomic_write_json, dataset_fingerprint
 from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
 from seg4diff_repro.models import load_adapter
-from seg4diff_repro.models.common import describe_model_source
+from seg4diff_repro.models.common import describe_model_source, model_fingerprint
+from seg4diff_repro.provenance import code_fingerprint, provenance
 from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,16 @@ def image_seed(base_seed: int, image_id: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
+    """What the cached maps were computed from besides the settings: the extraction code, the model's
+    weights and the prepared dataset's files, each by content, so that a change to any of them recomputes."""
+    return {
+        "code_fingerprint": code_fingerprint("extraction"),
+        "model_fingerprint": model_fingerprint(settings.source),
+        "dataset_fingerprint": dataset_fingerprint(dataset_root),
+    }
+
+
 def extract_attention(
     settings: ExtractionSettings,
     dataset_root: Path,
@@ -87,7 +97,8 @@ def extract_attention(
     )
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
-    key = settings_key({**asdict(settings), "code_version": __version__})
+    inputs = extraction_inputs(settings, dataset_root)
+    key = settings_key({**asdict(settings), **inputs})
     todo = [i for i, image_id in enumerate(dataset.ids) if cached_key(out_dir, image_id) != key]
     log.info(
         "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
@@ -106,7 +117,8 @@ def extract_attention(
         "class_names": dataset.class_names,
         "ignore_index": dataset.ignore_index,
         "model": describe_model_source(settings.source),
-        "code_version": __version__,
+        "inputs": inputs,
+        "provenance": provenance("extraction"),
         "seed_rule": "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1",
     }
     atomic_write_json(out_dir / "manifest.json", manifest)

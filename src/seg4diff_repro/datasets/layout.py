@@ -187,6 +187,12 @@ def write_manifest(root: str | Path, extra: Mapping[str, Any]) -> dict[str, Any]
     return manifest
 
 
+def dataset_fingerprint(root: str | Path) -> str:
+    """sha256 of the prepared dataset's manifest, which holds the sha256 of every image, label and split file."""
+    read_manifest(root)  # a clear error if the dataset is not (completely) prepared
+    return _sha256(Path(root) / MANIFEST_FILE)
+
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """Read ``manifest.json``; a missing one means the dataset was never (completely) prepared."""
     path = Path(root) / MANIFEST_FILE

@@ -1,6 +1,6 @@
 """Appendix Fig. 16: PCA of the image-token query, key and value features of every layer, shown as RGB.
 
-The recipe of the official (unused) helper `visualize_pca_and_kmeans` (method_spec §H): PCA with 3
+The recipe of the official (unused) helper `visualize_pca_and_kmeans` (docs/method.md#pca-of-q-k-and-v): PCA with 3
 components over the image tokens, each component min-max scaled to [0, 1] on its own, reshaped to the
 token grid and used as RGB. Computed in float64 with an SVD of the centred features (scikit-learn's PCA
 does the same); each component's sign is fixed so that its largest-magnitude loading is positive, so

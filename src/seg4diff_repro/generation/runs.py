@@ -14,14 +14,17 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from seg4diff_repro import __version__
 from seg4diff_repro.atomic import replace_folder_atomically
 from seg4diff_repro.generation.prompts import figure_prompts, load_prompts
-from seg4diff_repro.generation.sampling import SamplingSettings, sample_images, truncated_prompts
+from seg4diff_repro.provenance import provenance
+
+if TYPE_CHECKING:
+    from seg4diff_repro.generation.sampling import SamplingSettings
 
 __all__ = ["GenerationRun", "RUN_PATTERN", "parse_run", "read_run", "run_generation"]
 
@@ -75,6 +78,8 @@ class GenerationRun:
         return load_prompts(self.prompts_file, self.n_prompts)
 
     def sampling(self) -> SamplingSettings:
+        from seg4diff_repro.generation.sampling import SamplingSettings  # torch: not needed to build the DAG
+
         mode, layer = parse_run(self.run)
         return SamplingSettings(
             steps=self.steps, cfg=self.cfg, guidance_scale=self.guidance_scale, blur_sigma=self.blur_sigma,
@@ -105,6 +110,9 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
     """Generate every (prompt, seed) image of ``run`` into ``out_dir`` (replaced atomically); return the manifest."""
+    from seg4diff_repro.generation.sampling import sample_images, truncated_prompts
+    from seg4diff_repro.models.common import model_fingerprint
+
     pipe = _load_pipeline(run)
     prompts = run.prompts()
     pairs = [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in run.seeds]
@@ -126,7 +134,8 @@ def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
         "width": width,
         "n_prompts": len(prompts),
         "truncated_prompts": truncated,
-        "code_version": __version__,
+        "model_fingerprint": model_fingerprint(run.source),
+        "provenance": provenance("generation"),
         "images": [
             {"file": f"p{index:03d}_s{seed}.png", "prompt_index": index, "prompt": prompt, "seed": seed}
             for index, prompt, seed in pairs

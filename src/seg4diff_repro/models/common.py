@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Callable
@@ -135,6 +136,35 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
                 "or set the model's `source` to a local folder."
             ) from error
         raise
+
+
+def model_fingerprint(source: str | Path) -> str:
+    """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
+    ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled.
+
+    Keys of cached results include it, so that rebuilding, retraining or replacing a model recomputes
+    what was computed from it.
+    """
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            file_digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    file_digest.update(chunk)
+            digest.update(file_digest.digest())
+        return f"sha256:{digest.hexdigest()}"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(source), "model_index.json")
+    if not isinstance(cached, str):
+        raise ModelLoadError(
+            f"{source} is neither a local folder nor in the local Hugging Face cache: load it once "
+            "(the extraction rule does) before asking for its fingerprint."
+        )
+    return f"hub:{source}@{Path(cached).parent.name}"  # snapshots/<commit>/model_index.json
 
 
 def describe_model_source(source: str | Path) -> dict:

@@ -1,6 +1,6 @@
 """Flux adapter: the Seg4Diff zero-shot forward pass on a `FluxPipeline` (FLUX.1-dev or the tiny Flux model).
 
-It follows the official Flux path (method_spec §A, B.2.5, K.8):
+It follows the official Flux path (docs/method.md#flux-specifics):
 
 * text: 77 T5 tokens (``max_sequence_length = 77``) as the sequence, CLIP-L's pooled output as
   ``pooled_projections``; the joint sequence is ``[77 text ; image]`` (text first) and a class's T5

@@ -42,7 +42,8 @@ def prepare_image(
     code's non-aspect-preserving resize, ``center_crop`` the paper's text. The returned box, in
     original pixel coordinates, tells the scorer which part of the label map the prediction covers.
     ``pad_multiple`` zero-pads the bottom and right to a multiple of it before the stretch, as the
-    official unsupervised model does (method_spec D.1); the box then still names the unpadded image.
+    official unsupervised model does (docs/method.md#unsupervised-protocol); the box then still names the
+    unpadded image.
     """
     height, width = image.shape[:2]
     box = (0, 0, height, width)

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from seg4diff_repro import __version__
 from seg4diff_repro.attention.cache import settings_key
-from seg4diff_repro.attention.extract import ExtractionSettings, record_batch
+from seg4diff_repro.attention.extract import ExtractionSettings, extraction_inputs, record_batch
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.models import load_adapter
 from seg4diff_repro.models.preprocess import crop_to_box
+from seg4diff_repro.provenance import code_fingerprint, provenance, provenance_label
 from seg4diff_repro.segmentation.maps import NEVER, predict_labels_batch
 from seg4diff_repro.segmentation.metrics import ConfusionMatrixStack
 from seg4diff_repro.segmentation.shards import accumulate_in_shards
@@ -78,7 +78,7 @@ def score_heads(
                     accumulators[f"layer_{layer:03d}"].update(predictions, label)
 
     merged = accumulate_in_shards(
-        dataset.ids, shard_root, settings_key({**asdict(settings), "code_version": __version__}), shard_size,
+        dataset.ids, shard_root, settings_key({**asdict(settings), **extraction_inputs(settings, dataset_root), "code_fingerprint": code_fingerprint("scoring")}), shard_size,
         lambda: {f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index) for layer in layers},
         add_images, "score heads",
     )
@@ -88,7 +88,7 @@ def score_heads(
             **merged[f"layer_{layer:03d}"][head].compute(),
             "images": len(dataset), "timestep_k": noising.k, "num_steps": noising.num_steps, "sigma": noising.sigma,
             "prompt": settings.prompt, "resize": settings.resize, "attention": "post-softmax, single head",
-            "seed": settings.seed, "model_source": settings.source, "code_version": __version__,
+            "seed": settings.seed, "model_source": settings.source, "code_version": provenance_label(provenance("scoring")),
         }
         for layer in layers
         for head in range(heads)

@@ -1,4 +1,4 @@
-"""From cached token maps to class maps to a label map (method_spec §B.3)."""
+"""From cached token maps to class maps to a label map (docs/method.md#label-prediction)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Prompts for open-vocabulary segmentation and the text columns that belong to each class.
 
-method_spec §B.2.7 and §B.3: the prompt is the names of the classes (the GT classes of the image
+docs/method.md#prompts-and-token-spans: the prompt is the names of the classes (the GT classes of the image
 under the paper's oracle protocol, or the whole vocabulary), ascending by class id, each cut at its
 first "-", joined with single spaces, no template. Class c owns the n_c consecutive CLIP-L token
 positions of its name, starting at position 1 (after <sos>).
@@ -28,7 +28,7 @@ class ClassPrompt:
 
 def prompt_class_ids(label: np.ndarray, num_classes: int, protocol: PromptProtocol) -> list[int]:
     """Class ids in the prompt: those present in the label map (oracle), all of them (vocabulary), or none
-    (null: the empty prompt of unsupervised segmentation, method_spec §B.2.8)."""
+    (null: the empty prompt of unsupervised segmentation, docs/method.md#unsupervised-protocol)."""
     if protocol == "vocabulary":
         return list(range(num_classes))
     if protocol == "null":

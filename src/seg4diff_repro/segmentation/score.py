@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from seg4diff_repro import __version__
+from seg4diff_repro.provenance import code_fingerprint, provenance, provenance_label
 from seg4diff_repro.attention.cache import read_cached_image, settings_key
 from seg4diff_repro.attention.extract import load_manifest
 from seg4diff_repro.datasets import SegmentationDataset
@@ -43,9 +43,10 @@ def _layer_name(layer: int) -> str:
 
 
 def _scoring_key(cache_manifest: Path, settings: dict) -> str:
-    """Key of a scoring run: the cache it reads (its manifest, byte for byte), the settings and the code."""
+    """Key of a scoring run: the cache it reads (its manifest, byte for byte: settings, model, dataset and
+    extraction code), the settings and the scoring code."""
     manifest = hashlib.sha256(Path(cache_manifest).read_bytes()).hexdigest()
-    return settings_key({"cache_manifest_sha256": manifest, "scoring": settings, "code_version": __version__})
+    return settings_key({"cache_manifest_sha256": manifest, "scoring": settings, "code_fingerprint": code_fingerprint("scoring")})
 
 
 def score_layers(
@@ -115,7 +116,7 @@ def score_layers(
             "attention": settings.attention,
             **asdict(settings),
             "seed": extraction["seed"],
-            "code_version": __version__,
+            "code_version": provenance_label(provenance("scoring")),
         }
         for layer in layers
     ]
@@ -124,7 +125,7 @@ def score_layers(
 
 UNSUPERVISED_GEOMETRIES = {
     # The official route: input zero-padded to a multiple of 32, scored at the 640-short-side resized
-    # label, with the top-left-crop quirk for images larger than that (method_spec D.1, K.4).
+    # label, with the top-left-crop quirk for images larger than that (docs/method.md#unsupervised-protocol).
     "official": 32,
     # Ours: no padding, scored at the original label resolution like the open-vocabulary protocol.
     "aligned": None,
@@ -135,8 +136,8 @@ def score_unsupervised(
     cache_manifest: Path, dataset_root: Path, shard_root: Path, kl_threshold: float = 0.1,
     geometry: str = "official", shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> pd.DataFrame:
-    """Unsupervised segmentation (method_spec §D) of each cached layer: empty-prompt token maps → KL-merged
-    proposals → clusters, scored with per-image Hungarian matching; one row per layer.
+    """Unsupervised segmentation (docs/method.md#unsupervised-protocol) of each cached layer: empty-prompt token
+    maps → KL-merged proposals → clusters, scored with per-image Hungarian matching; one row per layer.
 
     ``geometry`` "official" needs a cache extracted with ``pad_multiple`` 32, "aligned" one without padding.
     """
@@ -204,6 +205,6 @@ def score_unsupervised(
             "images": len(dataset), "timestep_k": noising["k"], "num_steps": noising["num_steps"],
             "sigma": noising["sigma"], "prompt": "empty (null)", "resize": extraction["resize"],
             "geometry": geometry, "attention": "post-softmax, head mean", "kl_threshold": kl_threshold,
-            "seed": extraction["seed"], "code_version": __version__,
+            "seed": extraction["seed"], "code_version": provenance_label(provenance("scoring")),
         })
     return pd.DataFrame(rows)

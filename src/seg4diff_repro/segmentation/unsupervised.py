@@ -1,4 +1,5 @@
-"""Unsupervised segmentation from null-prompt token maps, and its Hungarian scoring (method_spec §D).
+"""Unsupervised segmentation from null-prompt token maps, and its Hungarian scoring
+(docs/method.md#unsupervised-protocol).
 
 Follows the official code: ``att2mask`` and ``mask_merge`` in ``seg4diff/seg4diff_model_unsup.py``
 (lines 431-503) for the proposals, and ``_fast_hist`` / ``hungarian_matching`` / ``test_unsupervised``
@@ -119,7 +120,8 @@ def cluster_labels(proposals: np.ndarray, out_shape: tuple[int, int]) -> np.ndar
 def official_cluster_labels(
     proposals: np.ndarray, original_shape: tuple[int, int], resized: tuple[int, int]
 ) -> np.ndarray:
-    """Cluster ids at the test mapper's resized size, by the official code's route (method_spec D.1 6-7).
+    """Cluster ids at the test mapper's resized size, by the official code's route
+    (docs/method.md#unsupervised-protocol, step 6).
 
     Proposals are upsampled to the original image size; ``sem_seg_postprocess`` then keeps the top-left
     ``resized`` region and resizes it to ``resized``. Where the original is larger than the resized

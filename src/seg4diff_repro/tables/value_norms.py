@@ -6,7 +6,7 @@ import pandas as pd
 
 from seg4diff_repro.attention.value_norms import GROUPS
 
-# What the paper says about the peaks (no numbers are given: the figures are plots only; method_spec §G, J).
+# What the paper says about the peaks (no numbers are given: the figures are plots only; docs/method.md#value-norms).
 PAPER_CLAIMS = {
     "sd3": "layer 9 has distinctly large text-token norms, more so for prompt tokens; "
     "specific heads of layers 7-8 have large image-token norms (Fig. 15)",
