@@ -132,12 +132,13 @@ def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
     assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
     main1 = pd.read_csv(toy_run / "paper_tables/main_table1_ovss.csv")
-    assert len(main1) == 3 * 4 and main1["paper_mIoU"].notna().all()
+    assert len(main1) == 3 * 5 and main1["paper_mIoU"].notna().all()  # 3 models x the paper's 5 columns
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
     per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
     assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
     main2 = pd.read_csv(toy_run / "paper_tables/main_table2_unsupervised.csv")
     assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random"} and main2["paper_mIoU"].notna().all()
+    assert len(main2) == 2 * 6 and (main2["kl_threshold"] == 0.01).all()  # the paper's 6 columns, tau per row
     fig02 = pd.read_csv(toy_run / "paper_tables/fig02_timestep.csv")
     assert fig02["panel"].nunique() == 2
     assert "seed = 0" in (toy_run / "paper_tables/tab01_normalisation.md").read_text()

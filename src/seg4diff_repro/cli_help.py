@@ -158,7 +158,7 @@ COMMAND_GROUPS = {
     "Generation: perturbation, fidelity and attention figures": [
         "generate-run", "score-fidelity", "fidelity-figure", "generation-grid", "value-norms",
         "value-norm-heads-figure", "value-norm-layers-figure", "pca-qkv-figure", "token-maps-figure",
-        "toy-generations",
+        "toy-generations", "prompts-figure",
     ],
 }
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from seg4diff_repro.steps import PAPER_STEPS
+
 # Joint (MM-DiT) layer counts of the hub models, so that the DAG can be checked without downloading.
 KNOWN_LAYER_COUNTS = {
     "stabilityai/stable-diffusion-3-medium-diffusers": 24,
@@ -224,13 +226,16 @@ def _check_timesteps(config: dict, used_models: list[str]) -> None:
         if name == appendix["sd3"]:
             uses.append(("analyses.attention_figures.map_timestep", figures["map_timestep"]))
         for key, value in uses:
-            bad = [k for k in (value if isinstance(value, list) else [value]) if not 1 <= k <= steps]
+            # Under the paper's step convention the attention figures count t = k on SD3's 28 steps.
+            paper_steps = key.startswith("analyses.attention_figures") and figures["step_convention"] == "paper"
+            limit = PAPER_STEPS if paper_steps else steps
+            bad = [k for k in (value if isinstance(value, list) else [value]) if not 1 <= k <= limit]
             if bad:
                 what = f"contains {bad}, which are" if isinstance(value, list) else f"= {value} is"
-                raise ConfigError(
-                    f"{key} {what} out of range for model {name!r}: allowed 1..{steps} (k steps before the "
-                    f"end of its {steps}-step schedule, models.{name}.num_inference_steps)"
-                )
+                schedule = (f"the paper's t = k of {PAPER_STEPS} (analyses.attention_figures.step_convention: paper)"
+                            if paper_steps else f"k steps before the end of its {steps}-step schedule, "
+                            f"models.{name}.num_inference_steps")
+                raise ConfigError(f"{key} {what} out of range for model {name!r}: allowed 1..{limit} ({schedule})")
 
 
 def check_device(value: str, key: str, *, allow_auto: bool = False) -> None:

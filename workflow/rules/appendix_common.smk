@@ -1,7 +1,5 @@
 # Names and helpers of the appendix targets (figures/figNN_*, paper_tables/tabNN_*, main_table*): which paper
 # figure each is, and which configured model and dataset stand in for the paper's (`appendix:` in the config).
-
-# main_table*), for the models and datasets that `appendix:` in the config makes stand in for the paper's.
 # `snakemake all_segmentation` builds them all; each file is also a target of its own.
 
 PAPER_MODELS = {"sd3": "SD3-medium", "sd35": "SD3.5-medium", "flux": "FLUX.1-dev"}
@@ -13,6 +11,8 @@ PAPER_DATASETS = {
     "pc59": "PC59",
     "pc59_bg": "PC59 (with background)",
     "ade150": "ADE20K-150",
+    "coco_stuff27": "COCO-Stuff-27",
+    "cityscapes": "Cityscapes",
 }
 # Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object and PC59 columns include background).
 PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object", "pc59_bg": "pc59"}
@@ -31,9 +31,14 @@ OVERLAY_FIGURES = {
     "fig25_unsupervised_voc21": ("unsupervised", "voc21", "Appendix Fig. 25"),
     "fig26_unsupervised_ade150": ("unsupervised", "ade150", "Appendix Fig. 26"),
 }
+# Main tables: (kind, model rows, dataset columns in the paper's order: every column of its table).
 MAIN_TABLES = {
-    "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150"]),
-    "main_table2_unsupervised": ("unsupervised", ["sd3", "sd35"], ["voc21", "pc59_bg", "coco_object_bg", "ade150"]),
+    "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150", "cityscapes"]),
+    "main_table2_unsupervised": (
+        "unsupervised",
+        ["sd3", "sd35"],
+        ["voc21", "pc59_bg", "coco_object_bg", "coco_stuff27", "cityscapes", "ade150"],
+    ),
 }
 TIMESTEP = config["attention"]["timestep"]
 
@@ -62,6 +67,11 @@ def segmentation_appendix_targets():
     return tables + images
 
 
+def per_layer_figure_model(figure):
+    """The config entry of the model standing in for a per-layer figure's paper model."""
+    return config["models"][appendix_model(PER_LAYER_FIGURES[figure][0])]
+
+
 def provenance_scores():
     """The raw scores of SD3's stand-in on VOC20's: their settings head the combined tables."""
     return f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{TIMESTEP}/per_layer.csv"
@@ -76,6 +86,21 @@ def overlay_cache(wildcards):
 def overlay_dataset_root(wildcards):
     dataset = config["datasets"][appendix_dataset(OVERLAY_FIGURES[wildcards.figure][1])]
     return DATA_ROOT / "prepared" / dataset["prepared"]
+
+
+def main_table_title(name):
+    """'Main Table 1: open-vocabulary segmentation (mIoU, background excluded), ..., stand-ins ...'."""
+    kind, model_roles, dataset_roles = MAIN_TABLES[name]
+    what = {
+        "ovss": "open-vocabulary segmentation (mIoU %, background excluded, oracle prompt)",
+        "unsupervised": "unsupervised segmentation (mIoU %, background included, empty prompt)",
+    }[kind]
+    models = "; ".join(stand_in(role) for role in model_roles)
+    datasets = "; ".join(stand_in(None, role) for role in dataset_roles)
+    return (
+        f"Main Table {name[len('main_table')]}: {what}, t = {TIMESTEP} (index N − {TIMESTEP} of each model's "
+        f"N-step schedule), each model's analysis layer. Models: {models}. Datasets: {datasets}"
+    )
 
 
 def main_table_entries(name):

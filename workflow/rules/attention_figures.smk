@@ -18,6 +18,7 @@ rule value_norms:
         timesteps=" ".join(str(k) for k in ATTENTION_FIGURES["timesteps"]),
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+        step_convention=ATTENTION_FIGURES["step_convention"],
     log:
         "logs/value_norms/{model}.log",
     benchmark:
@@ -30,6 +31,7 @@ rule value_norms:
     shell:
         "seg4diff-repro value-norms --model-settings {params.settings:q} {params.prompts}"
         " --timesteps {params.timesteps} --cfg {params.cfg} --seed {params.seed}"
+        " --step-convention {params.step_convention}"
         " --per-head {output.per_head:q} --per-layer {output.per_layer:q} 2> {log:q}"
 
 
@@ -117,6 +119,7 @@ rule pca_qkv_figure:
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+        step_convention=ATTENTION_FIGURES["step_convention"],
     log:
         "logs/pca_qkv_figure/fig16_pca_qkv_sd3.log",
     benchmark:
@@ -128,7 +131,8 @@ rule pca_qkv_figure:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --timestep {params.timestep}"
-        " --cfg {params.cfg} --seed {params.seed} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+        " --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
+        " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
 
 
 rule token_maps_figure:
@@ -158,6 +162,7 @@ rule token_maps_figure:
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+        step_convention=ATTENTION_FIGURES["step_convention"],
     log:
         "logs/token_maps_figure/{stem}.log",
     benchmark:
@@ -170,4 +175,5 @@ rule token_maps_figure:
     shell:
         "seg4diff-repro token-maps-figure --model-settings {params.settings:q} --figure {params.figure}"
         " --keywords {params.keywords:q} --layers {params.layers:q} --timestep {params.timestep}"
-        " --cfg {params.cfg} --seed {params.seed} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+        " --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
+        " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+
 ATTENTION_FIGURES = config["analyses"]["attention_figures"]
 # Per-layer value-norm figures: file stem -> (appendix role, appendix figure number).
 VALUE_NORM_LAYER_FIGURES = {"fig06_value_norms_sd35": ("sd35", 6), "fig09_value_norms_flux": ("flux", 9)}

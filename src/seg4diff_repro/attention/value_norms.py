@@ -39,12 +39,18 @@ def value_norm_statistics(
     timesteps: Sequence[int],
     num_steps: int,
     cfg: float,
+    step_convention: str = "official",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per (k, layer, head), per (k, layer)) mean value norms over ``prompts``, one seed per prompt."""
+    """(per (k, layer, head), per (k, layer)) mean value norms over ``prompts``, one seed per prompt.
+
+    ``step_convention`` places "t = k" on the schedule (`seg4diff_repro.steps.step_index`); each row records it
+    with the schedule index and σ.
+    """
     head_rows, layer_rows = [], []
     for prompt, seed in tqdm(list(zip(prompts, seeds, strict=True)), desc="value norms", unit="prompt"):
         generated = generate_and_record(
-            adapter, prompt, seed, timesteps, num_steps, cfg=cfg, layers=None, record=("value_norms",), decode=False
+            adapter, prompt, seed, timesteps, num_steps, cfg=cfg, layers=None, record=("value_norms",), decode=False,
+            step_convention=step_convention,
         )
         for k, recording in generated.recordings.items():
             noising = generated.noising[k]
@@ -61,4 +67,5 @@ def value_norm_statistics(
     per_layer = pd.DataFrame(layer_rows).groupby(keys_head[:-1], sort=True)[list(GROUPS)].mean().reset_index()
     for table in (per_head, per_layer):
         table["n_prompts"] = len(prompts)
+        table["step_convention"] = step_convention
     return per_head, per_layer

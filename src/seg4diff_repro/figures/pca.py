@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from seg4diff_repro.figures import save_figure  # noqa: E402
+from seg4diff_repro.figures import save_figure, wrap_title  # noqa: E402
 
 QKV = ("q", "k", "v")
 
@@ -68,6 +68,6 @@ def plot_pca_qkv(
                 ax.set_ylabel(name, fontsize=9)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("generated", fontsize=7)
-    fig.suptitle(title, fontsize=8, wrap=True)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
     save_figure(fig, png, pdf)

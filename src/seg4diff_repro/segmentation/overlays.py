@@ -23,8 +23,9 @@ from seg4diff_repro.segmentation.unsupervised import cluster_labels, hungarian_m
 
 def overlay_rows(
     cache_manifest: Path, dataset_root: Path, layer: int, n: int, *, unsupervised: bool, kl_threshold: float = 0.1
-) -> tuple[list[dict], dict[int, str]]:
-    """Rows for `plot_overlays` for the first ``n`` images, and the classes their ground truth shows.
+) -> tuple[list[dict], dict[int, str], list[str]]:
+    """Rows for `plot_overlays` for the first ``n`` images, the classes their ground truth shows, and the class
+    names of the dataset's view (ids of labels and predictions; background dropped or not, as extracted).
 
     Each row: the ``image`` the model saw (its box of the original), the ``label`` and the ``prediction``
     (class ids; ``ignore_index`` marks unlabelled pixels), and a ``caption``.
@@ -60,7 +61,7 @@ def overlay_rows(
             "ignore_index": dataset.ignore_index,
             "caption": caption,
         })
-    return rows, {i: dataset.class_names[i] for i in sorted(shown)}
+    return rows, {i: dataset.class_names[i] for i in sorted(shown)}, dataset.class_names
 
 
 def _clusters_as_classes(clusters: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:

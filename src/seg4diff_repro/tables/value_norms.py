@@ -32,8 +32,9 @@ def value_norm_heads_table(per_head: pd.DataFrame) -> pd.DataFrame:
 
 
 def value_norm_layers_table(per_layer: pd.DataFrame) -> pd.DataFrame:
-    """One row per (timestep, layer): the mean norm of the whole value vector per token group."""
-    columns = ["timestep_k", "sigma", "layer", "block", *GROUPS, "n_prompts"]
+    """One row per (timestep, layer): the mean norm of the whole value vector per token group, with the
+    schedule index and σ that "t = k" landed on."""
+    columns = ["timestep_k", "step_index", "sigma", "layer", "block", *GROUPS, "n_prompts"]
     return per_layer[columns].sort_values(["timestep_k", "layer"], ascending=[False, True], ignore_index=True)
 
 
