@@ -156,6 +156,12 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                     f"defined {kind}: {sorted(config[kind])}"
                 )
 
+    for name in (config.get("analyses", {}).get("unsupervised", {}).get("models") or []):
+        if name not in config["models"]:
+            raise ConfigError(
+                f"analyses.unsupervised.models names {name!r}, which is not defined; defined models: {sorted(config['models'])}"
+            )
+
     for name, model in config["models"].items():
         expected = f"results/models/{name}"
         if "build" in model and str(model["source"]).rstrip("/") != expected:
