@@ -119,6 +119,7 @@ def extract_attention_timesteps(
     batch_size: int | str = 8,
     num_workers: int | None = None,
     writer_threads: int = 4,
+    adapter=None,
 ) -> list[dict]:
     """Fill several caches of the same images that differ only in timestep (and recorded layers).
 
@@ -127,13 +128,15 @@ def extract_attention_timesteps(
     of one ``extract_attention`` run per timestep (same images, seeds and batches). Images are read,
     resized and prompted by loader worker processes ahead of the GPU, and cache files are compressed
     and written by a thread pool while the next forward pass runs. ``batch_size="auto"`` takes the
-    largest batch that fits (`auto_batch_size`). Returns the manifests, in the order of ``caches``.
+    largest batch that fits (`auto_batch_size`). ``adapter``: an already loaded model of the caches' settings
+    (benchmarks time the loop without the load). Returns the manifests, in the order of ``caches``.
     """
     if not caches:
         return []
     base = _shared_settings(caches)
     dataset = SegmentationDataset(dataset_root, base.split, drop_background=base.drop_background, limit=base.limit)
-    adapter = load_adapter(base.backbone, base.source, base.dtype, device, **dict(base.model_options))
+    if adapter is None:
+        adapter = load_adapter(base.backbone, base.source, base.dtype, device, **dict(base.model_options))
     inputs = extraction_inputs(base, dataset_root)
     plans = []
     for cache in caches:
