@@ -105,6 +105,7 @@ def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, im
         settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options))))
     adapter = holder["adapter"]
     noising = adapter.noising(8, STEPS[variant])
+    layer = min(ANALYSIS_LAYER[variant], adapter.num_layers - 1)  # tiny models (a CPU check) have fewer
     batch = auto_batch_size(adapter, adapter.num_layers, noising, record=("i2t", "logits"))
     row: dict = {"variant": variant, "load_s": load_s, "batch": batch, "num_layers": adapter.num_layers}
 
@@ -120,12 +121,12 @@ def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, im
     row["extract_t8_s_per_image"] = run("t8", [TimestepCache(settings, work / variant / "t8")], images)
     row["extract_t8_bytes_per_image"] = _folder_bytes(work / variant / "t8") / images
     row["extract_layer_s_per_image"] = run(
-        "layer", [TimestepCache(_with(settings, layers=(ANALYSIS_LAYER[variant],)), work / variant / "layer")], images)
+        "layer", [TimestepCache(_with(settings, layers=(layer,)), work / variant / "layer")], images)
     if variant != "flux":
-        null = _with(settings, prompt="null", layers=(ANALYSIS_LAYER[variant],), pad_multiple=32, drop_background=False)
+        null = _with(settings, prompt="null", layers=(layer,), pad_multiple=32, drop_background=False)
         row["unsupervised_s_per_image"] = run("null", [TimestepCache(null, work / variant / "null")], images)
         row["unsupervised_bytes_per_image"] = _folder_bytes(work / variant / "null") / images
-        sweep = [TimestepCache(_with(settings, timestep=k, layers=None if k == 8 else (ANALYSIS_LAYER[variant],)),
+        sweep = [TimestepCache(_with(settings, timestep=k, layers=None if k == 8 else (layer,)),
                                work / variant / "sweep" / f"t{k}") for k in range(1, STEPS[variant] + 1)]
         row["sweep_s_per_image"] = run("sweep", sweep, sweep_images)  # all 28 timesteps of one image
         row["sweep_bytes_per_image"] = _folder_bytes(work / variant / "sweep") / sweep_images
