@@ -22,6 +22,7 @@ the rehearsal (its Snakemake benchmark TSVs), which ran the same rules at real s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import statistics
@@ -100,10 +101,13 @@ def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, im
         settings = _with(settings, dtype="float32")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    holder = {}
-    load_s = _cuda_seconds(lambda: holder.update(adapter=load_adapter(
-        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options))))
-    adapter = holder["adapter"]
+    if (source / "model_index.json").is_file():
+        holder = {}
+        load_s = _cuda_seconds(lambda: holder.update(adapter=load_adapter(
+            settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options))))
+        adapter = holder["adapter"]
+    else:  # no folder: draw the released-size weights on the device (no disk); loading is timed by the rehearsal
+        adapter, load_s = _built_adapter(variant, source, device), None
     noising = adapter.noising(8, STEPS[variant])
     layer = min(ANALYSIS_LAYER[variant], adapter.num_layers - 1)  # tiny models (a CPU check) have fewer
     batch = auto_batch_size(adapter, adapter.num_layers, noising, record=("i2t", "logits"))
@@ -134,14 +138,34 @@ def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, im
         from seg4diff_repro.segmentation.heads import score_heads
 
         heads = _with(settings, drop_background=False, limit=images)
-        score_heads(_with(heads, limit=2), dataset_root, work / "heads_warm", device=device, batch_size=4)
-        row["score_heads_s_per_image"] = _cuda_seconds(
-            lambda: score_heads(heads, dataset_root, work / "heads", device=device, batch_size=4)) / images
+        score_heads(_with(heads, limit=2), dataset_root, work / "heads_warm", device=device, batch_size=4,
+                    adapter=adapter)
+        row["score_heads_s_per_image"] = _cuda_seconds(lambda: score_heads(
+            heads, dataset_root, work / "heads", device=device, batch_size=4, adapter=adapter)) / images
     row["generation_s_per_image"] = _generation_seconds(adapter.pipe, variant)
     row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     del adapter
+    gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def _built_adapter(variant: str, source: Path, device: str):
+    """The released-size random pipeline built on ``device``; ``source`` becomes a stub folder naming it, which
+    the cache keys fingerprint in place of the weights."""
+    import torch
+
+    from seg4diff_repro.models.flux import FluxAdapter
+    from seg4diff_repro.models.released import build_released_random_pipeline
+    from seg4diff_repro.models.sd3 import SD3Adapter
+
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "seg4diff_model.json").write_text(json.dumps({"kind": "released-random", "variant": variant,
+                                                             "built_in_memory": True}))
+    pipe = build_released_random_pipeline(variant, dtype=torch.float16, device=device)
+    if variant == "flux":
+        return FluxAdapter(pipe, device, mu_from_channels=True, scale_to_unit_range=False, guidance_scale=3.5)
+    return SD3Adapter(pipe, device)
 
 
 def _with(settings, **changes):
@@ -176,10 +200,10 @@ def measure(args: argparse.Namespace) -> None:
         print(f"measuring {variant} from {source}", file=sys.stderr, flush=True)
         rows.append(measure_model(variant, source, dataset_root, work, args.images, args.sweep_images, args.device))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"device": name, "torch": torch.__version__, "dtype": DTYPE,
-              "images": args.images, "sweep_images": args.sweep_images, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+        result = {"device": name, "torch": torch.__version__, "dtype": DTYPE,
+                  "images": args.images, "sweep_images": args.sweep_images, "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # after each model: a timeout keeps the rest
     _print_extraction_table(result)
 
 
@@ -247,17 +271,48 @@ def _merge(target: dict, update: dict) -> None:
             target[key] = value
 
 
-def _rehearsal_seconds(folder: Path | None) -> dict[str, float]:
-    """Median wall seconds per rule in the rehearsal's Snakemake benchmark TSVs."""
+REHEARSAL_MODELS = {name: variant for variant, name in VARIANT_MODELS.items()}
+# What each priced rule does per unit of work (images of its dataset, or generated images), by rate name.
+PER_UNIT_RATE = {
+    "extract_attention": "extract_t8_s_per_image",
+    "extract_attention_sweep": "sweep_s_per_image",
+    "extract_unsupervised_attention": "unsupervised_s_per_image",
+    "score_heads": "score_heads_s_per_image",
+    "generate_run": "generation_s_per_image",
+    "value_norms": "generation_s_per_image",
+}
+
+
+def _rehearsal_jobs(folder: Path | None) -> list[dict]:
+    """The rehearsal's jobs from its Snakemake benchmark TSVs: rule, model variant, wall seconds, file stem."""
     if folder is None or not folder.is_dir():
-        return {}
-    seconds = defaultdict(list)
+        return []
+    jobs = []
     for tsv in folder.rglob("*.tsv"):
-        rule = tsv.relative_to(folder).parts[0]
         lines = tsv.read_text().splitlines()
-        if len(lines) > 1:
-            seconds[rule].append(float(lines[1].split("\t")[0]))
-    return {rule: statistics.median(values) for rule, values in seconds.items()}
+        if len(lines) < 2:
+            continue
+        rule = tsv.relative_to(folder).parts[0]
+        variant = next((v for name, v in REHEARSAL_MODELS.items() if tsv.stem.startswith(name)), None)
+        jobs.append({"rule": rule, "variant": variant, "seconds": float(lines[1].split("\t")[0]), "stem": tsv.stem})
+    return jobs
+
+
+def _overheads(jobs: list[dict], rates: dict, units) -> dict:
+    """Per-job fixed cost (start, imports, fingerprints, model load) = a rehearsal job's seconds minus its
+    per-unit work at the measured rate; median per (rule, variant), per variant, and overall."""
+    per_pair, per_variant = defaultdict(list), defaultdict(list)
+    for job in jobs:
+        rate_name = PER_UNIT_RATE.get(job["rule"])
+        row = rates.get(job["variant"])
+        if rate_name is None or row is None or rate_name not in row:
+            continue
+        fixed = max(0.0, job["seconds"] - units(job) * row[rate_name])
+        per_pair[(job["rule"], job["variant"])].append(fixed)
+        per_variant[job["variant"]].append(fixed)
+    result = {key: statistics.median(values) for key, values in per_pair.items()}
+    result |= {variant: statistics.median(values) for variant, values in per_variant.items()}
+    return result
 
 
 def bill(args: argparse.Namespace) -> None:
@@ -267,7 +322,17 @@ def bill(args: argparse.Namespace) -> None:
     rates = json.loads(Path(args.rates).read_text())
     by_variant = {row["variant"]: row for row in rates["rows"]}
     config = _config(args.configfile)
-    rehearsal = _rehearsal_seconds(Path(args.rehearsal_benchmarks) if args.rehearsal_benchmarks else None)
+    rehearsal_jobs = _rehearsal_jobs(Path(args.rehearsal_benchmarks) if args.rehearsal_benchmarks else None)
+    rehearsal = {rule: statistics.median(j["seconds"] for j in rehearsal_jobs if j["rule"] == rule)
+                 for rule in {j["rule"] for j in rehearsal_jobs}}
+
+    def rehearsal_units(job: dict) -> float:
+        if job["rule"] in ("generate_run", "value_norms"):
+            match = re.search(r"_(fig18|fig19)_", job["stem"])
+            return len(figure_prompts(match.group(1))) if match else args.rehearsal_prompts
+        return args.rehearsal_images
+
+    overhead = _overheads(rehearsal_jobs, by_variant, rehearsal_units)
     jobs = dry_run_jobs(args.configfile)
 
     def images(dataset: str) -> int:
@@ -288,7 +353,8 @@ def bill(args: argparse.Namespace) -> None:
         if rule == "value_norms" and "model" not in w:
             variant = "sd3"
         row = by_variant[variant]
-        load = row["load_s"]
+        # Fixed cost per job: as the rehearsal measured it for this rule and model, else for this model.
+        load = overhead.get((rule, variant), overhead.get(variant, row["load_s"] or 0.0))
         counts[group] += 1
         if rule == "extract_attention":
             n = images(w["dataset"])
@@ -311,8 +377,9 @@ def bill(args: argparse.Namespace) -> None:
             disk[group] += prompts * 1.6e6  # a 1024² PNG
         elif rule == "value_norms":
             gpu_s[group] += load + n_value_norms * row["generation_s_per_image"]
-        elif rule in rehearsal:
-            gpu_s[group] += rehearsal[rule]  # few fixed prompts: as in the rehearsal
+        elif rule in rehearsal or "pca_qkv_figure" in rehearsal:
+            # A few fixed prompts: as long as in the rehearsal (token maps, where absent, as the PCA job).
+            gpu_s[group] += rehearsal.get(rule, rehearsal.get("pca_qkv_figure"))
         else:
             unpriced[rule] += 1
     total_h = sum(gpu_s.values()) / 3600
@@ -354,6 +421,8 @@ def main() -> None:
     command.add_argument("--rates", required=True)
     command.add_argument("--configfile", nargs="+", default=["config.yaml", "configs/paper.yaml"])
     command.add_argument("--rehearsal-benchmarks", default=None, help="results/benchmarks of the rehearsal run")
+    command.add_argument("--rehearsal-images", type=int, default=3, help="images per dataset in the rehearsal")
+    command.add_argument("--rehearsal-prompts", type=int, default=1, help="fidelity prompts in the rehearsal")
     command.add_argument("--out", default=None)
     command.set_defaults(handler=bill)
     args = parser.parse_args()

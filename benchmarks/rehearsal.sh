@@ -2,7 +2,8 @@
 # The rehearsal of the paper run and the measurements of its bill, in one call on a lent GPU (device tool).
 # Run from the repository root with the wheels the GPU image lacks in .whl/ (diffusers, snakemake and its
 # pure-Python dependencies, open_clip_torch, ftfy, wcwidth, pycocotools, jsonschema; benchmarks/RESULTS.md lists them):
-#   STEPS="rehearse measure" bash benchmarks/rehearsal.sh      (either step alone, or in the other order)
+#   STEPS="setup rehearse measure" bash benchmarks/rehearsal.sh
+# (measure without setup draws the released-size weights on the GPU instead of loading folders)
 # 1. writes random-weight SD3-medium, SD3.5-medium and FLUX.1-dev pipelines at their released configurations and
 #    small raw copies of the six datasets (benchmarks/rehearsal_setup.py);
 # 2. measure: the per-job rates of the bill (benchmarks/appendix_cost.py measure, at most MEASURE_BUDGET s);
@@ -46,17 +47,19 @@ nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 
 SAMPLER=$!
 trap 'kill $SAMPLER 2>/dev/null' EXIT
 
-# The pipelines take 46 GB (FLUX.1-dev alone 34 GB): put them where there is room, reached through rehearsal/.
-mkdir -p rehearsal
-for place in "$PWD" /tmp /dev/shm; do
-    echo "$(df --output=avail -B1G "$place" | tail -1) $place"
-done | sort -rn > "$OUT/setup.log"
-room=$(head -1 "$OUT/setup.log" | cut -d' ' -f2)
-if [ "$room" != "$PWD" ]; then mkdir -p "$room/rehearsal_models" && ln -sfn "$room/rehearsal_models" rehearsal/models; fi
-echo "models in $room" >> "$OUT/setup.log"
-python3 benchmarks/rehearsal_setup.py --root rehearsal 2>&1 | grep -v "Writing model shards" >> "$OUT/setup.log"
-cat rehearsal/setup.json >> "$OUT/setup.log"
-echo "setup done at $(( $(date +%s) - START )) s" >> "$OUT/setup.log"
+setup() {
+    # The pipelines take 46 GB (FLUX.1-dev alone 34 GB): put them where there is room, reached through rehearsal/.
+    mkdir -p rehearsal
+    for place in "$PWD" /tmp /dev/shm; do
+        echo "$(df --output=avail -B1G "$place" | tail -1 | tr -d ' ') $place"
+    done | sort -rn > "$OUT/setup.log"
+    room=$(head -1 "$OUT/setup.log" | cut -d' ' -f2)
+    if [ "$room" != "$PWD" ]; then mkdir -p "$room/rehearsal_models" && ln -sfn "$room/rehearsal_models" rehearsal/models; fi
+    echo "models in $room" >> "$OUT/setup.log"
+    python3 benchmarks/rehearsal_setup.py --root rehearsal 2>&1 | grep -v "Writing model shards" >> "$OUT/setup.log"
+    cat rehearsal/setup.json >> "$OUT/setup.log"
+    echo "setup done at $(( $(date +%s) - START )) s" >> "$OUT/setup.log"
+}
 
 measure() {
     local budget=$(( $(left) - 35 ))
@@ -76,7 +79,7 @@ rehearse() {
     tar czf "$OUT/rehearsal.tgz" results/benchmarks logs paper_tables figures 2>/dev/null
 }
 
-for step in ${STEPS:-rehearse measure}; do
+for step in ${STEPS:-setup rehearse measure}; do
     "$step"
 done
 
