@@ -90,7 +90,7 @@ def _plain_forward_seconds(adapter, batch: int, noising, rounds: int = 6) -> flo
 
 
 def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, images: int, sweep_images: int,
-                  device: str = "cuda") -> dict:
+                  device: str = "cuda", only_extraction: bool = False) -> dict:
     import torch
 
     from seg4diff_repro.attention.extract import TimestepCache, auto_batch_size, extract_attention_timesteps
@@ -126,6 +126,8 @@ def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, im
     row["extract_t8_bytes_per_image"] = _folder_bytes(work / variant / "t8") / images
     row["extract_layer_s_per_image"] = run(
         "layer", [TimestepCache(_with(settings, layers=(layer,)), work / variant / "layer")], images)
+    if only_extraction:
+        return _release(adapter, row)
     if variant != "flux":
         null = _with(settings, prompt="null", layers=(layer,), pad_multiple=32, drop_background=False)
         row["unsupervised_s_per_image"] = run("null", [TimestepCache(null, work / variant / "null")], images)
@@ -143,6 +145,12 @@ def measure_model(variant: str, source: Path, dataset_root: Path, work: Path, im
         row["score_heads_s_per_image"] = _cuda_seconds(lambda: score_heads(
             heads, dataset_root, work / "heads", device=device, batch_size=4, adapter=adapter)) / images
     row["generation_s_per_image"] = _generation_seconds(adapter.pipe, variant)
+    return _release(adapter, row)
+
+
+def _release(adapter, row: dict) -> dict:
+    import torch
+
     row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     del adapter
     gc.collect()
@@ -198,7 +206,8 @@ def measure(args: argparse.Namespace) -> None:
     for variant in args.variants:
         source = Path(args.models) / VARIANT_MODELS[variant]
         print(f"measuring {variant} from {source}", file=sys.stderr, flush=True)
-        rows.append(measure_model(variant, source, dataset_root, work, args.images, args.sweep_images, args.device))
+        rows.append(measure_model(variant, source, dataset_root, work, args.images, args.sweep_images, args.device,
+                                  args.only_extraction))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
         result = {"device": name, "torch": torch.__version__, "dtype": DTYPE,
@@ -415,6 +424,8 @@ def main() -> None:
     command.add_argument("--images", type=int, default=24)
     command.add_argument("--sweep-images", type=int, default=8)
     command.add_argument("--device", default="cuda")
+    command.add_argument("--only-extraction", action="store_true",
+                         help="forward alone and extraction at t = 8 (all layers, analysis layer) only")
     command.add_argument("--out", required=True)
     command.set_defaults(handler=measure)
     command = commands.add_parser("bill", help="the paper config's GPU-hours and disk from the measured rates")
