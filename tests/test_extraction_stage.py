@@ -107,3 +107,51 @@ def test_cache_holds_the_recorders_maps_of_the_class_tokens(world, tmp_path):
     # The stored columns are exactly the class words' token positions, starting after <sos>.
     assert cached.columns[0] == 1
     assert cached.columns.tolist() == sorted({p for start, end in cached.spans for p in range(start, end)})
+
+
+def test_one_run_over_several_timesteps_caches_the_maps_of_one_run_per_timestep(world, tmp_path, monkeypatch):
+    """The VAE and text encoders run once per image for all timesteps: the maps equal the per-timestep path."""
+    from seg4diff_repro.attention.extract import TimestepCache, extract_attention_timesteps
+
+    encoded = {"images": 0, "prompts": 0}
+    encode_images, encode_prompts = SD3Adapter.encode_images, SD3Adapter.encode_prompts
+
+    def count_images(self, images):
+        encoded["images"] += len(images)
+        return encode_images(self, images)
+
+    def count_prompts(self, prompts):
+        encoded["prompts"] += len(prompts)
+        return encode_prompts(self, prompts)
+
+    monkeypatch.setattr(SD3Adapter, "encode_images", count_images)
+    monkeypatch.setattr(SD3Adapter, "encode_prompts", count_prompts)
+    sweep = {1: [1], 8: [1, 3], 20: [3]}  # the analysis timestep with more layers, as the appendix sweep records
+    caches = [TimestepCache(settings_for(world, timestep=k, layers=layers), tmp_path / "sweep" / f"t{k}")
+              for k, layers in sweep.items()]
+    manifests = extract_attention_timesteps(caches, world / "data", batch_size=3)
+    assert encoded == {"images": 4, "prompts": 4}  # 4 images, 3 timesteps: each encoded once
+    for (k, layers), manifest in zip(sweep.items(), manifests):
+        single = extract_attention(settings_for(world, timestep=k, layers=layers), world / "data",
+                                   tmp_path / f"single_t{k}", batch_size=3)
+        assert manifest["noising"] == single["noising"] and manifest["noising"]["k"] == k
+        assert manifest["settings"] == single["settings"]
+        for image_id in single["image_ids"]:
+            reused = read_cached_image(tmp_path / "sweep" / f"t{k}", image_id)
+            alone = read_cached_image(tmp_path / f"single_t{k}", image_id)
+            assert reused.key == alone.key  # the single run would accept (and skip) the reused cache
+            np.testing.assert_array_equal(reused.layers, layers)
+            np.testing.assert_array_equal(reused.i2t, alone.i2t)
+            np.testing.assert_array_equal(reused.logits, alone.logits)
+            assert (reused.prompt, reused.seed, reused.box) == (alone.prompt, alone.seed, alone.box)
+    # Timesteps differ: the same image's maps at t = 1 and t = 20 (layer 1 vs 3 aside) are not the same noise level.
+    assert manifests[0]["noising"]["sigma"] != manifests[2]["noising"]["sigma"]
+
+
+def test_caches_of_one_run_must_share_everything_but_timestep_and_layers(world, tmp_path):
+    from seg4diff_repro.attention.extract import TimestepCache, extract_attention_timesteps
+
+    caches = [TimestepCache(settings_for(world, timestep=8), tmp_path / "a"),
+              TimestepCache(settings_for(world, timestep=4, seed=3), tmp_path / "b")]
+    with pytest.raises(ValueError, match=r"differs from .* in \['seed'\]"):
+        extract_attention_timesteps(caches, world / "data")

@@ -220,18 +220,27 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
+def job_counts(dry_run_stdout: str) -> dict[str, int]:
+    jobs = dry_run_stdout.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", jobs, flags=re.MULTILINE)}
+
+
 def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(REPO / "configs", workdir / "configs")
-    dry_run = snakemake(workdir, "-n", "--configfile", "config.yaml", "configs/paper.yaml")
-    jobs = dry_run.stdout.split("Job stats:")[1].split("total")[0]
-    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", jobs, flags=re.MULTILINE)}
-    # 3 models x 5 datasets x 28 timesteps of forward passes; 3 x 6 unsupervised sets; all datasets prepared.
-    assert counts["extract_attention"] == 3 * 5 * 28
-    assert counts["extract_unsupervised_attention"] == 3 * 6
-    for rule in ("per_layer_table", "per_layer_figure", "timestep_sweep", "normalisation_table"):
+    dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml")
+    counts = job_counts(dry_run.stdout)
+    # t = 8 for 3 models x 5 datasets, of which SD3 on VOC20 and on COCO-Object come from the two 28-step sweep
+    # jobs of appendix Fig. 2 (one job per pair: VAE and text encoders once per image); 27 more scorings each.
+    assert counts["extract_attention"] == 3 * 5 - 2
+    assert counts["extract_attention_sweep"] == 2
+    assert counts["score_layers"] == 3 * 5 + 2 * 27
+    assert counts["timestep_sweep"] == 2
+    # Unsupervised: main Table 2's models (SD3, SD3.5) on 6 sets.
+    assert counts["extract_unsupervised_attention"] == 2 * 6
+    assert counts["unsupervised_table"] == 12
+    for rule in ("per_layer_table", "per_layer_figure", "normalisation_table"):
         assert counts[rule] == 15, rule
-    assert counts["unsupervised_table"] == 18
     for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes"):
         assert counts[f"prepare_{name}"] == 1
     # The appendix's segmentation targets under their paper names, for the real models.
@@ -241,6 +250,19 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
         assert counts.get(rule, 0) <= 1, rule
     dry_run = snakemake(workdir, "-n", "all_segmentation", "--configfile", "config.yaml", "configs/paper.yaml")
     assert "sd3_medium/voc21/t8/per_head.csv" in dry_run.stdout
+    # The sweep's t = 8 cache is the one the per-layer analyses of the swept pairs read (no second t = 8 job).
+    assert "results/attention/sd3_medium/voc20/sweep/t8/manifest.json" in dry_run.stdout
+    assert "results/attention/sd3_medium/voc20/t8/manifest.json" not in dry_run.stdout
+
+
+def test_full_sweep_stays_available_as_an_option(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    (workdir / "full.yaml").write_text("analyses: {timestep_sweep: {scope: all, record: attention_layers}}\n")
+    dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml", "full.yaml")
+    counts = job_counts(dry_run.stdout)
+    assert counts["extract_attention_sweep"] == 3 * 5 and "extract_attention" not in counts
+    assert counts["score_layers"] == 3 * 5 * 28 and counts["timestep_sweep"] == 15
 
 
 def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp_path):

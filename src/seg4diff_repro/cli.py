@@ -40,12 +40,18 @@ def _make_toy_shapes(args: argparse.Namespace) -> None:
 
 
 def _extract_attention(args: argparse.Namespace) -> None:
-    from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention
+    from seg4diff_repro.attention.extract import ExtractionSettings, TimestepCache, extract_attention_timesteps
 
-    settings = ExtractionSettings.from_dict(json.loads(args.settings))
-    extract_attention(
-        settings, Path(args.dataset_root), Path(args.out_dir), device=args.device, batch_size=args.batch_size
-    )
+    spec = json.loads(args.settings)
+    # --caches: several timesteps of the same images in one run (VAE and text encoders once per image).
+    overrides = json.loads(args.caches) if args.caches else [{"out_dir": args.out_dir}]
+    caches = [
+        TimestepCache(ExtractionSettings.from_dict(spec | {k: v for k, v in each.items() if k != "out_dir"}),
+                      Path(each["out_dir"]))
+        for each in overrides
+    ]
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    extract_attention_timesteps(caches, Path(args.dataset_root), device=args.device, batch_size=batch_size)
 
 
 def _shard_root(out: str) -> Path:
@@ -209,9 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("extract-attention", help="cache I2T attention maps of a dataset split")
     command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")
     command.add_argument("--dataset-root", required=True)
-    command.add_argument("--out-dir", required=True, help="cache folder: one file per image and manifest.json")
+    command.add_argument("--out-dir", help="cache folder of one timestep: one file per image and manifest.json")
+    command.add_argument(
+        "--caches", help='JSON list of {"timestep", "layers", "out_dir"}: several timesteps of the same images at once'
+    )
     command.add_argument("--device", default="cpu")
-    command.add_argument("--batch-size", type=int, default=8)
+    command.add_argument("--batch-size", default="8", help="images per forward pass, or auto (the largest that fits)")
     command.set_defaults(handler=_extract_attention)
 
     command = commands.add_parser("score-layers", help="per-layer segmentation scores from the cache")

@@ -41,10 +41,11 @@ _EXTRACTION_KEYS = {
     "prompt": "oracle (GT classes), vocabulary (all classes) or null (empty prompt)",
     "background_name": "prompt word of the background class",
     "split": "dataset split (val)",
-    "drop_background": "map background to ignore (the VOC20 protocol)",
+    "background": "the dataset's background view: class, last, ignore or drop (datasets.<dataset>.background)",
     "limit": "first N images only, or null",
     "cache_format": "version of the cache layout",
     "pad_multiple": "zero-pad to a multiple of it before the stretch (unsupervised, official geometry: 32), or null",
+    "prompt_classes_from": "label the oracle class set is read from: resized (official) or original",
 }
 
 _MODEL_SETTINGS_KEYS = {

@@ -131,10 +131,10 @@ def _check_generation(config: dict) -> None:
         )
     if generation["fidelity"]["weights"] == "random":
         for role, name in roles.items():
-            if not config["models"][name].get("toy", False):
+            if not (config["models"][name].get("toy", False) or config["models"][name].get("random_weights", False)):
                 raise ConfigError(
-                    f"analyses.generation.fidelity.weights = 'random' is allowed for toy models only, but "
-                    f"appendix.models.{role} = {name!r} is not one (models.{name}.toy is not true): random CLIP/DINO "
+                    f"analyses.generation.fidelity.weights = 'random' is allowed for toy models and random-weight stand-ins only, but "
+                    f"appendix.models.{role} = {name!r} is neither (models.{name}.toy and .random_weights are not true): random CLIP/DINO "
                     "scores say nothing about a real model. Set analyses.generation.fidelity.weights: pretrained "
                     "(hub weights, or local copies via fidelity.clip_pretrained and fidelity.dino_source)."
                 )
@@ -162,6 +162,12 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                     f"appendix.{kind}.{role} names {name!r}, which is not defined; "
                     f"defined {kind}: {sorted(config[kind])}"
                 )
+
+    for name in (config.get("analyses", {}).get("unsupervised", {}).get("models") or []):
+        if name not in config["models"]:
+            raise ConfigError(
+                f"analyses.unsupervised.models names {name!r}, which is not defined; defined models: {sorted(config['models'])}"
+            )
 
     for name, model in config["models"].items():
         expected = f"results/models/{name}"

@@ -56,7 +56,7 @@ NORMALISATION_VARIANTS = {
 
 rule score_normalisation_variant:
     input:
-        cache="results/attention/{model}/{dataset}/t{timestep}/manifest.json",
+        cache=attention_cache,
         dataset=prepared_manifest,
     output:
         "results/segmentation/{model}/{dataset}/t{timestep}/normalisation_{variant}.csv",
@@ -123,7 +123,7 @@ rule extract_unsupervised_attention:
         dataset_root=prepared_root,
         out_dir=lambda wildcards, output: Path(output[0]).parent,
         device=lambda wildcards: model_config(wildcards)["device"],
-        batch_size=config["attention"]["batch_size"],
+        batch_size=forward_batch_size("extract-attention"),
     log:
         "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
     benchmark:

@@ -79,8 +79,9 @@ def provenance_scores():
 
 def overlay_cache(wildcards):
     mode, role, _ = OVERLAY_FIGURES[wildcards.figure]
-    folder = "attention" if mode == "ovss" else "attention_null"
-    return f"results/{folder}/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/manifest.json"
+    if mode == "ovss":
+        return attention_manifest(appendix_model("sd3"), appendix_dataset(role), TIMESTEP)
+    return f"results/attention_null/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/manifest.json"
 
 
 def overlay_dataset_root(wildcards):

@@ -74,7 +74,9 @@ def fidelity_reference(wildcards):
 
 
 def fidelity_model_is_toy(wildcards):
-    return config["models"][appendix_model(FIDELITY_FIGURES[wildcards.name])]["toy"]
+    """Toy models and random-weight stand-ins may be scored by random-weight backbones (offline)."""
+    model = config["models"][appendix_model(FIDELITY_FIGURES[wildcards.name])]
+    return model["toy"] or model["random_weights"]
 
 
 def grid_runs(wildcards):

@@ -17,7 +17,7 @@ rule score_heads:
         settings=extraction_settings,
         dataset_root=prepared_root,
         device=lambda wildcards: model_config(wildcards)["device"],
-        batch_size=config["attention"]["batch_size"],
+        batch_size=forward_batch_size("score-heads"),
     log:
         "logs/score_heads/{model}_{dataset}_t{timestep}.log",
     benchmark:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,57 +80,272 @@ def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class TimestepCache:
+    """One cache that a multi-timestep extraction fills: its settings (timestep, layers) and its folder."""
+
+    settings: ExtractionSettings
+    out_dir: Path
+
+
+# What may differ between the caches of one multi-timestep run; everything else is shared (same images,
+# prompts, latents and text embeddings).
+_PER_CACHE_FIELDS = ("timestep", "layers")
+
+
 def extract_attention(
     settings: ExtractionSettings,
     dataset_root: Path,
     out_dir: Path,
     *,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
+    num_workers: int | None = None,
 ) -> dict:
     """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
 
     Images whose cache file already carries the current settings key are skipped, so an interrupted
     run resumes without recomputing them.
     """
-    out_dir = Path(out_dir)
-    if removed := remove_leftover_temp_files(out_dir):
-        log.info("%s: removed %d temp files of a killed run", out_dir, removed)
-    dataset = SegmentationDataset(
-        dataset_root, settings.split, background=settings.background, limit=settings.limit
-    )
-    adapter = load_adapter(
-        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
-    )
-    noising = adapter.noising(settings.timestep, settings.num_steps)
-    layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
-    inputs = extraction_inputs(settings, dataset_root)
-    key = settings_key({**asdict(settings), **inputs})
-    todo = [i for i, image_id in enumerate(dataset.ids) if cached_key(out_dir, image_id) != key]
-    log.info(
-        "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
-        out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
-    )
-    for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
-        samples = [dataset[i] for i in todo[start : start + batch_size]]
-        _extract_batch(adapter, samples, dataset.class_names, settings, noising, layers, key, out_dir)
+    caches = [TimestepCache(settings, Path(out_dir))]
+    return extract_attention_timesteps(
+        caches, dataset_root, device=device, batch_size=batch_size, num_workers=num_workers
+    )[0]
 
-    manifest = {
-        "settings": asdict(settings),
-        "noising": asdict(noising),
-        "layers": layers,
-        "token_grid": list(adapter.token_grid),
-        "text_tokens": adapter.prompt_tokens,
-        "image_ids": dataset.ids,
-        "class_names": dataset.class_names,
-        "ignore_index": dataset.ignore_index,
-        "model": describe_model_source(settings.source),
-        "inputs": inputs,
-        "provenance": provenance("extraction"),
-        "seed_rule": "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1",
+
+def extract_attention_timesteps(
+    caches: list[TimestepCache],
+    dataset_root: Path,
+    *,
+    device: str = "cpu",
+    batch_size: int | str = 8,
+    num_workers: int | None = None,
+    writer_threads: int = 4,
+    adapter=None,
+) -> list[dict]:
+    """Fill several caches of the same images that differ only in timestep (and recorded layers).
+
+    Per image the VAE and the text encoders run once, whatever the number of timesteps: each batch is
+    encoded once, then noised to each timestep and run through the transformer. The maps equal those
+    of one ``extract_attention`` run per timestep (same images, seeds and batches). Images are read,
+    resized and prompted by loader worker processes ahead of the GPU, and cache files are compressed
+    and written by a thread pool while the next forward pass runs. ``batch_size="auto"`` takes the
+    largest batch that fits (`auto_batch_size`). ``adapter``: an already loaded model of the caches' settings
+    (benchmarks time the loop without the load). Returns the manifests, in the order of ``caches``.
+    """
+    if not caches:
+        return []
+    base = _shared_settings(caches)
+    for cache in caches:
+        if removed := remove_leftover_temp_files(cache.out_dir):
+            log.info("%s: removed %d temp files of a killed run", cache.out_dir, removed)
+    dataset = SegmentationDataset(dataset_root, base.split, background=base.background, limit=base.limit)
+    if adapter is None:
+        adapter = load_adapter(base.backbone, base.source, base.dtype, device, **dict(base.model_options))
+    inputs = extraction_inputs(base, dataset_root)
+    plans = []
+    for cache in caches:
+        noising = adapter.noising(cache.settings.timestep, cache.settings.num_steps)
+        layers = list(range(adapter.num_layers)) if cache.settings.layers is None else list(cache.settings.layers)
+        key = settings_key({**asdict(cache.settings), **inputs})
+        todo = {i for i, image_id in enumerate(dataset.ids) if cached_key(cache.out_dir, image_id) != key}
+        log.info(
+            "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
+            cache.out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
+        )
+        plans.append(_CachePlan(cache, noising, layers, key, todo))
+    indices = sorted(set().union(*(plan.todo for plan in plans)))
+    if indices:
+        if batch_size == "auto":
+            widest = max(plans, key=lambda plan: len(plan.layers))
+            batch_size = auto_batch_size(adapter, len(widest.layers), widest.noising, record=("i2t", "logits"))
+            log.info("batch size %d (auto)", batch_size)
+        loader = _prefetching_loader(adapter, dataset, indices, base, int(batch_size), device, num_workers)
+        with CacheWriter(writer_threads) as writer:
+            for batch in tqdm(loader, desc="extract attention", unit="batch"):
+                _extract_prepared_batch(adapter, batch, dataset.class_names, base, plans, writer)
+    manifests = []
+    for plan in plans:
+        manifest = {
+            "settings": asdict(plan.cache.settings),
+            "noising": asdict(plan.noising),
+            "layers": plan.layers,
+            "token_grid": list(adapter.token_grid),
+            "text_tokens": adapter.prompt_tokens,
+            "image_ids": dataset.ids,
+            "class_names": dataset.class_names,
+            "ignore_index": dataset.ignore_index,
+            "model": describe_model_source(base.source),
+            "inputs": inputs,
+            "provenance": provenance("extraction"),
+            "seed_rule": "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1",
+        }
+        atomic_write_json(plan.cache.out_dir / "manifest.json", manifest)
+        manifests.append(manifest)
+    return manifests
+
+
+def _shared_settings(caches: list[TimestepCache]) -> ExtractionSettings:
+    first = asdict(caches[0].settings)
+    for cache in caches[1:]:
+        other = asdict(cache.settings)
+        differing = sorted(k for k in first if k not in _PER_CACHE_FIELDS and first[k] != other[k])
+        if differing:
+            raise ValueError(
+                f"caches of one multi-timestep extraction may differ only in {_PER_CACHE_FIELDS}; "
+                f"{cache.out_dir} differs from {caches[0].out_dir} in {differing}"
+            )
+    return caches[0].settings
+
+
+@dataclass
+class _CachePlan:
+    cache: TimestepCache
+    noising: object
+    layers: list[int]
+    key: str
+    todo: set[int]
+
+
+def auto_batch_size(adapter, n_layers: int, noising, *, record: tuple[str, ...], limit: int = 16) -> int:
+    """The largest batch (at most ``limit``) whose forward pass and recorded maps fit in 80 % of free memory.
+
+    The recorded maps per image are the recorder memory guard's estimate; the forward's own activation
+    memory per image is measured with one probe forward at batch 1 (CUDA). On a CPU the batch is 4.
+    """
+    if adapter.device.type != "cuda":
+        return 4
+    rows, cols = adapter.token_grid
+    n_image = rows * cols
+    probe = AttentionRecorder(adapter.transformer, layers=[0], record=record, heads="mean",
+                              text_tokens=adapter.prompt_tokens)
+    recorded = probe.estimate_bytes(1, n_image, adapter.num_text_tokens) * n_layers
+    channels = adapter.transformer.config.in_channels
+    if adapter.backbone == "flux":
+        channels = adapter.latent_channels
+    side = adapter.image_size // adapter.pipe.vae_scale_factor
+    latents = torch.zeros(1, channels, side, side, device=adapter.device, dtype=adapter.dtype)
+    embeds, pooled = adapter.encode_prompts([""])
+    torch.cuda.synchronize(adapter.device)
+    torch.cuda.reset_peak_memory_stats(adapter.device)
+    before = torch.cuda.memory_allocated(adapter.device)
+    adapter.forward(latents, noising, embeds, pooled)
+    torch.cuda.synchronize(adapter.device)
+    activations = torch.cuda.max_memory_allocated(adapter.device) - before
+    free = 0.8 * torch.cuda.mem_get_info(adapter.device)[0]
+    return int(max(1, min(limit, free // (2 * activations + recorded))))  # 2x: VAE and copies beside the forward
+
+
+class _PreparedSamples(torch.utils.data.Dataset):
+    """Images read, resized and prompted as the official evaluation does: the work the loader workers do."""
+
+    def __init__(self, adapter, dataset: SegmentationDataset, indices: list[int], settings: ExtractionSettings):
+        self.dataset, self.indices, self.settings = dataset, indices, settings
+        self.image_size, self.tokenizer, self.prompt_start = adapter.image_size, adapter.tokenizer, adapter.prompt_start
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        sample = self.dataset[self.indices[position]]
+        return prepare_sample(sample, self.class_names, self.settings, self.image_size, self.tokenizer,
+                              self.prompt_start) | {"index": self.indices[position]}
+
+
+def prepare_sample(sample, class_names, settings: ExtractionSettings, image_size: int, tokenizer, prompt_start) -> dict:
+    """One sample as the forward pass takes it: pixels at the model size, the region shown, prompt, noise seed.
+
+    The oracle class set is read from the label as ``settings.prompt_classes_from`` says (official: resized).
+    """
+    pixels, box = prepare_image(sample.image, image_size, settings.short_side, settings.resize, settings.pad_multiple)
+    prompt = build_class_prompt(
+        prompt_class_ids(
+            prompt_label(crop_to_box(sample.label, box), settings.short_side, settings.prompt_classes_from),
+            len(class_names), settings.prompt,
+        ),
+        class_names,
+        tokenizer,
+        settings.background_name,
+        start=prompt_start,
+    )
+    return {"image_id": sample.image_id, "pixels": pixels, "box": box, "prompt": prompt,
+            "seed": image_seed(settings.seed, sample.image_id)}
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"pixels": torch.stack([item["pixels"] for item in items])} | {
+        name: [item[name] for item in items] for name in ("index", "image_id", "box", "prompt", "seed")
     }
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return manifest
+
+
+def _prefetching_loader(adapter, dataset, indices, settings, batch_size: int, device: str, num_workers: int | None):
+    """Batches prepared by worker processes (decoding and resizing off the GPU's critical path), pinned for CUDA."""
+    if num_workers is None:  # SEG4DIFF_LOADER_WORKERS overrides, e.g. 0 where /dev/shm is too small for workers
+        default = min(4, len(os.sched_getaffinity(0)) - 1) if torch.device(device).type == "cuda" else 0
+        num_workers = int(os.environ.get("SEG4DIFF_LOADER_WORKERS", default))
+    return torch.utils.data.DataLoader(
+        _PreparedSamples(adapter, dataset, indices, settings),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=max(0, num_workers),
+        collate_fn=_collate,
+        pin_memory=torch.device(device).type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+class CacheWriter:
+    """Compress and write cache files on a thread pool while the GPU computes the next batch.
+
+    A submitted entry's tensors may still be in flight from the GPU: the writer waits on the CUDA event
+    recorded after their copy. At most ``max_pending`` entries wait, so host memory stays bounded; the
+    first failed write is raised in the caller (at the next submit or on exit).
+    """
+
+    def __init__(self, threads: int = 4, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-writer")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._futures: list[Future] = []
+
+    def submit(self, out_dir: Path, make_entry, ready: torch.cuda.Event | None) -> None:
+        self._raise_failures()
+        self._slots.acquire()
+
+        def write() -> None:
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                write_cached_image(out_dir, make_entry())
+            finally:
+                self._slots.release()
+
+        self._futures.append(self._pool.submit(write))
+
+    def _raise_failures(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for future in done:
+            future.result()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+        if exc[0] is None:
+            for future in self._futures:
+                future.result()
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a copy to host memory (pinned, asynchronous from a GPU); the caller records an event after it."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 @dataclass
@@ -145,68 +363,79 @@ def record_batch(
 ) -> RecordedBatch:
     """Prepare ``samples`` as the official evaluation does, run one forward pass, and record ``record``.
 
-    The maps keep the prompt window only (77 CLIP or T5 positions), as the official slice. The oracle
-    class set is read from the label as ``settings.prompt_classes_from`` says (official: resized).
+    The maps keep the prompt window only (77 CLIP or T5 positions), as the official slice.
     """
     prepared = [
-        prepare_image(s.image, adapter.image_size, settings.short_side, settings.resize, settings.pad_multiple)
+        prepare_sample(s, class_names, settings, adapter.image_size, adapter.tokenizer, adapter.prompt_start)
         for s in samples
     ]
-    prompts = [
-        build_class_prompt(
-            prompt_class_ids(
-                prompt_label(crop_to_box(s.label, box), settings.short_side, settings.prompt_classes_from),
-                len(class_names), settings.prompt,
-            ),
-            class_names,
-            adapter.tokenizer,
-            settings.background_name,
-            start=adapter.prompt_start,
-        )
-        for s, (_, box) in zip(samples, prepared)
-    ]
-    seeds = [image_seed(settings.seed, s.image_id) for s in samples]
-    latents = adapter.encode_images(torch.stack([pixels for pixels, _ in prepared]))
+    latents = adapter.encode_images(torch.stack([p["pixels"] for p in prepared]))
+    prompt_embeds, pooled = adapter.encode_prompts([p["prompt"].text for p in prepared])
+    seeds = [p["seed"] for p in prepared]
+    recorder = _record(adapter, latents, noising, seeds, prompt_embeds, pooled, layers, record, heads)
+    return RecordedBatch([p["prompt"] for p in prepared], [p["box"] for p in prepared], seeds, recorder)
+
+
+def _record(adapter, latents, noising, seeds, prompt_embeds, pooled, layers, record, heads) -> AttentionRecorder:
     noisy = adapter.noise_latents(latents, noising, seeds)
-    prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
     with AttentionRecorder(
         adapter.transformer, layers=layers, record=record, heads=heads, text_tokens=adapter.prompt_tokens
     ) as recorder:
         adapter.forward(noisy, noising, prompt_embeds, pooled)
-    return RecordedBatch(prompts, [box for _, box in prepared], seeds, recorder)
+    return recorder
 
 
-def _extract_batch(adapter, samples, class_names, settings, noising, layers, key, out_dir) -> None:
-    batch = record_batch(
-        adapter, samples, class_names, settings, noising, layers, record=("i2t", "logits"), heads="mean"
-    )
-    recorder = batch.recorder
-    i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
-    logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
-    for b, (sample, prompt) in enumerate(zip(samples, batch.prompts)):
-        if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
-            columns = np.arange(adapter.prompt_tokens)
-        else:
-            # The official rule's columns: a superset of the corrected rule's (segmentation.prompts.window_spans).
-            spans = window_spans(prompt.spans, adapter.prompt_tokens, "official")
-            columns = np.unique(np.concatenate([np.arange(s, e) for s, e in spans] + [[]])).astype(int)
-        write_cached_image(
-            out_dir,
-            CachedImage(
-                image_id=sample.image_id,
-                key=key,
-                layers=np.array(layers),
-                i2t=i2t[b][..., columns],
-                token_grid=adapter.token_grid,
-                prompt=prompt.text,
-                class_ids=np.array(prompt.class_ids),
-                spans=np.array(prompt.spans),
-                seed=batch.seeds[b],
-                box=batch.boxes[b],
-                columns=columns,
-                logits=logits[b][..., columns],
-            ),
+def _extract_prepared_batch(adapter, batch: dict, class_names, settings, plans: list[_CachePlan], writer) -> None:
+    """Encode the batch once, then run and cache every timestep that still lacks one of its images."""
+    pixels = batch["pixels"].to(adapter.device, non_blocking=True)
+    latents = adapter.encode_images(pixels)
+    prompt_embeds, pooled = adapter.encode_prompts([p.text for p in batch["prompt"]])
+    for plan in plans:
+        rows = [b for b, index in enumerate(batch["index"]) if index in plan.todo]
+        if not rows:
+            continue
+        select = torch.tensor(rows, device=latents.device)
+        recorder = _record(
+            adapter, latents.index_select(0, select), plan.noising, [batch["seed"][b] for b in rows],
+            prompt_embeds.index_select(0, select), pooled.index_select(0, select), plan.layers,
+            ("i2t", "logits"), "mean",
         )
+        i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in plan.layers], dim=1)
+        logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in plan.layers], dim=1)
+        for position, b in enumerate(rows):
+            prompt = batch["prompt"][b]
+            if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
+                columns = np.arange(adapter.prompt_tokens)
+            else:
+                # The official rule's columns: a superset of the corrected rule's (segmentation.prompts.window_spans).
+                spans = window_spans(prompt.spans, adapter.prompt_tokens, "official")
+                columns = np.unique(np.concatenate([np.arange(s, e) for s, e in spans] + [[]])).astype(int)
+            index = torch.from_numpy(columns).to(i2t.device)
+            # The cache holds float16: cast on the device, so that half the bytes cross to the host.
+            maps = _to_host(i2t[position].index_select(-1, index).half())
+            scores = _to_host(logits[position].index_select(-1, index).half())
+            ready = None
+            if i2t.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+
+            def entry(b=b, prompt=prompt, columns=columns, maps=maps, scores=scores, plan=plan) -> CachedImage:
+                return CachedImage(
+                    image_id=batch["image_id"][b],
+                    key=plan.key,
+                    layers=np.array(plan.layers),
+                    i2t=maps.numpy(),
+                    token_grid=adapter.token_grid,
+                    prompt=prompt.text,
+                    class_ids=np.array(prompt.class_ids),
+                    spans=np.array(prompt.spans),
+                    seed=batch["seed"][b],
+                    box=batch["box"][b],
+                    columns=columns,
+                    logits=scores.numpy(),
+                )
+
+            writer.submit(plan.cache.out_dir, entry, ready)
 
 
 def load_manifest(path: Path) -> dict:

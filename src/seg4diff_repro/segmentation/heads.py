@@ -52,12 +52,18 @@ def score_heads(
     device: str = "cpu",
     batch_size: int = 4,
     shard_size: int = 32,
+    adapter=None,
 ) -> pd.DataFrame:
-    """pACC, mACC and mIoU (percent) of every (layer, head) of the model; one row per pair."""
+    """pACC, mACC and mIoU (percent) of every (layer, head) of the model; one row per pair.
+
+    ``adapter``: an already loaded model of ``settings`` (benchmarks time the loop without the load).
+    """
     dataset = SegmentationDataset(
         dataset_root, settings.split, background=settings.background, limit=settings.limit
     )
-    adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options))
+    if adapter is None:
+        adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device,
+                               **dict(settings.model_options))
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
     heads = adapter.transformer.config.num_attention_heads
