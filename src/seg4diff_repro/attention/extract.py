@@ -82,11 +82,13 @@ def extract_attention(
     *,
     device: str = "cpu",
     batch_size: int = 8,
+    image_ids: list[str] | None = None,
 ) -> dict:
     """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
 
     Images whose cache file already carries the current settings key are skipped, so an interrupted
-    run resumes without recomputing them.
+    run resumes without recomputing them. ``image_ids`` restricts the run to those images of the split
+    (a reviewer's spot check re-extracts a sample); the manifest then lists only them.
     """
     out_dir = Path(out_dir)
     dataset = SegmentationDataset(
@@ -99,10 +101,11 @@ def extract_attention(
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
     inputs = extraction_inputs(settings, dataset_root)
     key = settings_key({**asdict(settings), **inputs})
-    todo = [i for i, image_id in enumerate(dataset.ids) if cached_key(out_dir, image_id) != key]
+    positions = range(len(dataset)) if image_ids is None else _positions(dataset.ids, image_ids, dataset_root)
+    todo = [i for i in positions if cached_key(out_dir, dataset.ids[i]) != key]
     log.info(
         "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
-        out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
+        out_dir, len(todo), len(positions), noising.k, noising.num_steps, noising.index, noising.sigma,
     )
     for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
         samples = [dataset[i] for i in todo[start : start + batch_size]]
@@ -113,7 +116,7 @@ def extract_attention(
         "noising": asdict(noising),
         "layers": layers,
         "token_grid": list(adapter.token_grid),
-        "image_ids": dataset.ids,
+        "image_ids": [dataset.ids[i] for i in positions],
         "class_names": dataset.class_names,
         "ignore_index": dataset.ignore_index,
         "model": describe_model_source(settings.source),
@@ -123,6 +126,14 @@ def extract_attention(
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _positions(ids: list[str], wanted: list[str], dataset_root: Path) -> list[int]:
+    index = {image_id: position for position, image_id in enumerate(ids)}
+    missing = [image_id for image_id in wanted if image_id not in index]
+    if missing:
+        raise ValueError(f"images {missing[:5]} are not in the split of {dataset_root}: check the dataset's version")
+    return [index[image_id] for image_id in wanted]
 
 
 @dataclass
