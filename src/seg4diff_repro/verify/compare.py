@@ -158,3 +158,32 @@ def compare_shard_folders(path: str, bundled: Path, rederived: Path) -> list[Che
     for name in names_b:
         checks.extend(compare_npz(f"{path}/{name}", bundled / name, rederived / name))
     return checks
+
+
+def check_head_scores(path: str, scores_file: Path, shards: Path) -> list[Check]:
+    """Streamed per-head scores (appendix Fig. 4), whose maps are never cached: each (layer, head)'s pACC, mACC
+    and mIoU in the bundled CSV against the confusion matrices of its bundled shards, merged."""
+    from seg4diff_repro.segmentation.metrics import ConfusionMatrixStack
+
+    scores = pd.read_csv(scores_file)
+    merged: dict[str, ConfusionMatrixStack] = {}
+    for file in sorted(shards.glob("shard_*/layer_*.npz")):
+        stack = ConfusionMatrixStack.load(file)
+        if file.stem in merged:
+            merged[file.stem].merge(stack)
+        else:
+            merged[file.stem] = stack
+    checks = []
+    for row in scores.itertuples():
+        stack = merged.get(f"layer_{row.layer:03d}")
+        if stack is None:
+            checks.append(Check(path, f"layer {row.layer}", "scored", "no shards", passed=False))
+            continue
+        computed = stack[row.head].compute()
+        for metric in ("pACC", "mACC", "mIoU"):
+            bundled, derived = float(getattr(row, metric)), computed[metric]
+            allowed = FLOAT_ABS_TOL + FLOAT_REL_TOL * abs(bundled)
+            checks.append(Check(path, f"layer {row.layer}, head {row.head}, {metric}", bundled, derived,
+                                difference=derived - bundled, tolerance=f"±{FLOAT_ABS_TOL:g} + {FLOAT_REL_TOL:g}·|x|",
+                                passed=abs(derived - bundled) <= allowed, note="from the bundled shards"))
+    return checks

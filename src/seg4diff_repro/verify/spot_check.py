@@ -104,6 +104,10 @@ def spot_check_cache(
     local = source if source.is_absolute() else Path(model_root) / source
     model = local if local.is_dir() else Path(settings.source)
     recorded = manifest["inputs"]["model_fingerprint"]
+    if recorded.startswith("sha256:") and not model.is_dir():  # a local folder at extraction, absent here
+        return [Check(label, "model", recorded, "not here", passed=False,
+                      note=f"the recorded model folder {local} does not exist: build it (`snakemake {settings.source}` "
+                           "for a toy model) or pass --model-root with the folder that holds it")]
     try:
         found = model_fingerprint(model)
     except Exception as error:

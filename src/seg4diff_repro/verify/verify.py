@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg4diff_repro.verify.bundle import sha256_file
-from seg4diff_repro.verify.compare import Check, compare_csv, compare_shard_folders
+from seg4diff_repro.verify.compare import Check, check_head_scores, compare_csv, compare_shard_folders
 from seg4diff_repro.verify.layout import (
     BUNDLE_FILES,
     BUNDLE_FORMAT,
@@ -35,6 +35,8 @@ from seg4diff_repro.verify.spot_check import check_cache_files, spot_check_cache
 log = logging.getLogger(__name__)
 
 DATASET_ROOT_FLAG = "--dataset-root"
+# GPU work whose scores are re-derived from its bundled shards (the per-head maps are streamed, never cached).
+HEAD_SCORES_COMMAND = "score-heads"
 
 
 @dataclass
@@ -62,7 +64,8 @@ class Verification:
         return not self.failures
 
     def verdict(self) -> str:
-        numbers = sum(1 for c in self.sections.get("Re-derived numbers", []) if c.tolerance != "not compared")
+        numbers = sum(1 for c in self.sections.get("Re-derived numbers", [])
+                      if isinstance(c.bundled, (int, float)) and c.tolerance != "not compared")
         files = sum(1 for _ in self.manifest.get("files", {}))
         spot = len(self.sections.get("Spot check", []))
         summary = f"{numbers} numbers re-derived, {files} files checksummed" + (f", {spot} spot-checked maps" if spot else "")
@@ -276,6 +279,10 @@ def verify_bundle(
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
         rederive(bundle, manifest, datasets, work, verification)
+    for job in manifest["jobs"]:
+        if job["command"] == HEAD_SCORES_COMMAND:
+            for output in job["outputs"]:
+                verification.add("Re-derived numbers", check_head_scores(output, files / output, files / shard_folder(output)))
     verification.add("Figures", figure_checks(manifest, verification))
     if spot_check > 0:
         for job in cache_jobs:
