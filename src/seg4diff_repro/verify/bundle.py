@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from seg4diff_repro.atomic import atomic_write_json, replace_folder_atomically
-from seg4diff_repro.provenance import git_state, provenance
+from seg4diff_repro.provenance import provenance
 from seg4diff_repro.verify.layout import (
     BUNDLE_CONFIG,
     BUNDLE_ENVIRONMENT,
@@ -282,8 +282,7 @@ def make_bundle(
         manifest = {
             "format": BUNDLE_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "provenance": provenance("package"),
-            "git": git_state(),
+            "provenance": provenance("package"),  # version, code fingerprint, commit and dirty flag
             "machine": machine(),
             "targets": sorted(targets),
             "jobs": job_entries,

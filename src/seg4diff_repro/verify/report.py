@@ -29,7 +29,7 @@ def _cells(check: Check) -> list[str]:
 
 def _run_lines(verification: Verification) -> list[str]:
     manifest = verification.manifest
-    git, machine = manifest.get("git", {}), manifest.get("machine", {})
+    git, machine = manifest.get("provenance", {}), manifest.get("machine", {})
     commit = git.get("commit") or "no git commit"
     lines = [
         f"Bundle `{verification.bundle}`, made {manifest.get('created')} from commit {commit}"
