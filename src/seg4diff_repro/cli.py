@@ -17,6 +17,7 @@ from seg4diff_repro.cli_generation import add_generation_commands
 from seg4diff_repro.cli_help import MAIN_EPILOG, HelpFormatter, finish_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
+from seg4diff_repro.cli_verify import add_verify_commands
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(commands)
     add_attention_figure_commands(commands)
     add_segmentation_appendix_commands(commands)
+    add_verify_commands(commands)
     finish_commands(parser, commands)
     return parser
 

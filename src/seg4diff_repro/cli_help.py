@@ -83,6 +83,7 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "softmax": "score post-softmax maps (true) or pre-softmax logits (false)",
             "norm_before_merge": "min-max each token map over pixels before averaging a class's tokens",
             "norm_after_merge": "min-max each class map over pixels",
+            "prompt_overflow": "classes past the 77-token window: official (NaN maps, <eos> averaged) or corrected",
         },
     ),
     "generate-run": (
@@ -161,6 +162,7 @@ COMMAND_GROUPS = {
         "value-norm-heads-figure", "value-norm-layers-figure", "pca-qkv-figure", "token-maps-figure",
         "toy-generations", "prompts-figure",
     ],
+    "Reviewer verification": ["bundle", "verify"],
 }
 
 MAIN_EPILOG = """\

@@ -101,15 +101,17 @@ def extract_attention(
     device: str = "cpu",
     batch_size: int | str = 8,
     num_workers: int | None = None,
+    image_ids: list[str] | None = None,
 ) -> dict:
     """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
 
     Images whose cache file already carries the current settings key are skipped, so an interrupted
-    run resumes without recomputing them.
+    run resumes without recomputing them. ``image_ids`` restricts the run to those images of the split
+    (a reviewer's spot check re-extracts a sample); the manifest then lists only them.
     """
     caches = [TimestepCache(settings, Path(out_dir))]
     return extract_attention_timesteps(
-        caches, dataset_root, device=device, batch_size=batch_size, num_workers=num_workers
+        caches, dataset_root, device=device, batch_size=batch_size, num_workers=num_workers, image_ids=image_ids
     )[0]
 
 
@@ -122,6 +124,7 @@ def extract_attention_timesteps(
     num_workers: int | None = None,
     writer_threads: int = 4,
     adapter=None,
+    image_ids: list[str] | None = None,
 ) -> list[dict]:
     """Fill several caches of the same images that differ only in timestep (and recorded layers).
 
@@ -131,7 +134,8 @@ def extract_attention_timesteps(
     resized and prompted by loader worker processes ahead of the GPU, and cache files are compressed
     and written by a thread pool while the next forward pass runs. ``batch_size="auto"`` takes the
     largest batch that fits (`auto_batch_size`). ``adapter``: an already loaded model of the caches' settings
-    (benchmarks time the loop without the load). Returns the manifests, in the order of ``caches``.
+    (benchmarks time the loop without the load). ``image_ids``: only those images of the split, as in
+    ``extract_attention``. Returns the manifests, in the order of ``caches``.
     """
     if not caches:
         return []
@@ -143,15 +147,16 @@ def extract_attention_timesteps(
     if adapter is None:
         adapter = load_adapter(base.backbone, base.source, base.dtype, device, **dict(base.model_options))
     inputs = extraction_inputs(base, dataset_root)
+    positions = range(len(dataset)) if image_ids is None else _positions(dataset.ids, image_ids, dataset_root)
     plans = []
     for cache in caches:
         noising = adapter.noising(cache.settings.timestep, cache.settings.num_steps)
         layers = list(range(adapter.num_layers)) if cache.settings.layers is None else list(cache.settings.layers)
         key = settings_key({**asdict(cache.settings), **inputs})
-        todo = {i for i, image_id in enumerate(dataset.ids) if cached_key(cache.out_dir, image_id) != key}
+        todo = {i for i in positions if cached_key(cache.out_dir, dataset.ids[i]) != key}
         log.info(
             "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
-            cache.out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
+            cache.out_dir, len(todo), len(positions), noising.k, noising.num_steps, noising.index, noising.sigma,
         )
         plans.append(_CachePlan(cache, noising, layers, key, todo))
     indices = sorted(set().union(*(plan.todo for plan in plans)))
@@ -172,7 +177,7 @@ def extract_attention_timesteps(
             "layers": plan.layers,
             "token_grid": list(adapter.token_grid),
             "text_tokens": adapter.prompt_tokens,
-            "image_ids": dataset.ids,
+            "image_ids": [dataset.ids[i] for i in positions],
             "class_names": dataset.class_names,
             "ignore_index": dataset.ignore_index,
             "model": describe_model_source(base.source),
@@ -183,6 +188,14 @@ def extract_attention_timesteps(
         atomic_write_json(plan.cache.out_dir / "manifest.json", manifest)
         manifests.append(manifest)
     return manifests
+
+
+def _positions(ids: list[str], wanted: list[str], dataset_root: Path) -> list[int]:
+    index = {image_id: position for position, image_id in enumerate(ids)}
+    missing = [image_id for image_id in wanted if image_id not in index]
+    if missing:
+        raise ValueError(f"images {missing[:5]} are not in the split of {dataset_root}: check the dataset's version")
+    return [index[image_id] for image_id in wanted]
 
 
 def _shared_settings(caches: list[TimestepCache]) -> ExtractionSettings:
