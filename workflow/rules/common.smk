@@ -222,7 +222,7 @@ def appendix_dataset(role):
 
 
 def add_code_fingerprints(rules):
-    """Give each rule that calls `seg4diff-repro <command>` a `code` parameter: its stage's fingerprint."""
+    """A `code` parameter, its stage's fingerprint, for each of the rules that call `seg4diff-repro <command>`."""
     for each in rules:
         match = re.search(r"seg4diff-repro ([a-z-]+)", each.shellcmd or "")
         fingerprint = command_fingerprint(match.group(1)) if match else None

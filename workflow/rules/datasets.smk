@@ -14,11 +14,12 @@ DS_PATHS = config["data"].get("paths") or {}
 DS_OVERRIDES = config["data"].get("source_overrides") or {}
 DS_COUNTS = config["data"].get("expected_counts") or {}
 
-
-def prepare_source_args(name):
-    """Where the raw data comes from, and the image count to expect where a subset replaces the release's."""
-    args = DS_SOURCES.rule_source_args(name, DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES)
-    return args + (f" --expected-count {DS_COUNTS[name]}" if name in DS_COUNTS else "")
+# Per dataset: where the raw data comes from, and the image count to expect where a subset replaces the release's.
+DS_SOURCE_ARGS = {
+    name: DS_SOURCES.rule_source_args(name, DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES)
+    + (f" --expected-count {DS_COUNTS[name]}" if name in DS_COUNTS else "")
+    for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
+}
 
 
 wildcard_constraints:
@@ -51,7 +52,7 @@ rule prepare_voc21:
         DS_ROOT / "prepared" / "voc21" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "voc21",
-        source=prepare_source_args("voc21"),
+        source=DS_SOURCE_ARGS["voc21"],
     log:
         "logs/datasets/prepare_voc21.log",
     benchmark:
@@ -72,7 +73,7 @@ rule prepare_coco_object:
         DS_ROOT / "prepared" / "coco_object" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "coco_object",
-        source=prepare_source_args("coco_object"),
+        source=DS_SOURCE_ARGS["coco_object"],
     log:
         "logs/datasets/prepare_coco_object.log",
     benchmark:
@@ -93,7 +94,7 @@ rule prepare_pc59:
         DS_ROOT / "prepared" / "pc59" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "pc59",
-        source=prepare_source_args("pc59"),
+        source=DS_SOURCE_ARGS["pc59"],
     log:
         "logs/datasets/prepare_pc59.log",
     benchmark:
@@ -114,7 +115,7 @@ rule prepare_ade150:
         DS_ROOT / "prepared" / "ade150" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "ade150",
-        source=prepare_source_args("ade150"),
+        source=DS_SOURCE_ARGS["ade150"],
     log:
         "logs/datasets/prepare_ade150.log",
     benchmark:
@@ -135,7 +136,7 @@ rule prepare_coco_stuff27:
         DS_ROOT / "prepared" / "coco_stuff27" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "coco_stuff27",
-        source=prepare_source_args("coco_stuff27"),
+        source=DS_SOURCE_ARGS["coco_stuff27"],
     log:
         "logs/datasets/prepare_coco_stuff27.log",
     benchmark:
@@ -156,7 +157,7 @@ rule prepare_cityscapes:
         DS_ROOT / "prepared" / "cityscapes" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "cityscapes",
-        source=prepare_source_args("cityscapes"),
+        source=DS_SOURCE_ARGS["cityscapes"],
     log:
         "logs/datasets/prepare_cityscapes.log",
     benchmark:
