@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,6 +143,40 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
         raise
 
 
+class FileHashes:
+    """sha256 of files, remembered by (path, size, modification time) in the user's cache folder.
+
+    A real model folder holds tens of GB (34 for FLUX.1-dev with T5-XXL): hashing it for every job's
+    cache key would cost a minute each time. Jobs of the workflow keep this file in the project's
+    .cache/ (XDG_CACHE_HOME); a lost or damaged memo only means hashing again.
+    """
+
+    def __init__(self) -> None:
+        self.path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "seg4diff" / "file_sha256.json"
+        try:
+            self.known: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.known:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            self.known[key], self.changed = digest.hexdigest(), True
+        return self.known[key]
+
+    def save(self) -> None:
+        if self.changed:
+            from seg4diff_repro.atomic import atomic_write_json
+
+            atomic_write_json(self.path, self.known)  # concurrent jobs: the last writer wins, nothing breaks
+
+
 def model_fingerprint(source: str | Path) -> str:
     """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
     ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled.
@@ -151,14 +186,12 @@ def model_fingerprint(source: str | Path) -> str:
     """
     folder = Path(source).expanduser()
     if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        hashes = FileHashes()
         digest = hashlib.sha256()
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            file_digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    file_digest.update(chunk)
-            digest.update(file_digest.digest())
+        for path in files:
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + bytes.fromhex(hashes.sha256(path)))
+        hashes.save()
         return f"sha256:{digest.hexdigest()}"
     from huggingface_hub import try_to_load_from_cache
 
