@@ -85,7 +85,8 @@ def score_heads(
     merged = accumulate_in_shards(
         dataset.ids, shard_root, settings_key({**asdict(settings), "code_version": __version__}), shard_size,
         lambda: {
-            **{f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index) for layer in layers},
+            **{f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index)
+               for layer in layers},
             "overflow_images": RunningMean(),
         },
         add_images, "score heads",
