@@ -37,11 +37,11 @@ KEYS = {"VOC20": "voc20", "COCO-Object": "coco_object", "PC59": "pc59", "ADE20K-
 MODEL_KEYS = {"SD3-medium": "sd3_medium", "SD3.5-medium": "sd35_medium", "FLUX.1-dev": "flux_dev"}
 
 
-def planned_entries(dry_run_stdout: str, table: str) -> tuple[list[dict], str]:
-    """The --entries JSON and --title of the main-table job writing paper_tables/<table>.csv in a dry run."""
+def planned_entries(dry_run_stdout: str, table: str, namespace: str) -> tuple[list[dict], str]:
+    """The --entries JSON and --title of the main-table job writing paper_tables/<namespace>/<table>.csv."""
     for command in re.findall(r"seg4diff-repro main-table .*", dry_run_stdout):
         words = shlex.split(command)
-        if words[words.index("--csv") + 1] == f"paper_tables/{table}.csv":
+        if words[words.index("--csv") + 1] == f"paper_tables/{namespace}/{table}.csv":
             return json.loads(words[words.index("--entries") + 1]), words[words.index("--title") + 1]
     raise AssertionError(f"no main-table job for {table} in the dry run")
 
@@ -49,13 +49,15 @@ def planned_entries(dry_run_stdout: str, table: str) -> tuple[list[dict], str]:
 @pytest.mark.parametrize("paper_config", [False, True], ids=["toy world", "paper config"])
 def test_main_tables_carry_every_column_of_the_papers_tables(tmp_path, paper_config):
     workdir = copy_workflow(tmp_path)
-    arguments = ["-n", "-p", "paper_tables/main_table1_ovss.csv", "paper_tables/main_table2_unsupervised.csv"]
+    namespace = "paper" if paper_config else "toy"
+    arguments = ["-n", "-p", f"paper_tables/{namespace}/main_table1_ovss.csv",
+                 f"paper_tables/{namespace}/main_table2_unsupervised.csv"]
     if paper_config:
         shutil.copytree(REPO / "configs", workdir / "configs")
         arguments += ["--configfile", "config.yaml", "configs/paper.yaml"]
     stdout = snakemake(workdir, *arguments).stdout
     for table, paper in (("main_table1_ovss", TABLE1), ("main_table2_unsupervised", TABLE2)):
-        entries, title = planned_entries(stdout, table)
+        entries, title = planned_entries(stdout, table, namespace)
         models = [name for name in paper if name != "columns"]
         expected = [(model, column) for model in models for column in paper["columns"]]
         assert [(entry["role_model"], entry["role_dataset"]) for entry in entries] == expected

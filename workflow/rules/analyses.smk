@@ -13,19 +13,19 @@ rule timestep_sweep:
         ),
     output:
         csv=report(
-            "paper_tables/timestep_sweep_{model}_{dataset}.csv",
+            TABLES + "/timestep_sweep_{model}_{dataset}.csv",
             caption="../report/timestep_sweep.rst",
             category="Segmentation",
             subcategory="Timestep sweep",
         ),
-        markdown="paper_tables/timestep_sweep_{model}_{dataset}.md",
+        markdown=TABLES + "/timestep_sweep_{model}_{dataset}.md",
         png=report(
-            "figures/timestep_sweep_{model}_{dataset}.png",
+            FIGURES + "/timestep_sweep_{model}_{dataset}.png",
             caption="../report/timestep_sweep.rst",
             category="Segmentation",
             subcategory="Timestep sweep",
         ),
-        pdf="figures/timestep_sweep_{model}_{dataset}.pdf",
+        pdf=FIGURES + "/timestep_sweep_{model}_{dataset}.pdf",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
@@ -88,12 +88,12 @@ rule normalisation_table:
         ),
     output:
         csv=report(
-            "paper_tables/normalisation_{model}_{dataset}_t{timestep}.csv",
+            TABLES + "/normalisation_{model}_{dataset}_t{timestep}.csv",
             caption="../report/normalisation_table.rst",
             category="Segmentation",
             subcategory="Score normalisation",
         ),
-        markdown="paper_tables/normalisation_{model}_{dataset}_t{timestep}.md",
+        markdown=TABLES + "/normalisation_{model}_{dataset}_t{timestep}.md",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
@@ -169,12 +169,12 @@ rule unsupervised_table:
         "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv",
     output:
         csv=report(
-            "paper_tables/unsupervised_{model}_{dataset}_t{timestep}.csv",
+            TABLES + "/unsupervised_{model}_{dataset}_t{timestep}.csv",
             caption="../report/unsupervised_table.rst",
             category="Segmentation",
             subcategory="Unsupervised",
         ),
-        markdown="paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md",
+        markdown=TABLES + "/unsupervised_{model}_{dataset}_t{timestep}.md",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),

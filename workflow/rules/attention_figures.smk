@@ -40,19 +40,19 @@ rule value_norm_heads_figure:
         f"results/value_norms/{appendix_model('sd3')}/per_head.csv",
     output:
         csv=report(
-            "paper_tables/fig15_value_norms_heads_sd3.csv",
+            TABLES + "/fig15_value_norms_heads_sd3.csv",
             caption="../report/value_norms.rst",
             category="Attention during generation",
             subcategory="Value norms",
         ),
-        markdown="paper_tables/fig15_value_norms_heads_sd3.md",
+        markdown=TABLES + "/fig15_value_norms_heads_sd3.md",
         png=report(
-            "figures/fig15_value_norms_heads_sd3.png",
+            FIGURES + "/fig15_value_norms_heads_sd3.png",
             caption="../report/value_norms.rst",
             category="Attention during generation",
             subcategory="Value norms",
         ),
-        pdf="figures/fig15_value_norms_heads_sd3.pdf",
+        pdf=FIGURES + "/fig15_value_norms_heads_sd3.pdf",
     log:
         "logs/value_norm_heads_figure/fig15_value_norms_heads_sd3.log",
     benchmark:
@@ -71,19 +71,19 @@ rule value_norm_layers_figure:
         value_norm_layers_input,
     output:
         csv=report(
-            "paper_tables/{stem}.csv",
+            TABLES + "/{stem}.csv",
             caption="../report/value_norms.rst",
             category="Attention during generation",
             subcategory="Value norms",
         ),
-        markdown="paper_tables/{stem}.md",
+        markdown=TABLES + "/{stem}.md",
         png=report(
-            "figures/{stem}.png",
+            FIGURES + "/{stem}.png",
             caption="../report/value_norms.rst",
             category="Attention during generation",
             subcategory="Value norms",
         ),
-        pdf="figures/{stem}.pdf",
+        pdf=FIGURES + "/{stem}.pdf",
     wildcard_constraints:
         stem="|".join(VALUE_NORM_LAYER_FIGURES),
     params:
@@ -108,12 +108,12 @@ rule pca_qkv_figure:
         model=role_model_inputs("sd3"),
     output:
         png=report(
-            "figures/fig16_pca_qkv_sd3.png",
+            FIGURES + "/fig16_pca_qkv_sd3.png",
             caption="../report/pca_qkv.rst",
             category="Attention during generation",
             subcategory="PCA of q, k, v",
         ),
-        pdf="figures/fig16_pca_qkv_sd3.pdf",
+        pdf=FIGURES + "/fig16_pca_qkv_sd3.pdf",
     params:
         settings=generation_model_settings(appendix_model("sd3"), "sd3"),
         timestep=ATTENTION_FIGURES["map_timestep"],
@@ -140,12 +140,12 @@ rule token_maps_figure:
         model=role_model_inputs("sd3"),
     output:
         png=report(
-            "figures/{stem}.png",
+            FIGURES + "/{stem}.png",
             caption="../report/token_maps.rst",
             category="Attention during generation",
             subcategory="Token maps",
         ),
-        pdf="figures/{stem}.pdf",
+        pdf=FIGURES + "/{stem}.pdf",
     wildcard_constraints:
         stem="|".join(TOKEN_MAP_FIGURES),
     params:

@@ -30,6 +30,10 @@ validate(config, "../schemas/config.schema.yaml")
 apply_defaults(config, load_schema(SCHEMA))
 
 DATA_ROOT = Path(config["data"]["root"])
+# Each config writes its figures and tables under its own folder (outputs.namespace): the toy world, a
+# rehearsal and the paper run never write the same file, so none of them can pass for another's.
+FIGURES = f"figures/{config['outputs']['namespace']}"
+TABLES = f"paper_tables/{config['outputs']['namespace']}"
 
 
 # Only configured names match, so that file names joined with "_" parse unambiguously.
@@ -118,8 +122,8 @@ def per_layer_targets():
         for model in config["run"]["models"]
         for dataset in config["run"]["datasets"]
     ]
-    return [f"paper_tables/{stem}.{ext}" for stem in stems for ext in ("csv", "md")] + [
-        f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")
+    return [f"{TABLES}/{stem}.{ext}" for stem in stems for ext in ("csv", "md")] + [
+        f"{FIGURES}/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")
     ]
 
 
@@ -129,9 +133,9 @@ def toy_world_targets():
     if {"toy_sd3", "toy_sd3_random"} <= set(run["models"]) and "toy_shapes" in run["datasets"]:
         timestep = config["attention"]["timestep"]
         return [
-            f"paper_tables/toy_world_grounding_t{timestep}.md",
-            f"figures/toy_world_per_layer_t{timestep}.png",
-            "figures/toy_generations.png",
+            f"{TABLES}/toy_world_grounding_t{timestep}.md",
+            f"{FIGURES}/toy_world_per_layer_t{timestep}.png",
+            FIGURES + "/toy_generations.png",
         ]
     return []
 
@@ -186,7 +190,7 @@ def sweep_caches(wildcards):
 
 def timestep_sweep_targets():
     return [
-        f"paper_tables/timestep_sweep_{model}_{dataset}.{ext}"
+        f"{TABLES}/timestep_sweep_{model}_{dataset}.{ext}"
         for model, dataset in sweep_pairs()
         for ext in ("csv", "md")
     ]
@@ -195,7 +199,7 @@ def timestep_sweep_targets():
 def normalisation_targets():
     timestep = config["attention"]["timestep"]
     return [
-        f"paper_tables/normalisation_{model}_{dataset}_t{timestep}.md"
+        f"{TABLES}/normalisation_{model}_{dataset}_t{timestep}.md"
         for model in config["run"]["models"]
         for dataset in config["run"]["datasets"]
     ]
@@ -205,7 +209,7 @@ def unsupervised_targets():
     timestep = config["attention"]["timestep"]
     models = config["analyses"]["unsupervised"]["models"] or config["run"]["models"]
     return [
-        f"paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md"
+        f"{TABLES}/unsupervised_{model}_{dataset}_t{timestep}.md"
         for model in models
         for dataset in config["analyses"]["unsupervised"]["datasets"]
     ]

@@ -76,19 +76,19 @@ rule fidelity_figure:
         reference=fidelity_reference,
     output:
         csv=report(
-            "paper_tables/{name}.csv",
+            TABLES + "/{name}.csv",
             caption="../report/fidelity_figure.rst",
             category="Generation",
             subcategory="Fidelity under perturbation",
         ),
-        markdown="paper_tables/{name}.md",
+        markdown=TABLES + "/{name}.md",
         png=report(
-            "figures/{name}.png",
+            FIGURES + "/{name}.png",
             caption="../report/fidelity_figure.rst",
             category="Generation",
             subcategory="Fidelity under perturbation",
         ),
-        pdf="figures/{name}.pdf",
+        pdf=FIGURES + "/{name}.pdf",
     wildcard_constraints:
         name="|".join(FIDELITY_FIGURES),
     params:
@@ -117,12 +117,12 @@ rule generation_grid:
         runs=grid_runs,
     output:
         png=report(
-            "figures/{name}.png",
+            FIGURES + "/{name}.png",
             caption="../report/generation_grid.rst",
             category="Generation",
             subcategory="Per-layer grids",
         ),
-        pdf="figures/{name}.pdf",
+        pdf=FIGURES + "/{name}.pdf",
     wildcard_constraints:
         name="|".join(GRID_FIGURES),
     params:
@@ -145,15 +145,15 @@ rule generation_grid:
 
 rule fig01_drawbench_prompts:
     output:
-        csv="paper_tables/fig01_drawbench_prompts.csv",
-        markdown="paper_tables/fig01_drawbench_prompts.md",
+        csv=TABLES + "/fig01_drawbench_prompts.csv",
+        markdown=TABLES + "/fig01_drawbench_prompts.md",
         png=report(
-            "figures/fig01_drawbench_prompts.png",
+            FIGURES + "/fig01_drawbench_prompts.png",
             caption="../report/fig01_drawbench_prompts.rst",
             category="Generation",
             subcategory="Analysis prompts",
         ),
-        pdf="figures/fig01_drawbench_prompts.pdf",
+        pdf=FIGURES + "/fig01_drawbench_prompts.pdf",
     params:
         usage=drawbench_usage(),
         title="Appendix Fig. 1: the 50 DrawBench prompts selected for the analyses",

@@ -28,12 +28,12 @@ rule per_layer_table:
         "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv",
     output:
         csv=report(
-            "paper_tables/per_layer_{model}_{dataset}_t{timestep}.csv",
+            TABLES + "/per_layer_{model}_{dataset}_t{timestep}.csv",
             caption="../report/per_layer_table.rst",
             category="Segmentation",
             subcategory="Per-layer tables",
         ),
-        markdown="paper_tables/per_layer_{model}_{dataset}_t{timestep}.md",
+        markdown=TABLES + "/per_layer_{model}_{dataset}_t{timestep}.md",
     params:
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
         paper_dataset=lambda wildcards: config["datasets"][wildcards.dataset].get("paper_name", "none"),
@@ -52,15 +52,15 @@ rule per_layer_table:
 
 rule per_layer_figure:
     input:
-        "paper_tables/per_layer_{model}_{dataset}_t{timestep}.csv",
+        TABLES + "/per_layer_{model}_{dataset}_t{timestep}.csv",
     output:
         png=report(
-            "figures/per_layer_{model}_{dataset}_t{timestep}.png",
+            FIGURES + "/per_layer_{model}_{dataset}_t{timestep}.png",
             caption="../report/per_layer_figure.rst",
             category="Segmentation",
             subcategory="Per-layer figures",
         ),
-        pdf="figures/per_layer_{model}_{dataset}_t{timestep}.pdf",
+        pdf=FIGURES + "/per_layer_{model}_{dataset}_t{timestep}.pdf",
     log:
         "logs/per_layer_figure/{model}_{dataset}_t{timestep}.log",
     benchmark:
