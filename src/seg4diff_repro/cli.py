@@ -16,6 +16,7 @@ from seg4diff_repro.cli_datasets import add_dataset_commands
 from seg4diff_repro.cli_generation import add_generation_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
+from seg4diff_repro.progress import quiet_library_progress_bars
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    quiet_library_progress_bars()  # in a job's log: no loading and download bars of diffusers, transformers, hub
     args = build_parser().parse_args(argv)
     args.handler(args)
 

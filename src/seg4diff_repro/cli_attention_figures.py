@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+from seg4diff_repro.progress import progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -180,7 +180,7 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
     layers = [layer] if not per_head else (list(range(adapter.num_layers)) if args.layers is None else args.layers)
     record = ("i2t",) if figure in ("fig13", "fig14", "fig17") else ("i2t", "t2i")
     entries = []
-    for position, (prompt, seed) in enumerate(tqdm(list(zip(prompts, seeds)), desc=figure, unit="prompt")):
+    for position, (prompt, seed) in enumerate(progress(list(zip(prompts, seeds)), desc=figure, unit="prompt")):
         generated = generate_and_record(adapter, prompt, seed, [k], num_steps, cfg=args.cfg, layers=layers,
                                         record=record, heads=None if per_head else "mean")
         recording, labels = generated.recordings[k], token_labels(adapter.tokenizer, prompt)

@@ -65,6 +65,8 @@ rule score_normalisation_variant:
     params:
         settings=lambda wildcards: json.dumps(NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True),
         dataset_root=prepared_root,
+    message:
+        "Scoring {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}, normalisation {wildcards.variant}; progress in {log}"
     log:
         "logs/score_normalisation_variant/{model}_{dataset}_t{timestep}_{variant}.log",
     benchmark:
@@ -122,6 +124,8 @@ rule extract_unsupervised_attention:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=config["attention"]["batch_size"],
+    message:
+        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps); progress in {log}"
     log:
         "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -146,6 +150,8 @@ rule score_unsupervised:
         dataset_root=prepared_root,
         kl_threshold=config["analyses"]["unsupervised"]["kl_threshold"],
         geometry=config["analyses"]["unsupervised"]["geometry"],
+    message:
+        "Unsupervised segmentation of {wildcards.dataset} with {wildcards.model}; progress in {log}"
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:

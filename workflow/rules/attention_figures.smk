@@ -18,6 +18,8 @@ rule value_norms:
         timesteps=" ".join(str(k) for k in ATTENTION_FIGURES["timesteps"]),
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+    message:
+        "Generating with {wildcards.model} and recording value norms; progress in {log}"
     log:
         "logs/value_norms/{model}.log",
     benchmark:
@@ -117,6 +119,8 @@ rule pca_qkv_figure:
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+    message:
+        "Generating with the sd3 role's model and recording q, k, v for the PCA figure; progress in {log}"
     log:
         "logs/pca_qkv_figure/fig16_pca_qkv_sd3.log",
     benchmark:
@@ -158,6 +162,8 @@ rule token_maps_figure:
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+    message:
+        "Generating with the sd3 role's model and recording token maps for {wildcards.stem}; progress in {log}"
     log:
         "logs/token_maps_figure/{stem}.log",
     benchmark:

@@ -2,7 +2,26 @@
 
 import json
 import re
+import shlex
+import sys
 from pathlib import Path
+
+# Jobs run this checkout's package, whichever environment runs them (the active one, or with `--sdm conda`
+# one built from envs/*.yaml, which hold third-party packages only: Snakemake builds a conda env from a copy of
+# its file under .snakemake/conda/, where no relative path reaches the checkout). workflow/bin/seg4diff-repro
+# runs `python -m seg4diff_repro.cli` with the job's Python; PYTHONPATH puts the checkout's src/ first.
+# The workflow process itself imports the same code, for the config checks and the code fingerprints.
+PACKAGE_SRC = Path(workflow.basedir) / "src"
+if (PACKAGE_SRC / "seg4diff_repro").is_dir():
+    sys.path.insert(0, str(PACKAGE_SRC))
+    _job_pythonpath = f"export PYTHONPATH={shlex.quote(str(PACKAGE_SRC))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+else:  # a copy of the workflow without the package (tests): the installed package
+    _job_pythonpath = ""
+# Snakemake's default prefix is `set -euo pipefail; `; a custom prefix replaces it, so it is repeated here.
+shell.prefix(
+    f"set -euo pipefail; export PATH={shlex.quote(str(Path(workflow.basedir) / 'workflow/bin'))}:$PATH; "
+    + _job_pythonpath
+)
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT
 from seg4diff_repro.config import apply_defaults, check_config, load_schema
@@ -155,7 +174,7 @@ def appendix_dataset(role):
 
 
 def add_code_fingerprints(rules):
-    """Give each rule that calls `seg4diff-repro <command>` a `code` parameter: its stage's fingerprint."""
+    """A `code` parameter, its stage's fingerprint, for each of `rules` that calls `seg4diff-repro <command>`."""
     for each in rules:
         match = re.search(r"seg4diff-repro ([a-z-]+)", each.shellcmd or "")
         fingerprint = command_fingerprint(match.group(1)) if match else None

@@ -23,6 +23,8 @@ rule download_dataset_archive:
         DS_ROOT / "downloads" / "{archive_file}",
     params:
         args=lambda wildcards: DS_SOURCES.rule_download_args(wildcards.archive_file, DS_OVERRIDES),
+    message:
+        "Downloading {wildcards.archive_file} (resumable, checksum-verified); progress in {log}"
     log:
         "logs/datasets/download_{archive_file}.log",
     benchmark:
@@ -45,6 +47,8 @@ rule prepare_voc21:
     params:
         out=DS_ROOT / "prepared" / "voc21",
         source=DS_SOURCES.rule_source_args("voc21", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+    message:
+        "Preparing voc21 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_voc21.log",
     benchmark:
@@ -66,6 +70,8 @@ rule prepare_coco_object:
     params:
         out=DS_ROOT / "prepared" / "coco_object",
         source=DS_SOURCES.rule_source_args("coco_object", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+    message:
+        "Preparing coco_object in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_coco_object.log",
     benchmark:
@@ -87,6 +93,8 @@ rule prepare_pc59:
     params:
         out=DS_ROOT / "prepared" / "pc59",
         source=DS_SOURCES.rule_source_args("pc59", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+    message:
+        "Preparing pc59 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_pc59.log",
     benchmark:
@@ -108,6 +116,8 @@ rule prepare_ade150:
     params:
         out=DS_ROOT / "prepared" / "ade150",
         source=DS_SOURCES.rule_source_args("ade150", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+    message:
+        "Preparing ade150 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_ade150.log",
     benchmark:
@@ -129,6 +139,8 @@ rule prepare_coco_stuff27:
     params:
         out=DS_ROOT / "prepared" / "coco_stuff27",
         source=DS_SOURCES.rule_source_args("coco_stuff27", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+    message:
+        "Preparing coco_stuff27 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_coco_stuff27.log",
     benchmark:
@@ -150,6 +162,8 @@ rule prepare_cityscapes:
     params:
         out=DS_ROOT / "prepared" / "cityscapes",
         source=DS_SOURCES.rule_source_args("cityscapes", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+    message:
+        "Preparing cityscapes in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_cityscapes.log",
     benchmark:

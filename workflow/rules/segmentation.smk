@@ -10,6 +10,8 @@ rule score_layers:
     params:
         settings=json.dumps(config["segmentation"], sort_keys=True),
         dataset_root=prepared_root,
+    message:
+        "Scoring every layer of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}; progress in {log}"
     log:
         "logs/score_layers/{model}_{dataset}_t{timestep}.log",
     benchmark:

@@ -18,6 +18,8 @@ rule score_heads:
         dataset_root=prepared_root,
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=config["attention"]["batch_size"],
+    message:
+        "Forward passes of {wildcards.model} on {wildcards.dataset} scoring every head (Fig. 4); progress in {log}"
     log:
         "logs/score_heads/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -165,6 +167,8 @@ rule appendix_overlays:
             stand_in("sd3", OVERLAY_FIGURES[wildcards.figure][1]),
             config["models"][appendix_model("sd3")]["analysis_layer"],
         ),
+    message:
+        "Forward passes for the overlays of {wildcards.figure}; progress in {log}"
     log:
         "logs/appendix_overlays/{figure}.log",
     benchmark:

@@ -96,6 +96,8 @@ rule toy_generations:
         steps=config["toy_generations"]["steps"],
         guidance_scale=config["toy_generations"]["guidance_scale"],
         device=config["toy_generations"]["device"],
+    message:
+        "Generating images with the toy model; progress in {log}"
     log:
         "logs/toy_generations.log",
     benchmark:

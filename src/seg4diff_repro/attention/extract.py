@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from seg4diff_repro.progress import progress
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT, CachedImage, cached_key, settings_key, write_cached_image
 from seg4diff_repro.attention.recorder import AttentionRecorder
@@ -104,7 +104,7 @@ def extract_attention(
         "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
         out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
     )
-    for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
+    for start in progress(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
         samples = [dataset[i] for i in todo[start : start + batch_size]]
         _extract_batch(adapter, samples, dataset.class_names, settings, noising, layers, key, out_dir)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from seg4diff_repro.progress import quiet_library_progress_bars
+
 HF_LOGIN_HELP = (
     "Accept the model licence at https://huggingface.co/{repo} while logged in, then log in here with "
     "`hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN environment variable to a token "
@@ -103,6 +105,7 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
             f"{source} has no model_index.json: point the model's `source` at a folder written by "
             "`save_pretrained` (or a Hugging Face id)."
         )
+    quiet_library_progress_bars()  # diffusers is imported by now
     try:
         with warnings.catch_warnings():
             # diffusers ≥ 0.42 renames torch_dtype to dtype; older releases know only torch_dtype.
