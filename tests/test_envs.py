@@ -157,3 +157,33 @@ def test_pip_part_of_each_env_resolves_on_the_index(env_file, tmp_path):
     for name, requirement in requirements.items():
         assert name in resolved, f"{env_file}: {name} was not resolved"
         assert requirement.specifier.contains(resolved[name], prereleases=True), (name, resolved[name])
+
+
+def ci_versions() -> dict[str, str]:
+    """name -> version of constraints/ci.txt, the one set of versions CI installs."""
+    pins = {}
+    for line in (REPO / "constraints/ci.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[normalise(name)] = version.strip()
+    return pins
+
+
+def test_every_range_admits_the_version_ci_tests():
+    pins = ci_versions()
+    requirements = list(pyproject_requirements().values())
+    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    for requirement in requirements + [Requirement(r) for r in test_extra]:
+        name = normalise(requirement.name)
+        assert name in pins, f"constraints/ci.txt does not pin {name}"
+        assert requirement.specifier.contains(pins[name]), f"{requirement} excludes the tested {name}=={pins[name]}"
+
+
+@pytest.mark.parametrize("name", ["diffusers", "transformers"])
+def test_diffusers_and_transformers_are_held_to_the_minor_release_ci_tests(name):
+    """The attention processors copy diffusers' op for op, and CI tests one version of each: no other minor."""
+    major, minor, *_ = (int(part) for part in ci_versions()[name].split("."))
+    specifier = pyproject_requirements()[name].specifier
+    assert not specifier.contains(f"{major}.{minor + 1}.0")
+    assert not specifier.contains(f"{major}.{minor - 1}.0")
+    assert not specifier.contains(f"{major + 1}.0.0")

@@ -34,7 +34,7 @@ def _load(settings: dict) -> SD3Adapter | FluxAdapter:
     from seg4diff_repro.models import load_adapter
 
     return load_adapter(settings["backbone"], settings["source"], settings["dtype"], settings["device"],
-                        **settings.get("options", {}))
+                        settings.get("revision"), **settings.get("options", {}))
 
 
 def _scale(settings: dict, adapter: SD3Adapter | FluxAdapter) -> str:

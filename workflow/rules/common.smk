@@ -89,6 +89,7 @@ def _extraction_settings(wildcards, overrides):
             "dataset": wildcards.dataset,
             "backbone": model["backbone"],
             "source": model["source"],
+            "revision": model["revision"],
             "model_options": model["options"],
             "dtype": model["dtype"],
             "timestep": int(wildcards.timestep),

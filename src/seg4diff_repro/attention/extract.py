@@ -48,6 +48,7 @@ class ExtractionSettings:
     model_options: tuple[tuple[str, object], ...] = ()
     cache_format: int = CACHE_FORMAT
     pad_multiple: int | None = None  # zero-pad to a multiple before the stretch (the unsupervised model's input)
+    revision: str | None = None  # the hub commit of `source` (None: a local folder, or the newest)
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -70,7 +71,7 @@ def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
     weights and the prepared dataset's files, each by content, so that a change to any of them recomputes."""
     return {
         "code_fingerprint": code_fingerprint("extraction"),
-        "model_fingerprint": model_fingerprint(settings.source),
+        "model_fingerprint": model_fingerprint(settings.source, settings.revision),
         "dataset_fingerprint": dataset_fingerprint(dataset_root),
     }
 
@@ -93,7 +94,7 @@ def extract_attention(
         dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
     )
     adapter = load_adapter(
-        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
+        settings.backbone, settings.source, settings.dtype, device, settings.revision, **dict(settings.model_options)
     )
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)

@@ -83,18 +83,27 @@ def _error_chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
-def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch.float32, **components):
-    """``pipeline_class.from_pretrained`` from a Hugging Face id or a local folder, with errors that say what to do."""
+def load_pipeline(
+    pipeline_class, source: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None, **components
+):
+    """``pipeline_class.from_pretrained`` from a Hugging Face id (at ``revision``, a commit, if given) or a local
+    folder, with errors that say what to do."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     source = str(source)
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+    if revision is not None and (looks_like_path or Path(source).exists()):
+        raise ModelLoadError(
+            f"revision {revision!r} was given for {source}, a local folder, which has no hub revision: "
+            "set the model's `revision` to null"
+        )
     if looks_like_path and not Path(source).exists():
         raise ModelLoadError(
             f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
@@ -110,6 +119,8 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
         with warnings.catch_warnings():
             # diffusers ≥ 0.42 renames torch_dtype to dtype; older releases know only torch_dtype.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if revision is not None:
+                components["revision"] = revision
             return pipeline_class.from_pretrained(source, torch_dtype=dtype, **components)
     except OSError as error:
         # diffusers catches the hub's error on its metadata call, retries from the local cache and then
@@ -119,6 +130,11 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
         def find(kind):
             return next((e for e in chain if isinstance(e, kind)), None)
 
+        if (cause := find(RevisionNotFoundError)) is not None:
+            raise ModelLoadError(
+                f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's `revision` to a "
+                f"commit listed at https://huggingface.co/{source}/commits/main (or null for the newest)"
+            ) from cause
         if (cause := find(GatedRepoError)) is not None:
             raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
                                  + HF_LOGIN_HELP.format(repo=source)) from cause
@@ -141,9 +157,10 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
         raise
 
 
-def model_fingerprint(source: str | Path) -> str:
+def model_fingerprint(source: str | Path, revision: str | None = None) -> str:
     """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
-    ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled.
+    ``hub:<id>@<commit>`` for a Hugging Face id (at ``revision`` if given), read from the local hub cache that
+    loading filled.
 
     Keys of cached results include it, so that rebuilding, retraining or replacing a model recomputes
     what was computed from it.
@@ -161,7 +178,7 @@ def model_fingerprint(source: str | Path) -> str:
         return f"sha256:{digest.hexdigest()}"
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(str(source), "model_index.json")
+    cached = try_to_load_from_cache(str(source), "model_index.json", revision=revision)
     if not isinstance(cached, str):
         raise ModelLoadError(
             f"{source} is neither a local folder nor in the local Hugging Face cache: load it once "

@@ -55,7 +55,9 @@ def score_heads(
     dataset = SegmentationDataset(
         dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
     )
-    adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options))
+    adapter = load_adapter(
+        settings.backbone, settings.source, settings.dtype, device, settings.revision, **dict(settings.model_options)
+    )
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
     heads = adapter.transformer.config.num_attention_heads
