@@ -89,9 +89,9 @@ def _import_names(distribution: str) -> set[str]:
     return {module for module, dists in provided.items() if normalise(distribution) in map(normalise, dists)}
 
 
-def test_dataset_rules_run_their_commands_with_only_what_the_datasets_env_installs(tmp_path):
-    """The dataset rules' commands through workflow/bin/seg4diff-repro (as the jobs run them), with every package
-    that envs/datasets.yaml does not install made unimportable."""
+def test_rules_of_the_datasets_env_run_their_commands_with_only_what_it_installs(tmp_path):
+    """The commands of the rules that name envs/datasets.yaml (downloads, preparation, report pages), through
+    workflow/bin/seg4diff-repro as the jobs run them, with every package that env does not install unimportable."""
     missing = set(pyproject_requirements()) - set(env_requirements(REPO / "envs/datasets.yaml"))
     blocked = sorted(set().union(*(_import_names(name) for name in missing)))
     assert {"torch", "diffusers", "pandas"} <= set(blocked)
@@ -109,9 +109,13 @@ def test_dataset_rules_run_their_commands_with_only_what_the_datasets_env_instal
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")]),
     }
-    rules = (REPO / "workflow/rules/datasets.smk").read_text()
-    commands = sorted(set(re.findall(r"seg4diff-repro ([a-z-]+)", rules)))
-    assert commands == ["download", "prepare-dataset"]
+    commands = sorted(set().union(*(
+        re.findall(r"seg4diff-repro ([a-z-]+)", rule)
+        for path in sorted((REPO / "workflow/rules").glob("*.smk"))
+        for rule in re.split(r"^rule ", path.read_text(), flags=re.MULTILINE)
+        if "envs/datasets.yaml" in rule
+    )))
+    assert {"download", "prepare-dataset"} <= set(commands)
     for command in commands:
         result = subprocess.run(
             [str(REPO / "workflow/bin/seg4diff-repro"), command, "--help"],
@@ -120,7 +124,8 @@ def test_dataset_rules_run_their_commands_with_only_what_the_datasets_env_instal
         assert result.returncode == 0, result.stderr
         assert f"usage: seg4diff-repro {command}" in result.stdout
     # The modules those commands import lazily, too.
-    check = "import seg4diff_repro.datasets.download, seg4diff_repro.datasets.prepare, seg4diff_repro.progress"
+    check = ("import seg4diff_repro.datasets.download, seg4diff_repro.datasets.prepare, seg4diff_repro.progress, "
+             "seg4diff_repro.tables.html, seg4diff_repro.provenance, seg4diff_repro.atomic")
     result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     # And the blocker does block (so that the checks above could fail).

@@ -15,6 +15,7 @@ from seg4diff_repro.cli_attention_figures import add_attention_figure_commands
 from seg4diff_repro.cli_datasets import add_dataset_commands
 from seg4diff_repro.cli_generation import add_generation_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
+from seg4diff_repro.cli_report import add_report_commands
 from seg4diff_repro.cli_toy import add_toy_commands
 from seg4diff_repro.progress import quiet_library_progress_bars
 
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_toy_commands(commands)
+    add_report_commands(commands)
     add_generation_commands(commands)
     add_attention_figure_commands(commands)
     add_segmentation_appendix_commands(commands)

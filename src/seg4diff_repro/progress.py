@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 log = logging.getLogger("seg4diff_repro.progress")
 

@@ -15,15 +15,15 @@ rule timestep_sweep:
         csv=report(
             "paper_tables/timestep_sweep_{model}_{dataset}.csv",
             caption="../report/timestep_sweep.rst",
-            category="Segmentation",
-            subcategory="Timestep sweep",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/timestep_sweep_{model}_{dataset}.md",
         png=report(
             "figures/timestep_sweep_{model}_{dataset}.png",
             caption="../report/timestep_sweep.rst",
-            category="Segmentation",
-            subcategory="Timestep sweep",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/timestep_sweep_{model}_{dataset}.pdf",
     params:
@@ -90,8 +90,8 @@ rule normalisation_table:
         csv=report(
             "paper_tables/normalisation_{model}_{dataset}_t{timestep}.csv",
             caption="../report/normalisation_table.rst",
-            category="Segmentation",
-            subcategory="Score normalisation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/normalisation_{model}_{dataset}_t{timestep}.md",
     params:
@@ -172,8 +172,8 @@ rule unsupervised_table:
         csv=report(
             "paper_tables/unsupervised_{model}_{dataset}_t{timestep}.csv",
             caption="../report/unsupervised_table.rst",
-            category="Segmentation",
-            subcategory="Unsupervised",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md",
     params:

@@ -42,15 +42,15 @@ rule value_norm_heads_figure:
         csv=report(
             "paper_tables/fig15_value_norms_heads_sd3.csv",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/fig15_value_norms_heads_sd3.md",
         png=report(
             "figures/fig15_value_norms_heads_sd3.png",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/fig15_value_norms_heads_sd3.pdf",
     log:
@@ -73,15 +73,15 @@ rule value_norm_layers_figure:
         csv=report(
             "paper_tables/{stem}.csv",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/{stem}.md",
         png=report(
             "figures/{stem}.png",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/{stem}.pdf",
     wildcard_constraints:
@@ -110,8 +110,8 @@ rule pca_qkv_figure:
         png=report(
             "figures/fig16_pca_qkv_sd3.png",
             caption="../report/pca_qkv.rst",
-            category="Attention during generation",
-            subcategory="PCA of q, k, v",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/fig16_pca_qkv_sd3.pdf",
     params:
@@ -142,8 +142,8 @@ rule token_maps_figure:
         png=report(
             "figures/{stem}.png",
             caption="../report/token_maps.rst",
-            category="Attention during generation",
-            subcategory="Token maps",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/{stem}.pdf",
     wildcard_constraints:

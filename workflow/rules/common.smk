@@ -164,6 +164,11 @@ def unsupervised_targets():
     ]
 
 
+def run_targets():
+    """The analyses of every model x dataset in `run`: per-layer, timestep sweep, normalisation, unsupervised."""
+    return per_layer_targets() + timestep_sweep_targets() + normalisation_targets() + unsupervised_targets()
+
+
 def appendix_model(role):
     """The configured model standing in for the paper's `role` (sd3, sd35, flux) in the appendix targets."""
     return config["appendix"]["models"][role]

@@ -82,15 +82,15 @@ rule fidelity_figure:
         csv=report(
             "paper_tables/{name}.csv",
             caption="../report/fidelity_figure.rst",
-            category="Generation",
-            subcategory="Fidelity under perturbation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/{name}.md",
         png=report(
             "figures/{name}.png",
             caption="../report/fidelity_figure.rst",
-            category="Generation",
-            subcategory="Fidelity under perturbation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/{name}.pdf",
     wildcard_constraints:
@@ -123,8 +123,8 @@ rule generation_grid:
         png=report(
             "figures/{name}.png",
             caption="../report/generation_grid.rst",
-            category="Generation",
-            subcategory="Per-layer grids",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/{name}.pdf",
     wildcard_constraints:

@@ -32,8 +32,8 @@ rule per_layer_table:
         csv=report(
             "paper_tables/per_layer_{model}_{dataset}_t{timestep}.csv",
             caption="../report/per_layer_table.rst",
-            category="Segmentation",
-            subcategory="Per-layer tables",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown="paper_tables/per_layer_{model}_{dataset}_t{timestep}.md",
     params:
@@ -59,8 +59,8 @@ rule per_layer_figure:
         png=report(
             "figures/per_layer_{model}_{dataset}_t{timestep}.png",
             caption="../report/per_layer_figure.rst",
-            category="Segmentation",
-            subcategory="Per-layer figures",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf="figures/per_layer_{model}_{dataset}_t{timestep}.pdf",
     log:

@@ -5,6 +5,7 @@
 rule all_segmentation:
     input:
         segmentation_appendix_targets(),
+        table_pages(segmentation_appendix_targets()),
 
 
 rule score_heads:
@@ -40,7 +41,7 @@ rule fig04_head_miou:
     output:
         csv="paper_tables/fig04_head_miou.csv",
         markdown="paper_tables/fig04_head_miou.md",
-        png=report("figures/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category="Appendix figures"),
+        png=report("figures/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category=report_category, subcategory=report_subcategory),
         pdf="figures/fig04_head_miou.pdf",
     params:
         title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}, t = {TIMESTEP}",
@@ -67,7 +68,7 @@ rule fig02_timestep:
     output:
         csv="paper_tables/fig02_timestep.csv",
         markdown="paper_tables/fig02_timestep.md",
-        png=report("figures/fig02_timestep.png", caption="../report/fig02_timestep.rst", category="Appendix figures"),
+        png=report("figures/fig02_timestep.png", caption="../report/fig02_timestep.rst", category=report_category, subcategory=report_subcategory),
         pdf="figures/fig02_timestep.pdf",
     params:
         labels=[f"({panel}) {stand_in(None, role)}" for panel, role in (("a", "voc20"), ("b", "coco_object"))],
@@ -94,7 +95,7 @@ rule tab01_normalisation:
         provenance=provenance_scores(),
     output:
         csv=report("paper_tables/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
-                   category="Appendix tables"),
+                   category=report_category, subcategory=report_subcategory),
         markdown="paper_tables/tab01_normalisation.md",
     params:
         labels=[stand_in(None, role) for role in ("voc20", "coco_object")],
@@ -122,7 +123,7 @@ rule appendix_per_layer:
     output:
         csv="paper_tables/{figure}.csv",
         markdown="paper_tables/{figure}.md",
-        png=report("figures/{figure}.png", caption="../report/appendix_per_layer.rst", category="Appendix figures"),
+        png=report("figures/{figure}.png", caption="../report/appendix_per_layer.rst", category=report_category, subcategory=report_subcategory),
         pdf="figures/{figure}.pdf",
     wildcard_constraints:
         figure="|".join(PER_LAYER_FIGURES),
@@ -151,7 +152,7 @@ rule appendix_overlays:
         cache=overlay_cache,
         dataset=lambda wildcards: overlay_dataset_root(wildcards) / "manifest.json",
     output:
-        png=report("figures/{figure}.png", caption="../report/appendix_overlays.rst", category="Appendix figures"),
+        png=report("figures/{figure}.png", caption="../report/appendix_overlays.rst", category=report_category, subcategory=report_subcategory),
         pdf="figures/{figure}.pdf",
     wildcard_constraints:
         figure="|".join(OVERLAY_FIGURES),
@@ -187,7 +188,7 @@ rule main_table:
     input:
         lambda wildcards: [entry["path"] for entry in main_table_entries(wildcards.table)],
     output:
-        csv=report("paper_tables/{table}.csv", caption="../report/main_tables.rst", category="Appendix tables"),
+        csv=report("paper_tables/{table}.csv", caption="../report/main_tables.rst", category=report_category, subcategory=report_subcategory),
         markdown="paper_tables/{table}.md",
     wildcard_constraints:
         table="|".join(MAIN_TABLES),

@@ -84,7 +84,7 @@ rule toy_generations:
         png=report(
             "figures/toy_generations.png",
             caption="../report/toy_generations.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
         pdf="figures/toy_generations.pdf",
         csv="results/toy_generations/toy_generations.csv",
@@ -121,13 +121,13 @@ rule toy_world_summary:
         csv=report(
             "paper_tables/toy_world_grounding_t{timestep}.csv",
             caption="../report/toy_world_summary.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
         markdown="paper_tables/toy_world_grounding_t{timestep}.md",
         png=report(
             "figures/toy_world_per_layer_t{timestep}.png",
             caption="../report/toy_world_summary.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
         pdf="figures/toy_world_per_layer_t{timestep}.pdf",
     log:
