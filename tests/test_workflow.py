@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -316,3 +317,31 @@ def test_committed_toy_outputs_cannot_stand_in_for_the_paper_runs(tmp_path):
     outputs = set(re.findall(r"(?<![\w/.])(?:figures|paper_tables)/[\w./-]+", with_toy.stdout))
     assert "paper_tables/paper/fig05_fidelity_sd3.csv" in outputs and "figures/paper/fig02_timestep.png" in outputs
     assert not [path for path in outputs if path.split("/")[1] not in ("paper", "<namespace>")]
+
+
+def test_report_opens_on_the_workflow_and_shows_each_table_with_its_provenance(tmp_path):
+    """A small run (two val images, two layers), then its report: the landing page describes the workflow and
+    its config, the table is a page carrying its settings-and-provenance line, and the run's commit is recorded."""
+    from seg4diff_repro.provenance import git_state
+
+    workdir = copy_workflow(tmp_path, attention={"layers": [0, 1]})
+    edit_config(workdir, "toy_shapes", n_val=2)
+    stem = "per_layer_toy_sd3_toy_shapes_t8"
+    targets = [f"results/report/toy/tables/{stem}.html", f"figures/toy/{stem}.png", "results/report/toy/run_info.html"]
+    snakemake(workdir, *targets)
+    snakemake(workdir, "--report", "report.html", *targets)
+    report = (workdir / "report.html").read_text(errors="replace")
+    assert "seg4diff-repro: the attention analyses of Seg4Diff" in report
+    assert "toy_sd3, toy_sd3_random" in report  # run.models, rendered from the config
+    for section in ("Per model and dataset", "Per-layer scores", "This run"):
+        assert section in report, section
+
+    markdown = (workdir / f"paper_tables/toy/{stem}.md").read_text()
+    settings_line = next(line for line in markdown.splitlines() if line.startswith("model = toy_sd3"))
+    page = (workdir / targets[0]).read_text()
+    assert html.escape(settings_line) in page
+    assert page.count("<tr>") == len(pd.read_csv(workdir / f"paper_tables/toy/{stem}.csv")) + 1
+    run_page = (workdir / "results/report/toy/run_info.html").read_text()
+    assert "toy_sd3_random" in run_page
+    if git_state()["commit"] is not None:
+        assert git_state()["commit"] in run_page

@@ -17,7 +17,9 @@ from seg4diff_repro.cli_generation import add_generation_commands
 from seg4diff_repro.cli_help import MAIN_EPILOG, HelpFormatter, finish_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
+from seg4diff_repro.cli_report import add_report_commands
 from seg4diff_repro.cli_verify import add_verify_commands
+from seg4diff_repro.progress import quiet_library_progress_bars
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_toy_commands(commands)
+    add_report_commands(commands)
     add_generation_commands(commands)
     add_attention_figure_commands(commands)
     add_segmentation_appendix_commands(commands)
@@ -296,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    quiet_library_progress_bars()  # in a job's log: no loading and download bars of diffusers, transformers, hub
     args = build_parser().parse_args(argv)
     args.handler(args)
 

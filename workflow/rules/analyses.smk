@@ -15,15 +15,15 @@ rule timestep_sweep:
         csv=report(
             TABLES + "/timestep_sweep_{model}_{dataset}.csv",
             caption="../report/timestep_sweep.rst",
-            category="Segmentation",
-            subcategory="Timestep sweep",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/timestep_sweep_{model}_{dataset}.md",
         png=report(
             FIGURES + "/timestep_sweep_{model}_{dataset}.png",
             caption="../report/timestep_sweep.rst",
-            category="Segmentation",
-            subcategory="Timestep sweep",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/timestep_sweep_{model}_{dataset}.pdf",
     params:
@@ -67,6 +67,8 @@ rule score_normalisation_variant:
             config["segmentation"] | NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True
         ),
         dataset_root=prepared_root,
+    message:
+        "Scoring {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}, normalisation {wildcards.variant}; progress in {log}"
     log:
         "logs/score_normalisation_variant/{model}_{dataset}_t{timestep}_{variant}.log",
     benchmark:
@@ -90,8 +92,8 @@ rule normalisation_table:
         csv=report(
             TABLES + "/normalisation_{model}_{dataset}_t{timestep}.csv",
             caption="../report/normalisation_table.rst",
-            category="Segmentation",
-            subcategory="Score normalisation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/normalisation_{model}_{dataset}_t{timestep}.md",
     params:
@@ -124,6 +126,8 @@ rule extract_unsupervised_attention:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=forward_batch_size("extract-attention"),
+    message:
+        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps); progress in {log}"
     log:
         "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -150,6 +154,8 @@ rule score_unsupervised:
         geometry=config["analyses"]["unsupervised"]["geometry"],
         matching=config["analyses"]["unsupervised"]["matching"],
         scored_classes=lambda wildcards: config["datasets"][wildcards.dataset]["scored_classes"] or "none",
+    message:
+        "Unsupervised segmentation of {wildcards.dataset} with {wildcards.model}; progress in {log}"
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -171,8 +177,8 @@ rule unsupervised_table:
         csv=report(
             TABLES + "/unsupervised_{model}_{dataset}_t{timestep}.csv",
             caption="../report/unsupervised_table.rst",
-            category="Segmentation",
-            subcategory="Unsupervised",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/unsupervised_{model}_{dataset}_t{timestep}.md",
     params:

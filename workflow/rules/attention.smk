@@ -15,6 +15,8 @@ rule extract_attention:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=forward_batch_size("extract-attention"),
+    message:
+        "Forward passes of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}: attention maps into the cache; progress in {log}"
     log:
         "logs/extract_attention/{model}_{dataset}_t{timestep}.log",
     benchmark:

@@ -19,6 +19,8 @@ rule value_norms:
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
+    message:
+        "Generating with {wildcards.model} and recording value norms; progress in {log}"
     log:
         "logs/value_norms/{model}.log",
     benchmark:
@@ -42,15 +44,15 @@ rule value_norm_heads_figure:
         csv=report(
             TABLES + "/fig15_value_norms_heads_sd3.csv",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/fig15_value_norms_heads_sd3.md",
         png=report(
             FIGURES + "/fig15_value_norms_heads_sd3.png",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/fig15_value_norms_heads_sd3.pdf",
     log:
@@ -73,15 +75,15 @@ rule value_norm_layers_figure:
         csv=report(
             TABLES + "/{stem}.csv",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/{stem}.md",
         png=report(
             FIGURES + "/{stem}.png",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/{stem}.pdf",
     wildcard_constraints:
@@ -110,8 +112,8 @@ rule pca_qkv_figure:
         png=report(
             FIGURES + "/fig16_pca_qkv_sd3.png",
             caption="../report/pca_qkv.rst",
-            category="Attention during generation",
-            subcategory="PCA of q, k, v",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/fig16_pca_qkv_sd3.pdf",
     params:
@@ -120,6 +122,8 @@ rule pca_qkv_figure:
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
+    message:
+        "Generating with the sd3 role's model and recording q, k, v for the PCA figure; progress in {log}"
     log:
         "logs/pca_qkv_figure/fig16_pca_qkv_sd3.log",
     benchmark:
@@ -142,8 +146,8 @@ rule token_maps_figure:
         png=report(
             FIGURES + "/{stem}.png",
             caption="../report/token_maps.rst",
-            category="Attention during generation",
-            subcategory="Token maps",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/{stem}.pdf",
     wildcard_constraints:
@@ -163,6 +167,8 @@ rule token_maps_figure:
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
+    message:
+        "Generating with the sd3 role's model and recording token maps for {wildcards.stem}; progress in {log}"
     log:
         "logs/token_maps_figure/{stem}.log",
     benchmark:

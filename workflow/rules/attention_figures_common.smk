@@ -23,6 +23,7 @@ def generation_model_settings(name, role=None):
         "model": name,
         "backbone": model["backbone"],
         "source": model["source"],
+        "revision": model["revision"],
         "dtype": model["dtype"],
         "device": model["device"],
         "options": model["options"],

@@ -3,7 +3,26 @@
 import json
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
+
+# Jobs run this checkout's package, whichever environment runs them (the active one, or with `--sdm conda`
+# one built from envs/*.yaml, which hold third-party packages only: Snakemake builds a conda env from a copy of
+# its file under .snakemake/conda/, where no relative path reaches the checkout). workflow/bin/seg4diff-repro
+# runs `python -m seg4diff_repro.cli` with the job's Python; PYTHONPATH puts the checkout's src/ first.
+# The workflow process itself imports the same code, for the config checks and the code fingerprints.
+PACKAGE_SRC = Path(workflow.basedir) / "src"
+if (PACKAGE_SRC / "seg4diff_repro").is_dir():
+    sys.path.insert(0, str(PACKAGE_SRC))
+    _job_pythonpath = f"export PYTHONPATH={shlex.quote(str(PACKAGE_SRC))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+else:  # a copy of the workflow without the package (tests): the installed package
+    _job_pythonpath = ""
+# Snakemake's default prefix is `set -euo pipefail; `; a custom prefix replaces it, so it is repeated here.
+shell.prefix(
+    f"set -euo pipefail; export PATH={shlex.quote(str(Path(workflow.basedir) / 'workflow/bin'))}:$PATH; "
+    + _job_pythonpath
+)
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT
 from seg4diff_repro.config import apply_defaults, check_config, load_schema
@@ -34,6 +53,7 @@ DATA_ROOT = Path(config["data"]["root"])
 # rehearsal and the paper run never write the same file, so none of them can pass for another's.
 FIGURES = f"figures/{config['outputs']['namespace']}"
 TABLES = f"paper_tables/{config['outputs']['namespace']}"
+REPORT_PAGES = f"results/report/{config['outputs']['namespace']}"
 
 
 # Only configured names match, so that file names joined with "_" parse unambiguously.
@@ -94,6 +114,7 @@ def _extraction_settings(wildcards, overrides):
             "dataset": wildcards.dataset,
             "backbone": model["backbone"],
             "source": model["source"],
+            "revision": model["revision"],
             "model_options": model["options"],
             "dtype": model["dtype"],
             "timestep": int(wildcards.get("timestep", config["attention"]["timestep"])),
@@ -213,6 +234,11 @@ def unsupervised_targets():
         for model in models
         for dataset in config["analyses"]["unsupervised"]["datasets"]
     ]
+
+
+def run_targets():
+    """The analyses of every model x dataset in `run`: per-layer, timestep sweep, normalisation, unsupervised."""
+    return per_layer_targets() + timestep_sweep_targets() + normalisation_targets() + unsupervised_targets()
 
 
 def appendix_model(role):

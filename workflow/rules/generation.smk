@@ -28,6 +28,8 @@ rule generate_run:
         run=RUN_PATTERN,
     params:
         settings=generation_run_settings,
+    message:
+        "Generating the {wildcards.prompt_set} images of {wildcards.model}, run {wildcards.run}; progress in {log}"
     log:
         "logs/generate_run/{model}_{prompt_set}_{run}.log",
     benchmark:
@@ -55,6 +57,8 @@ rule score_fidelity:
         # Only a toy model may be scored with random-weight backbones (the scorer refuses otherwise).
         toy=lambda wildcards: "--toy-model" if fidelity_model_is_toy(wildcards) else "",
         device=GENERATION["fidelity"]["device"],
+    message:
+        "Scoring CLIP-I, CLIP-T and DINO fidelity for {wildcards.name}; progress in {log}"
     log:
         "logs/score_fidelity/{name}.log",
     benchmark:
@@ -78,15 +82,15 @@ rule fidelity_figure:
         csv=report(
             TABLES + "/{name}.csv",
             caption="../report/fidelity_figure.rst",
-            category="Generation",
-            subcategory="Fidelity under perturbation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/{name}.md",
         png=report(
             FIGURES + "/{name}.png",
             caption="../report/fidelity_figure.rst",
-            category="Generation",
-            subcategory="Fidelity under perturbation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/{name}.pdf",
     wildcard_constraints:
@@ -119,8 +123,8 @@ rule generation_grid:
         png=report(
             FIGURES + "/{name}.png",
             caption="../report/generation_grid.rst",
-            category="Generation",
-            subcategory="Per-layer grids",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/{name}.pdf",
     wildcard_constraints:

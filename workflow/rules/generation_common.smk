@@ -37,6 +37,7 @@ def generation_run_settings(wildcards):
         "model": wildcards.model,
         "backbone": model["backbone"],
         "source": model["source"],
+        "revision": model["revision"],
         "dtype": model["dtype"],
         "device": model["device"],
         "run": wildcards.run,

@@ -10,6 +10,8 @@ rule score_layers:
     params:
         settings=json.dumps(config["segmentation"], sort_keys=True),
         dataset_root=prepared_root,
+    message:
+        "Scoring every layer of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}; progress in {log}"
     log:
         "logs/score_layers/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -30,8 +32,8 @@ rule per_layer_table:
         csv=report(
             TABLES + "/per_layer_{model}_{dataset}_t{timestep}.csv",
             caption="../report/per_layer_table.rst",
-            category="Segmentation",
-            subcategory="Per-layer tables",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         markdown=TABLES + "/per_layer_{model}_{dataset}_t{timestep}.md",
     params:
@@ -57,8 +59,8 @@ rule per_layer_figure:
         png=report(
             FIGURES + "/per_layer_{model}_{dataset}_t{timestep}.png",
             caption="../report/per_layer_figure.rst",
-            category="Segmentation",
-            subcategory="Per-layer figures",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/per_layer_{model}_{dataset}_t{timestep}.pdf",
     log:

@@ -5,6 +5,7 @@
 rule all_segmentation:
     input:
         segmentation_appendix_targets(),
+        table_pages(segmentation_appendix_targets()),
 
 
 rule score_heads:
@@ -18,6 +19,8 @@ rule score_heads:
         dataset_root=prepared_root,
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=forward_batch_size("score-heads"),
+    message:
+        "Forward passes of {wildcards.model} on {wildcards.dataset} scoring every head (Fig. 4); progress in {log}"
     log:
         "logs/score_heads/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -38,7 +41,7 @@ rule fig04_head_miou:
     output:
         csv=TABLES + "/fig04_head_miou.csv",
         markdown=TABLES + "/fig04_head_miou.md",
-        png=report(FIGURES + "/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category="Appendix figures"),
+        png=report(FIGURES + "/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category=report_category, subcategory=report_subcategory),
         pdf=FIGURES + "/fig04_head_miou.pdf",
     params:
         title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}",
@@ -65,7 +68,7 @@ rule fig02_timestep:
     output:
         csv=TABLES + "/fig02_timestep.csv",
         markdown=TABLES + "/fig02_timestep.md",
-        png=report(FIGURES + "/fig02_timestep.png", caption="../report/fig02_timestep.rst", category="Appendix figures"),
+        png=report(FIGURES + "/fig02_timestep.png", caption="../report/fig02_timestep.rst", category=report_category, subcategory=report_subcategory),
         pdf=FIGURES + "/fig02_timestep.pdf",
     params:
         labels=[f"({panel}) {stand_in(None, role)}" for panel, role in (("a", "voc20"), ("b", "coco_object"))],
@@ -92,7 +95,7 @@ rule tab01_normalisation:
         provenance=provenance_scores(),
     output:
         csv=report(TABLES + "/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
-                   category="Appendix tables"),
+                   category=report_category, subcategory=report_subcategory),
         markdown=TABLES + "/tab01_normalisation.md",
     params:
         labels=[stand_in(None, role) for role in ("voc20", "coco_object")],
@@ -120,7 +123,7 @@ rule appendix_per_layer:
     output:
         csv=TABLES + "/{figure}.csv",
         markdown=TABLES + "/{figure}.md",
-        png=report(FIGURES + "/{figure}.png", caption="../report/appendix_per_layer.rst", category="Appendix figures"),
+        png=report(FIGURES + "/{figure}.png", caption="../report/appendix_per_layer.rst", category=report_category, subcategory=report_subcategory),
         pdf=FIGURES + "/{figure}.pdf",
     wildcard_constraints:
         figure="|".join(PER_LAYER_FIGURES),
@@ -152,7 +155,7 @@ rule appendix_overlays:
         cache=overlay_cache,
         dataset=lambda wildcards: overlay_dataset_root(wildcards) / "manifest.json",
     output:
-        png=report(FIGURES + "/{figure}.png", caption="../report/appendix_overlays.rst", category="Appendix figures"),
+        png=report(FIGURES + "/{figure}.png", caption="../report/appendix_overlays.rst", category=report_category, subcategory=report_subcategory),
         pdf=FIGURES + "/{figure}.pdf",
     wildcard_constraints:
         figure="|".join(OVERLAY_FIGURES),
@@ -168,6 +171,8 @@ rule appendix_overlays:
             stand_in("sd3", OVERLAY_FIGURES[wildcards.figure][1]),
             config["models"][appendix_model("sd3")]["analysis_layer"],
         ),
+    message:
+        "Forward passes for the overlays of {wildcards.figure}; progress in {log}"
     log:
         "logs/appendix_overlays/{figure}.log",
     benchmark:
@@ -186,7 +191,7 @@ rule main_table:
     input:
         lambda wildcards: [entry["path"] for entry in main_table_entries(wildcards.table)],
     output:
-        csv=report(TABLES + "/{table}.csv", caption="../report/main_tables.rst", category="Appendix tables"),
+        csv=report(TABLES + "/{table}.csv", caption="../report/main_tables.rst", category=report_category, subcategory=report_subcategory),
         markdown=TABLES + "/{table}.md",
     wildcard_constraints:
         table="|".join(MAIN_TABLES),

@@ -88,7 +88,7 @@ rule toy_generations:
         png=report(
             FIGURES + "/toy_generations.png",
             caption="../report/toy_generations.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/toy_generations.pdf",
         csv="results/toy_generations/toy_generations.csv",
@@ -100,6 +100,8 @@ rule toy_generations:
         steps=config["toy_generations"]["steps"],
         guidance_scale=config["toy_generations"]["guidance_scale"],
         device=config["toy_generations"]["device"],
+    message:
+        "Generating images with the toy model; progress in {log}"
     log:
         "logs/toy_generations.log",
     benchmark:
@@ -123,13 +125,13 @@ rule toy_world_summary:
         csv=report(
             TABLES + "/toy_world_grounding_t{timestep}.csv",
             caption="../report/toy_world_summary.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
         markdown=TABLES + "/toy_world_grounding_t{timestep}.md",
         png=report(
             FIGURES + "/toy_world_per_layer_t{timestep}.png",
             caption="../report/toy_world_summary.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
         pdf=FIGURES + "/toy_world_per_layer_t{timestep}.pdf",
     log:

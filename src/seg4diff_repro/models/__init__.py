@@ -13,16 +13,20 @@ __all__ = [
 ]
 
 
-def load_adapter(backbone: str, source: str, dtype: str = "float32", device: str = "cpu", **options):
-    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source``."""
+def load_adapter(
+    backbone: str, source: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None, **options
+):
+    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source`` (at ``revision``)."""
     import torch
 
     if backbone == "sd3":
         from seg4diff_repro.models.sd3 import SD3Adapter
 
-        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, **options)
+        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, revision=revision, **options)
     if backbone == "flux":
         from seg4diff_repro.models.flux import FluxAdapter
 
-        return FluxAdapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, **options)
+        return FluxAdapter.from_pretrained(
+            source, dtype=getattr(torch, dtype), device=device, revision=revision, **options
+        )
     raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")

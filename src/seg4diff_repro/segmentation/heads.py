@@ -62,7 +62,7 @@ def score_heads(
         dataset_root, settings.split, background=settings.background, limit=settings.limit
     )
     if adapter is None:
-        adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device,
+        adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device, settings.revision,
                                **dict(settings.model_options))
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
