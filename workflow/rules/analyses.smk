@@ -13,19 +13,19 @@ rule timestep_sweep:
         ),
     output:
         csv=report(
-            TABLES + "/timestep_sweep_{model}_{dataset}.csv",
+            f"{TABLES}/timestep_sweep_{{model}}_{{dataset}}.csv",
             caption="../report/timestep_sweep.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/timestep_sweep_{model}_{dataset}.md",
+        markdown=f"{TABLES}/timestep_sweep_{{model}}_{{dataset}}.md",
         png=report(
-            FIGURES + "/timestep_sweep_{model}_{dataset}.png",
+            f"{FIGURES}/timestep_sweep_{{model}}_{{dataset}}.png",
             caption="../report/timestep_sweep.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/timestep_sweep_{model}_{dataset}.pdf",
+        pdf=f"{FIGURES}/timestep_sweep_{{model}}_{{dataset}}.pdf",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
@@ -90,12 +90,12 @@ rule normalisation_table:
         ),
     output:
         csv=report(
-            TABLES + "/normalisation_{model}_{dataset}_t{timestep}.csv",
+            f"{TABLES}/normalisation_{{model}}_{{dataset}}_t{{timestep}}.csv",
             caption="../report/normalisation_table.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/normalisation_{model}_{dataset}_t{timestep}.md",
+        markdown=f"{TABLES}/normalisation_{{model}}_{{dataset}}_t{{timestep}}.md",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
@@ -175,12 +175,12 @@ rule unsupervised_table:
         "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv",
     output:
         csv=report(
-            TABLES + "/unsupervised_{model}_{dataset}_t{timestep}.csv",
+            f"{TABLES}/unsupervised_{{model}}_{{dataset}}_t{{timestep}}.csv",
             caption="../report/unsupervised_table.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/unsupervised_{model}_{dataset}_t{timestep}.md",
+        markdown=f"{TABLES}/unsupervised_{{model}}_{{dataset}}_t{{timestep}}.md",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),

@@ -42,19 +42,19 @@ rule value_norm_heads_figure:
         f"results/value_norms/{appendix_model('sd3')}/per_head.csv",
     output:
         csv=report(
-            TABLES + "/fig15_value_norms_heads_sd3.csv",
+            f"{TABLES}/fig15_value_norms_heads_sd3.csv",
             caption="../report/value_norms.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/fig15_value_norms_heads_sd3.md",
+        markdown=f"{TABLES}/fig15_value_norms_heads_sd3.md",
         png=report(
-            FIGURES + "/fig15_value_norms_heads_sd3.png",
+            f"{FIGURES}/fig15_value_norms_heads_sd3.png",
             caption="../report/value_norms.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/fig15_value_norms_heads_sd3.pdf",
+        pdf=f"{FIGURES}/fig15_value_norms_heads_sd3.pdf",
     log:
         "logs/value_norm_heads_figure/fig15_value_norms_heads_sd3.log",
     benchmark:
@@ -73,19 +73,19 @@ rule value_norm_layers_figure:
         value_norm_layers_input,
     output:
         csv=report(
-            TABLES + "/{stem}.csv",
+            f"{TABLES}/{{stem}}.csv",
             caption="../report/value_norms.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/{stem}.md",
+        markdown=f"{TABLES}/{{stem}}.md",
         png=report(
-            FIGURES + "/{stem}.png",
+            f"{FIGURES}/{{stem}}.png",
             caption="../report/value_norms.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/{stem}.pdf",
+        pdf=f"{FIGURES}/{{stem}}.pdf",
     wildcard_constraints:
         stem="|".join(VALUE_NORM_LAYER_FIGURES),
     params:
@@ -110,12 +110,12 @@ rule pca_qkv_figure:
         model=role_model_inputs("sd3"),
     output:
         png=report(
-            FIGURES + "/fig16_pca_qkv_sd3.png",
+            f"{FIGURES}/fig16_pca_qkv_sd3.png",
             caption="../report/pca_qkv.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/fig16_pca_qkv_sd3.pdf",
+        pdf=f"{FIGURES}/fig16_pca_qkv_sd3.pdf",
     params:
         settings=generation_model_settings(appendix_model("sd3"), "sd3"),
         timestep=ATTENTION_FIGURES["map_timestep"],
@@ -144,12 +144,12 @@ rule token_maps_figure:
         model=role_model_inputs("sd3"),
     output:
         png=report(
-            FIGURES + "/{stem}.png",
+            f"{FIGURES}/{{stem}}.png",
             caption="../report/token_maps.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/{stem}.pdf",
+        pdf=f"{FIGURES}/{{stem}}.pdf",
     wildcard_constraints:
         stem="|".join(TOKEN_MAP_FIGURES),
     params:

@@ -156,7 +156,7 @@ def toy_world_targets():
         return [
             f"{TABLES}/toy_world_grounding_t{timestep}.md",
             f"{FIGURES}/toy_world_per_layer_t{timestep}.png",
-            FIGURES + "/toy_generations.png",
+            f"{FIGURES}/toy_generations.png",
         ]
     return []
 

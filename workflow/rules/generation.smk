@@ -80,19 +80,19 @@ rule fidelity_figure:
         reference=fidelity_reference,
     output:
         csv=report(
-            TABLES + "/{name}.csv",
+            f"{TABLES}/{{name}}.csv",
             caption="../report/fidelity_figure.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/{name}.md",
+        markdown=f"{TABLES}/{{name}}.md",
         png=report(
-            FIGURES + "/{name}.png",
+            f"{FIGURES}/{{name}}.png",
             caption="../report/fidelity_figure.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/{name}.pdf",
+        pdf=f"{FIGURES}/{{name}}.pdf",
     wildcard_constraints:
         name="|".join(FIDELITY_FIGURES),
     params:
@@ -121,12 +121,12 @@ rule generation_grid:
         runs=grid_runs,
     output:
         png=report(
-            FIGURES + "/{name}.png",
+            f"{FIGURES}/{{name}}.png",
             caption="../report/generation_grid.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/{name}.pdf",
+        pdf=f"{FIGURES}/{{name}}.pdf",
     wildcard_constraints:
         name="|".join(GRID_FIGURES),
     params:
@@ -149,15 +149,15 @@ rule generation_grid:
 
 rule fig01_drawbench_prompts:
     output:
-        csv=TABLES + "/fig01_drawbench_prompts.csv",
-        markdown=TABLES + "/fig01_drawbench_prompts.md",
+        csv=f"{TABLES}/fig01_drawbench_prompts.csv",
+        markdown=f"{TABLES}/fig01_drawbench_prompts.md",
         png=report(
-            FIGURES + "/fig01_drawbench_prompts.png",
+            f"{FIGURES}/fig01_drawbench_prompts.png",
             caption="../report/fig01_drawbench_prompts.rst",
             category="Generation",
             subcategory="Analysis prompts",
         ),
-        pdf=FIGURES + "/fig01_drawbench_prompts.pdf",
+        pdf=f"{FIGURES}/fig01_drawbench_prompts.pdf",
     params:
         usage=drawbench_usage(),
         title="Appendix Fig. 1: the 50 DrawBench prompts selected for the analyses",

@@ -11,10 +11,10 @@ include: "report_common.smk"
 
 rule table_page:
     input:
-        TABLES + "/{table}.md",
+        f"{TABLES}/{{table}}.md",
     output:
         report(
-            REPORT_PAGES + "/tables/{table}.html",
+            f"{REPORT_PAGES}/tables/{{table}}.html",
             caption="../report/table_page.rst",
             category=report_category,
             subcategory=report_subcategory,
@@ -33,7 +33,7 @@ rule table_page:
 rule run_info:
     output:
         report(
-            REPORT_PAGES + "/run_info.html",
+            f"{REPORT_PAGES}/run_info.html",
             caption="../report/run_info.rst",
             category=report_category,
             subcategory=report_subcategory,

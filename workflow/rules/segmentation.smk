@@ -30,12 +30,12 @@ rule per_layer_table:
         "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv",
     output:
         csv=report(
-            TABLES + "/per_layer_{model}_{dataset}_t{timestep}.csv",
+            f"{TABLES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.csv",
             caption="../report/per_layer_table.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        markdown=TABLES + "/per_layer_{model}_{dataset}_t{timestep}.md",
+        markdown=f"{TABLES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.md",
     params:
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
         paper_dataset=lambda wildcards: config["datasets"][wildcards.dataset].get("paper_name", "none"),
@@ -54,15 +54,15 @@ rule per_layer_table:
 
 rule per_layer_figure:
     input:
-        TABLES + "/per_layer_{model}_{dataset}_t{timestep}.csv",
+        f"{TABLES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.csv",
     output:
         png=report(
-            FIGURES + "/per_layer_{model}_{dataset}_t{timestep}.png",
+            f"{FIGURES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.png",
             caption="../report/per_layer_figure.rst",
             category=report_category,
             subcategory=report_subcategory,
         ),
-        pdf=FIGURES + "/per_layer_{model}_{dataset}_t{timestep}.pdf",
+        pdf=f"{FIGURES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.pdf",
     log:
         "logs/per_layer_figure/{model}_{dataset}_t{timestep}.log",
     benchmark:

@@ -39,10 +39,10 @@ rule fig04_head_miou:
     input:
         f"results/segmentation_heads/{appendix_model('sd3')}/{appendix_dataset('voc21')}/t{TIMESTEP}/per_head.csv",
     output:
-        csv=TABLES + "/fig04_head_miou.csv",
-        markdown=TABLES + "/fig04_head_miou.md",
-        png=report(FIGURES + "/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category=report_category, subcategory=report_subcategory),
-        pdf=FIGURES + "/fig04_head_miou.pdf",
+        csv=f"{TABLES}/fig04_head_miou.csv",
+        markdown=f"{TABLES}/fig04_head_miou.md",
+        png=report(f"{FIGURES}/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/fig04_head_miou.pdf",
     params:
         title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}",
     log:
@@ -66,10 +66,10 @@ rule fig02_timestep:
         ],
         provenance=provenance_scores(),
     output:
-        csv=TABLES + "/fig02_timestep.csv",
-        markdown=TABLES + "/fig02_timestep.md",
-        png=report(FIGURES + "/fig02_timestep.png", caption="../report/fig02_timestep.rst", category=report_category, subcategory=report_subcategory),
-        pdf=FIGURES + "/fig02_timestep.pdf",
+        csv=f"{TABLES}/fig02_timestep.csv",
+        markdown=f"{TABLES}/fig02_timestep.md",
+        png=report(f"{FIGURES}/fig02_timestep.png", caption="../report/fig02_timestep.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/fig02_timestep.pdf",
     params:
         labels=[f"({panel}) {stand_in(None, role)}" for panel, role in (("a", "voc20"), ("b", "coco_object"))],
         title=f"Appendix Fig. 2: segmentation vs timestep, {stand_in('sd3')}, layer {config['models'][appendix_model('sd3')]['analysis_layer']}",
@@ -94,9 +94,9 @@ rule tab01_normalisation:
         ],
         provenance=provenance_scores(),
     output:
-        csv=report(TABLES + "/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
+        csv=report(f"{TABLES}/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
                    category=report_category, subcategory=report_subcategory),
-        markdown=TABLES + "/tab01_normalisation.md",
+        markdown=f"{TABLES}/tab01_normalisation.md",
     params:
         labels=[stand_in(None, role) for role in ("voc20", "coco_object")],
         title=f"Appendix Table 1: score normalisation, {stand_in('sd3')}, t = {TIMESTEP}",
@@ -121,10 +121,10 @@ rule appendix_per_layer:
             timestep=TIMESTEP,
         ),
     output:
-        csv=TABLES + "/{figure}.csv",
-        markdown=TABLES + "/{figure}.md",
-        png=report(FIGURES + "/{figure}.png", caption="../report/appendix_per_layer.rst", category=report_category, subcategory=report_subcategory),
-        pdf=FIGURES + "/{figure}.pdf",
+        csv=f"{TABLES}/{{figure}}.csv",
+        markdown=f"{TABLES}/{{figure}}.md",
+        png=report(f"{FIGURES}/{{figure}}.png", caption="../report/appendix_per_layer.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/{{figure}}.pdf",
     wildcard_constraints:
         figure="|".join(PER_LAYER_FIGURES),
     params:
@@ -155,8 +155,8 @@ rule appendix_overlays:
         cache=overlay_cache,
         dataset=lambda wildcards: overlay_dataset_root(wildcards) / "manifest.json",
     output:
-        png=report(FIGURES + "/{figure}.png", caption="../report/appendix_overlays.rst", category=report_category, subcategory=report_subcategory),
-        pdf=FIGURES + "/{figure}.pdf",
+        png=report(f"{FIGURES}/{{figure}}.png", caption="../report/appendix_overlays.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/{{figure}}.pdf",
     wildcard_constraints:
         figure="|".join(OVERLAY_FIGURES),
     params:
@@ -191,8 +191,8 @@ rule main_table:
     input:
         lambda wildcards: [entry["path"] for entry in main_table_entries(wildcards.table)],
     output:
-        csv=report(TABLES + "/{table}.csv", caption="../report/main_tables.rst", category=report_category, subcategory=report_subcategory),
-        markdown=TABLES + "/{table}.md",
+        csv=report(f"{TABLES}/{{table}}.csv", caption="../report/main_tables.rst", category=report_category, subcategory=report_subcategory),
+        markdown=f"{TABLES}/{{table}}.md",
     wildcard_constraints:
         table="|".join(MAIN_TABLES),
     params:
