@@ -231,6 +231,9 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
     shutil.copytree(REPO / "configs", workdir / "configs")
     dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml")
     counts = job_counts(dry_run.stdout)
+    # The README states the paper run's size as this dry run prints it.
+    stated = re.search(r"prints \*\*(\d+) jobs in all\*\*", (REPO / "README.md").read_text())
+    assert stated and int(stated.group(1)) == int(re.search(r"^total\s+(\d+)", dry_run.stdout, re.MULTILINE).group(1))
     # t = 8 for 3 models x 5 datasets, of which SD3 on VOC20 and on COCO-Object come from the two 28-step sweep
     # jobs of appendix Fig. 2 (one job per pair: VAE and text encoders once per image); 27 more scorings each.
     assert counts["extract_attention"] == 3 * 5 - 2
