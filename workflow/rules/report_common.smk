@@ -8,6 +8,7 @@ PAPER_ITEMS = {
     "main_table1_ovss": ("Main paper", "Table 1: open-vocabulary segmentation"),
     "main_table2_unsupervised": ("Main paper", "Table 2: unsupervised segmentation"),
     "tab01_normalisation": ("Appendix", "Table 1: score normalisation"),
+    "fig01_drawbench_prompts": ("Appendix", "Fig. 1: the 50 DrawBench prompts"),
     "fig02_timestep": ("Appendix", "Fig. 02: timestep sweep"),
     "fig03_i2t_t2i_sd3": ("Appendix", "Fig. 03: I2T vs T2I maps"),
     "fig04_head_miou": ("Appendix", "Fig. 04: mIoU per head"),
