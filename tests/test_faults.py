@@ -146,6 +146,10 @@ def small_world(workdir: Path, n_val: int = 4) -> Path:
     copy_workflow(workdir)
     edit_config(workdir, "toy_shapes", n_train=1, n_val=n_val)
     edit_config(workdir, "attention", batch_size=1, layers=[0, 3])
+    # No timestep sweep: the t = 8 cache is then its own extraction job's (results/attention/<model>/<dataset>/t8).
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["analyses"]["timestep_sweep"]["timesteps"] = []
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return workdir
 
 
