@@ -27,7 +27,7 @@ UNSUPERVISED = "paper_tables/toy/unsupervised_toy_sd3_toy_shapes_bg_t8.csv"
 FIGURE = "figures/toy/per_layer_toy_sd3_toy_shapes_t8.png"
 CACHE = "results/attention/toy_sd3/toy_shapes/t8"
 CONTROL_CACHE = "results/attention/toy_sd3_random/toy_shapes/t8"
-SHARD = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.shards/shard_00000/layer_000.npz"
+SHARD = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.shards/shard_00000/official_layer_000.npz"
 # Only what these tables need: a few jobs instead of the whole default run.
 TARGETS = f"verification={{targets: [{TABLE}, {CONTROL_TABLE}, {UNSUPERVISED}, {FIGURE}]}}"
 
@@ -35,7 +35,8 @@ TARGETS = f"verification={{targets: [{TABLE}, {CONTROL_TABLE}, {UNSUPERVISED}, {
 @pytest.fixture(scope="module")
 def toy_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """A small toy run, bundled and verified by `snakemake bundle verify`: (workflow folder, bundle)."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("verify_run"))
+    # No timestep sweep: the t = 8 caches are then their own extraction jobs' (results/attention/<m>/<d>/t8).
+    workdir = copy_workflow(tmp_path_factory.mktemp("verify_run"), analyses={"timestep_sweep": {"timesteps": []}})
     snakemake(workdir, "bundle", "verify", "--config", TARGETS)
     return workdir, workdir / "bundle"
 

@@ -119,8 +119,9 @@ def _existing_outputs(workdir: Path, job: Job) -> list[str]:
     return sorted(output for output in job.outputs if (workdir / output).exists())
 
 
-def _cache_folder(job: Job) -> str:
-    return str(Path(job.outputs[0]).parent)
+def _cache_folders(job: Job) -> list[str]:
+    """The cache folders of an extraction job: one per manifest.json it writes (a sweep job writes one per timestep)."""
+    return [str(Path(output).parent) for output in job.outputs if Path(output).name == "manifest.json"]
 
 
 def _source_kind(workdir: Path, path: str) -> str:
@@ -180,10 +181,12 @@ def _models_of(workdir: Path, walk: _Walk, jobs: list[Job]) -> dict[str, dict]:
     for job in jobs:
         if job.command not in CACHE_COMMANDS:
             continue
-        manifest = json.loads((workdir / job.outputs[0]).read_text())
-        source = manifest["settings"]["source"]
-        models.setdefault(source, {"source": source, "description": manifest.get("model", {}), "recorded_by_caches": {}})
-        models[source]["recorded_by_caches"][_cache_folder(job)] = manifest.get("inputs", {}).get("model_fingerprint")
+        for folder in _cache_folders(job):
+            manifest = json.loads((workdir / folder / "manifest.json").read_text())
+            source = manifest["settings"]["source"]
+            models.setdefault(source, {"source": source, "description": manifest.get("model", {}),
+                                       "recorded_by_caches": {}})
+            models[source]["recorded_by_caches"][folder] = manifest.get("inputs", {}).get("model_fingerprint")
     for path in walk.sources:
         if _source_kind(workdir, path) == "model":
             folder = str(Path(path).parent) if Path(path).name == MODEL_INDEX else path
@@ -239,15 +242,15 @@ def make_bundle(
             "stage": "rederive" if job.command in REDERIVED_COMMANDS else "gpu",
         }
         if job.command in CACHE_COMMANDS:
-            folder = workdir / _cache_folder(job)
-            cache_files = [p for p in _files_under(folder) if p.name != "manifest.json"]
             keep = leave_out_caches == "none" or (leave_out_caches == "figure-only" and walk.produces_table(job))
-            if keep:
-                files.update({p.relative_to(workdir).as_posix(): "attention cache" for p in cache_files})
-            else:
-                left_out.append({"cache": _cache_folder(job), "files": len(cache_files),
-                                 "bytes": sum(p.stat().st_size for p in cache_files)})
-            entry.update(cache_folder=_cache_folder(job), cache_left_out=not keep)
+            for folder in _cache_folders(job):
+                cache_files = [p for p in _files_under(workdir / folder) if p.name != "manifest.json"]
+                if keep:
+                    files.update({p.relative_to(workdir).as_posix(): "attention cache" for p in cache_files})
+                else:
+                    left_out.append({"cache": folder, "files": len(cache_files),
+                                     "bytes": sum(p.stat().st_size for p in cache_files)})
+            entry.update(cache_folder=_cache_folders(job)[0], cache_folders=_cache_folders(job), cache_left_out=not keep)
         job_entries.append(entry)
 
     datasets, plain_sources = {}, []

@@ -272,7 +272,8 @@ def verify_bundle(
     cache_jobs = [job for job in manifest["jobs"] if "cache_folder" in job]
     for job in cache_jobs:
         if not job["cache_left_out"]:
-            verification.add("Attention caches", check_cache_files(files / job["cache_folder"], job["cache_folder"]))
+            for folder in job.get("cache_folders", [job["cache_folder"]]):  # a sweep job fills one per timestep
+                verification.add("Attention caches", check_cache_files(files / folder, folder))
     with tempfile.TemporaryDirectory(prefix="seg4diff_verify_") as temporary:
         work = Path(scratch) if scratch is not None else Path(temporary)
         if scratch is not None:
