@@ -139,7 +139,8 @@ def test_generation_defaults_are_the_paper_settings():
     generation = apply_defaults(config, load_schema(SCHEMA))["analyses"]["generation"]
     assert (generation["cfg"], generation["blur_sigma"], generation["blur_kernel"]) == (7.5, 9.0, 5)
     assert generation["fidelity"] == {"weights": "pretrained", "clip_arch": "ViT-B-32", "clip_pretrained": "openai",
-                                      "dino_source": "facebook/dino-vits16", "seed": 0, "device": "cpu"}
+                                      "dino_source": "facebook/dino-vits16", "seed": 0, "device": "cpu",
+                                      "clip_revision": None, "dino_revision": None}  # config.yaml pins them
     assert generation["n_prompts"] is None
     assert generation["fidelity_layers"] == {"sd3": "all", "sd35": "all", "flux": "all"}
 
@@ -158,7 +159,10 @@ def test_unknown_grid_layer_fails_the_dag_build_naming_the_key(tmp_path):
 
 
 def planned_outputs(dry_run) -> list[str]:
-    return re.findall(r"^\s+output: (.+)$", dry_run.stdout, flags=re.MULTILINE)
+    """Outputs of the planned jobs: from the job details, or from a rule's message ("...; writes <output>; ...")."""
+    details = re.findall(r"^\s+output: (.+)$", dry_run.stdout, flags=re.MULTILINE)
+    messages = re.findall(r"^Job \d+: .*; writes (.+?); progress in ", dry_run.stdout, flags=re.MULTILINE)
+    return details + [", ".join(message.split()) for message in messages]
 
 
 def job_counts(dry_run) -> dict[str, int]:
