@@ -19,14 +19,21 @@ from test_workflow import copy_workflow, planned_jobs, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "toy_sd3" / "tokenizer"
-TARGETS = [
-    *(f"paper_tables/toy/{stem}.{ext}" for stem in ("fig15_value_norms_heads_sd3", "fig06_value_norms_sd35",
-                                                 "fig09_value_norms_flux") for ext in ("csv", "md")),
-    *(f"figures/toy/{stem}.{ext}" for stem in (
-        "fig15_value_norms_heads_sd3", "fig06_value_norms_sd35", "fig09_value_norms_flux", "fig16_pca_qkv_sd3",
-        "fig03_i2t_t2i_sd3", "fig12_token_maps_sd3", "fig13_head_maps_sd3", "fig14_head_maps_sd3",
-        "fig17_null_token_maps_sd3") for ext in ("png", "pdf")),
-]
+
+
+def attention_figure_targets(namespace: str) -> list[str]:
+    """The attention figures and their tables, under a config's output namespace (toy, paper, ...)."""
+    return [
+        *(f"paper_tables/{namespace}/{stem}.{ext}" for stem in (
+            "fig15_value_norms_heads_sd3", "fig06_value_norms_sd35", "fig09_value_norms_flux") for ext in ("csv", "md")),
+        *(f"figures/{namespace}/{stem}.{ext}" for stem in (
+            "fig15_value_norms_heads_sd3", "fig06_value_norms_sd35", "fig09_value_norms_flux", "fig16_pca_qkv_sd3",
+            "fig03_i2t_t2i_sd3", "fig12_token_maps_sd3", "fig13_head_maps_sd3", "fig14_head_maps_sd3",
+            "fig17_null_token_maps_sd3") for ext in ("png", "pdf")),
+    ]
+
+
+TARGETS = attention_figure_targets("toy")
 
 
 def correlated_features(seed: int = 0, n: int = 256, dim: int = 48) -> torch.Tensor:
@@ -141,7 +148,8 @@ def test_paper_config_plans_the_attention_figure_jobs(tmp_path):
     workdir = copy_workflow(tmp_path)
     (workdir / "configs").mkdir()
     (workdir / "configs" / "paper.yaml").write_text((REPO / "configs" / "paper.yaml").read_text())
-    dry = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "configs/paper.yaml", "--", *TARGETS)
+    dry = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "configs/paper.yaml", "--",
+                    *attention_figure_targets("paper"))
     jobs = planned_jobs(dry)
     assert {"value_norms", "value_norm_heads_figure", "value_norm_layers_figure", "pca_qkv_figure",
             "token_maps_figure"} <= jobs

@@ -28,8 +28,10 @@ def test_rehearsal_copy_prepares_at_the_release_image_size_with_its_classes(tmp_
         assert len(classes) >= 2 and max(classes) < len(dataset.class_names)
         if name == "voc21":
             assert 255 in labels  # VOC's boundary band
-        if name in ("ade150", "cityscapes", "pc59", "coco_stuff27"):
+        if name in ("ade150", "cityscapes", "coco_stuff27"):
             assert 255 in labels  # pixels outside the rectangles: ADE 'other', Cityscapes id 0, unlabeled -> ignore
+        if name == "pc59":
+            assert 255 not in labels and 0 in labels  # pixels outside the 59 classes -> background 0, as released
 
 
 def test_voc_copy_has_palette_labels(tmp_path):
