@@ -68,7 +68,7 @@ rule score_normalisation_variant:
         ),
         dataset_root=prepared_root,
     message:
-        "Scoring {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}, normalisation {wildcards.variant}; progress in {log}"
+        "Scoring {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}, normalisation {wildcards.variant}; writes {output}; progress in {log}"
     log:
         "logs/score_normalisation_variant/{model}_{dataset}_t{timestep}_{variant}.log",
     benchmark:
@@ -127,7 +127,7 @@ rule extract_unsupervised_attention:
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=forward_batch_size("extract-attention"),
     message:
-        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps); progress in {log}"
+        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps); writes {output}; progress in {log}"
     log:
         "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -155,7 +155,7 @@ rule score_unsupervised:
         matching=config["analyses"]["unsupervised"]["matching"],
         scored_classes=lambda wildcards: config["datasets"][wildcards.dataset]["scored_classes"] or "none",
     message:
-        "Unsupervised segmentation of {wildcards.dataset} with {wildcards.model}; progress in {log}"
+        "Unsupervised segmentation of {wildcards.dataset} with {wildcards.model}; writes {output}; progress in {log}"
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:

@@ -16,7 +16,7 @@ rule extract_attention:
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=forward_batch_size("extract-attention"),
     message:
-        "Forward passes of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}: attention maps into the cache; progress in {log}"
+        "Forward passes of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}: attention maps; writes {output}; progress in {log}"
     log:
         "logs/extract_attention/{model}_{dataset}_t{timestep}.log",
     benchmark:

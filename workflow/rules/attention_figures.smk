@@ -20,7 +20,7 @@ rule value_norms:
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
     message:
-        "Generating with {wildcards.model} and recording value norms; progress in {log}"
+        "Generating with {wildcards.model} and recording value norms; writes {output}; progress in {log}"
     log:
         "logs/value_norms/{model}.log",
     benchmark:
@@ -123,7 +123,7 @@ rule pca_qkv_figure:
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
     message:
-        "Generating with the sd3 role's model and recording q, k, v for the PCA figure; progress in {log}"
+        "Generating with the sd3 role's model and recording q, k, v for the PCA figure; writes {output}; progress in {log}"
     log:
         "logs/pca_qkv_figure/fig16_pca_qkv_sd3.log",
     benchmark:
@@ -168,7 +168,7 @@ rule token_maps_figure:
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
     message:
-        "Generating with the sd3 role's model and recording token maps for {wildcards.stem}; progress in {log}"
+        "Generating with the sd3 role's model and recording token maps for {wildcards.stem}; writes {output}; progress in {log}"
     log:
         "logs/token_maps_figure/{stem}.log",
     benchmark:

@@ -32,7 +32,7 @@ rule download_dataset_archive:
     params:
         args=lambda wildcards: DS_SOURCES.rule_download_args(wildcards.archive_file, DS_OVERRIDES),
     message:
-        "Downloading {wildcards.archive_file} (resumable, checksum-verified); progress in {log}"
+        "Downloading {wildcards.archive_file} (resumable, checksum-verified); writes {output}; progress in {log}"
     log:
         "logs/datasets/download_{archive_file}.log",
     benchmark:
@@ -56,7 +56,7 @@ rule prepare_voc21:
         out=DS_ROOT / "prepared" / "voc21",
         source=DS_SOURCE_ARGS["voc21"],
     message:
-        "Preparing voc21 in the common layout (images, labels, splits, manifest); progress in {log}"
+        "Preparing voc21 in the common layout (images, labels, splits, manifest); writes {output}; progress in {log}"
     log:
         "logs/datasets/prepare_voc21.log",
     benchmark:
@@ -79,7 +79,7 @@ rule prepare_coco_object:
         out=DS_ROOT / "prepared" / "coco_object",
         source=DS_SOURCE_ARGS["coco_object"],
     message:
-        "Preparing coco_object in the common layout (images, labels, splits, manifest); progress in {log}"
+        "Preparing coco_object in the common layout (images, labels, splits, manifest); writes {output}; progress in {log}"
     log:
         "logs/datasets/prepare_coco_object.log",
     benchmark:
@@ -102,7 +102,7 @@ rule prepare_pc59:
         out=DS_ROOT / "prepared" / "pc59",
         source=DS_SOURCE_ARGS["pc59"],
     message:
-        "Preparing pc59 in the common layout (images, labels, splits, manifest); progress in {log}"
+        "Preparing pc59 in the common layout (images, labels, splits, manifest); writes {output}; progress in {log}"
     log:
         "logs/datasets/prepare_pc59.log",
     benchmark:
@@ -125,7 +125,7 @@ rule prepare_ade150:
         out=DS_ROOT / "prepared" / "ade150",
         source=DS_SOURCE_ARGS["ade150"],
     message:
-        "Preparing ade150 in the common layout (images, labels, splits, manifest); progress in {log}"
+        "Preparing ade150 in the common layout (images, labels, splits, manifest); writes {output}; progress in {log}"
     log:
         "logs/datasets/prepare_ade150.log",
     benchmark:
@@ -148,7 +148,7 @@ rule prepare_coco_stuff27:
         out=DS_ROOT / "prepared" / "coco_stuff27",
         source=DS_SOURCE_ARGS["coco_stuff27"],
     message:
-        "Preparing coco_stuff27 in the common layout (images, labels, splits, manifest); progress in {log}"
+        "Preparing coco_stuff27 in the common layout (images, labels, splits, manifest); writes {output}; progress in {log}"
     log:
         "logs/datasets/prepare_coco_stuff27.log",
     benchmark:
@@ -171,7 +171,7 @@ rule prepare_cityscapes:
         out=DS_ROOT / "prepared" / "cityscapes",
         source=DS_SOURCE_ARGS["cityscapes"],
     message:
-        "Preparing cityscapes in the common layout (images, labels, splits, manifest); progress in {log}"
+        "Preparing cityscapes in the common layout (images, labels, splits, manifest); writes {output}; progress in {log}"
     log:
         "logs/datasets/prepare_cityscapes.log",
     benchmark:

@@ -29,7 +29,7 @@ rule generate_run:
     params:
         settings=generation_run_settings,
     message:
-        "Generating the {wildcards.prompt_set} images of {wildcards.model}, run {wildcards.run}; progress in {log}"
+        "Generating the {wildcards.prompt_set} images of {wildcards.model}, run {wildcards.run}; writes {output}; progress in {log}"
     log:
         "logs/generate_run/{model}_{prompt_set}_{run}.log",
     benchmark:
@@ -58,7 +58,7 @@ rule score_fidelity:
         toy=lambda wildcards: "--toy-model" if fidelity_model_is_toy(wildcards) else "",
         device=GENERATION["fidelity"]["device"],
     message:
-        "Scoring CLIP-I, CLIP-T and DINO fidelity for {wildcards.name}; progress in {log}"
+        "Scoring CLIP-I, CLIP-T and DINO fidelity for {wildcards.name}; writes {output}; progress in {log}"
     log:
         "logs/score_fidelity/{name}.log",
     benchmark:

@@ -11,7 +11,7 @@ rule score_layers:
         settings=json.dumps(config["segmentation"], sort_keys=True),
         dataset_root=prepared_root,
     message:
-        "Scoring every layer of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}; progress in {log}"
+        "Scoring every layer of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}; writes {output}; progress in {log}"
     log:
         "logs/score_layers/{model}_{dataset}_t{timestep}.log",
     benchmark:

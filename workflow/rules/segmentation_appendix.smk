@@ -20,7 +20,7 @@ rule score_heads:
         device=lambda wildcards: model_config(wildcards)["device"],
         batch_size=forward_batch_size("score-heads"),
     message:
-        "Forward passes of {wildcards.model} on {wildcards.dataset} scoring every head (Fig. 4); progress in {log}"
+        "Forward passes of {wildcards.model} on {wildcards.dataset} scoring every head (Fig. 4); writes {output}; progress in {log}"
     log:
         "logs/score_heads/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -172,7 +172,7 @@ rule appendix_overlays:
             config["models"][appendix_model("sd3")]["analysis_layer"],
         ),
     message:
-        "Forward passes for the overlays of {wildcards.figure}; progress in {log}"
+        "Forward passes for the overlays of {wildcards.figure}; writes {output}; progress in {log}"
     log:
         "logs/appendix_overlays/{figure}.log",
     benchmark:

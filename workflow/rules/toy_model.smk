@@ -101,7 +101,7 @@ rule toy_generations:
         guidance_scale=config["toy_generations"]["guidance_scale"],
         device=config["toy_generations"]["device"],
     message:
-        "Generating images with the toy model; progress in {log}"
+        "Generating images with the toy model; writes {output}; progress in {log}"
     log:
         "logs/toy_generations.log",
     benchmark:
