@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
 
 from seg4diff_repro.tables.html import markdown_to_html_page, run_info_page
 
+REPO = Path(__file__).resolve().parents[1]
 MARKDOWN = """# Per-layer scores: toy_sd3 on <toy_shapes>
 
 model = toy_sd3, seed = 0, code 1a2b, commit e7fe2cb (dirty).
@@ -71,3 +75,31 @@ def test_the_run_page_names_the_commit_dirty_flag_and_config():
     assert "dirty" not in clean
     assert "not a git checkout" in run_info_page({}, {"commit": None, "dirty": None, "package_version": "0.1.0",
                                                       "code_fingerprint": "abcd"})
+
+
+def report_placement():
+    """report_common.smk's placement functions, run as plain Python (the file has no Snakemake syntax)."""
+    namespace = {"Path": Path}
+    exec((REPO / "workflow/rules/report_common.smk").read_text(), namespace)
+    return namespace["paper_item"]
+
+
+def test_every_figure_and_table_of_the_pipeline_has_a_place_in_the_report():
+    """The committed outputs of a default run, and the names the paper config's run models and datasets get."""
+    paper_item = report_placement()
+    stems = {p.stem for folder in ("figures", "paper_tables") for p in (REPO / folder).rglob("*.*")}
+    stems |= {f"{analysis}_sd3_medium_voc20_t8" for analysis in ("per_layer", "normalisation", "unsupervised")}
+    stems |= {"timestep_sweep_flux_dev_ade150", "run_info"}
+    places = {stem: paper_item(stem) for stem in stems}
+    assert places["fig02_timestep"] == ("Appendix", "Fig. 02: timestep sweep")
+    assert places["main_table1_ovss"][0] == "Main paper"
+    assert places["per_layer_sd3_medium_voc20_t8"] == ("Per model and dataset", "Per-layer scores")
+    assert places["toy_world_grounding_t8"][0] == "Toy world"
+    # Every appendix figure of the paper's numbering has its own entry.
+    appendix = {sub for category, sub in places.values() if category == "Appendix"}
+    assert len(appendix) == len({stem for stem in stems if stem.startswith(("fig", "tab"))})
+
+
+def test_an_output_without_a_place_in_the_report_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="fig99_new_figure"):
+        report_placement()("fig99_new_figure")
