@@ -39,12 +39,28 @@ def _make_toy_shapes(args: argparse.Namespace) -> None:
 
 
 def _extract_attention(args: argparse.Namespace) -> None:
-    from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention
+    from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention, extract_shard, parse_shard
+    from seg4diff_repro.datasets.layout import atomic_write_json
 
     settings = ExtractionSettings.from_dict(json.loads(args.settings))
-    extract_attention(
-        settings, Path(args.dataset_root), Path(args.out_dir), device=args.device, batch_size=args.batch_size
-    )
+    shard = parse_shard(args.shard)
+    if args.shard_manifest is None:
+        if shard != (1, 1):
+            raise SystemExit(f"--shard {args.shard}: give --shard-manifest (gather-attention joins the shards)")
+        extract_attention(
+            settings, Path(args.dataset_root), Path(args.out_dir), device=args.device, batch_size=args.batch_size
+        )
+        return
+    record = extract_shard(settings, Path(args.dataset_root), Path(args.out_dir), shard=shard, device=args.device,
+                           batch_size=args.batch_size)
+    atomic_write_json(Path(args.shard_manifest), record)
+
+
+def _gather_attention(args: argparse.Namespace) -> None:
+    from seg4diff_repro.attention.extract import gather_shards
+
+    shards = [json.loads(Path(path).read_text()) for path in args.shards]
+    gather_shards(shards, Path(args.dataset_root), Path(args.out).parent)
 
 
 def _shard_root(out: str) -> Path:
@@ -199,9 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")
     command.add_argument("--dataset-root", required=True)
     command.add_argument("--out-dir", required=True)
-    command.add_argument("--device", default="cpu")
+    command.add_argument("--shard", default="1-of-1", help="<i>-of-<n>: the i-th of n contiguous runs of images")
+    command.add_argument("--shard-manifest", default=None,
+                         help="write the shard's record here (for gather-attention) instead of the cache manifest")
+    command.add_argument("--device", default="cpu", help="cpu, cuda (a free GPU of this host), cuda:N")
     command.add_argument("--batch-size", type=int, default=8)
     command.set_defaults(handler=_extract_attention)
+
+    command = commands.add_parser("gather-attention", help="check the shards of an attention cache, write its manifest")
+    command.add_argument("--shards", nargs="+", required=True, help="shard records written by extract-attention")
+    command.add_argument("--dataset-root", required=True)
+    command.add_argument("--out", required=True, help="manifest.json of the cache (in the folder the shards wrote)")
+    command.set_defaults(handler=_gather_attention)
 
     command = commands.add_parser("score-layers", help="per-layer segmentation scores from the cache")
     command.add_argument("--cache", required=True, help="manifest.json of the attention cache")
@@ -270,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", None):
+        from seg4diff_repro.gpu_slots import claim_gpu
+
+        # Before any torch import: a GPU command takes a free GPU of this host for itself (gpu_slots.py).
+        args.device = claim_gpu(args.device)
     args.handler(args)
 
 

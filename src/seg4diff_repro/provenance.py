@@ -47,6 +47,7 @@ COMMAND_STAGES = {
     "prepare-dataset": "datasets",
     "build-tiny-model": "models",
     "extract-attention": "extraction",
+    "gather-attention": "extraction",  # joins the shards into the manifest the scoring reads
     "score-layers": "scoring",
     "score-unsupervised": "scoring",
     "score-heads": "scoring",

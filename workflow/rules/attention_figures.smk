@@ -25,10 +25,11 @@ rule value_norms:
     resources:
         mem_mb=8000,
         gpu=lambda wildcards: uses_gpu(wildcards.model),
+        device=lambda wildcards: device_of(wildcards.model),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro value-norms --model-settings {params.settings:q} {params.prompts}"
+        "seg4diff-repro value-norms --model-settings {params.settings:q} --device {resources.device:q} {params.prompts}"
         " --timesteps {params.timesteps} --cfg {params.cfg} --seed {params.seed}"
         " --per-head {output.per_head:q} --per-layer {output.per_layer:q} 2> {log:q}"
 
@@ -124,10 +125,11 @@ rule pca_qkv_figure:
     resources:
         mem_mb=8000,
         gpu=uses_gpu(appendix_model("sd3")),
+        device=device_of(appendix_model("sd3")),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --timestep {params.timestep}"
+        "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --device {resources.device:q} --timestep {params.timestep}"
         " --cfg {params.cfg} --seed {params.seed} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
 
 
@@ -165,9 +167,10 @@ rule token_maps_figure:
     resources:
         mem_mb=8000,
         gpu=uses_gpu(appendix_model("sd3")),
+        device=device_of(appendix_model("sd3")),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro token-maps-figure --model-settings {params.settings:q} --figure {params.figure}"
+        "seg4diff-repro token-maps-figure --model-settings {params.settings:q} --device {resources.device:q} --figure {params.figure}"
         " --keywords {params.keywords:q} --layers {params.layers:q} --timestep {params.timestep}"
         " --cfg {params.cfg} --seed {params.seed} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"

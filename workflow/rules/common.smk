@@ -29,6 +29,18 @@ def model_config(wildcards):
     return config["models"][wildcards.model]
 
 
+def model_device(wildcards):
+    """The model's torch device. A resource, not a parameter: moving a run to another device (or batch size)
+    re-runs nothing, and the manifests record what was used. On a host with several GPUs, each job asking
+    for `cuda` gets a free GPU of its own (seg4diff_repro/gpu_slots.py)."""
+    return model_config(wildcards)["device"]
+
+
+def model_uses_gpu(wildcards):
+    """1 for a job on a GPU: `--resources gpu=N` runs N of them at once, the SLURM executor asks for one."""
+    return int(model_device(wildcards).startswith("cuda"))
+
+
 def model_inputs(wildcards):
     """The built model folder, the trained toy model's index file, or nothing for a Hugging Face id."""
     model = model_config(wildcards)

@@ -16,20 +16,20 @@ rule score_heads:
     params:
         settings=extraction_settings,
         dataset_root=prepared_root,
-        device=lambda wildcards: model_config(wildcards)["device"],
-        batch_size=config["attention"]["batch_size"],
     log:
         "logs/score_heads/{model}_{dataset}_t{timestep}.log",
     benchmark:
         "results/benchmarks/score_heads/{model}_{dataset}_t{timestep}.tsv"
     resources:
         mem_mb=8000,
-        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+        gpu=model_uses_gpu,
+        device=model_device,
+        batch_size=config["attention"]["batch_size"],
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro score-heads --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
-        " --out {output:q} --device {params.device:q} --batch-size {params.batch_size} 2> {log:q}"
+        " --out {output:q} --device {resources.device:q} --batch-size {resources.batch_size} 2> {log:q}"
 
 
 rule fig04_head_miou:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seg4diff_repro.attention.cache import CACHE_FORMAT, CachedImage, cached_key, settings_key, write_cached_image
+from seg4diff_repro.attention.cache import (
+    CACHE_FORMAT, CachedImage, cache_path, cached_key, settings_key, write_cached_image,
+)
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_json, dataset_fingerprint
@@ -23,6 +27,8 @@ from seg4diff_repro.provenance import code_fingerprint, provenance
 from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids
 
 log = logging.getLogger(__name__)
+
+SEED_RULE = "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1"
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,126 @@ def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
     }
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"2-of-8"`` (Snakemake's scatter item) → (2, 8); shards are numbered from 1."""
+    match = re.fullmatch(r"([0-9]+)-of-([0-9]+)", shard)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ValueError(f"shard {shard!r}: use '<i>-of-<n>' with 1 <= i <= n, e.g. 1-of-1 or 3-of-8")
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard_positions(n_images: int, shard: tuple[int, int]) -> range:
+    """The images of shard i of n: the i-th of n contiguous, near-equal runs of the dataset's order."""
+    index, count = shard
+    return range((index - 1) * n_images // count, index * n_images // count)
+
+
+def extract_shard(
+    settings: ExtractionSettings,
+    dataset_root: Path,
+    out_dir: Path,
+    *,
+    shard: tuple[int, int] = (1, 1),
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> dict:
+    """Cache the head-mean I2T maps of one shard of the split's images in ``out_dir``; return its record.
+
+    Images whose cache file already carries the current settings key are skipped, so an interrupted
+    run resumes without recomputing them. Shards of one cache write disjoint files into the same
+    folder and may run at once, on different GPUs or machines; `gather_shards` checks and joins them.
+    Device and batch size change how the maps are computed, not what they are: they are recorded
+    (``run``) but are not part of the key.
+    """
+    from seg4diff_repro.gpu_slots import run_record
+
+    started = time.time()
+    out_dir = Path(out_dir)
+    dataset = SegmentationDataset(
+        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
+    )
+    positions = shard_positions(len(dataset), shard)
+    adapter = load_adapter(
+        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
+    )
+    noising = adapter.noising(settings.timestep, settings.num_steps)
+    layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
+    inputs = extraction_inputs(settings, dataset_root)
+    key = settings_key({**asdict(settings), **inputs})
+    todo = [i for i in positions if cached_key(out_dir, dataset.ids[i]) != key]
+    log.info(
+        "%s shard %d of %d: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
+        out_dir, *shard, len(todo), len(positions), noising.k, noising.num_steps, noising.index, noising.sigma,
+    )
+    for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
+        samples = [dataset[i] for i in todo[start : start + batch_size]]
+        _extract_batch(adapter, samples, dataset.class_names, settings, noising, layers, key, out_dir)
+
+    return {
+        "shard": list(shard),
+        "key": hashlib.sha256(key.encode()).hexdigest(),
+        "settings": asdict(settings),
+        "noising": asdict(noising),
+        "layers": layers,
+        "token_grid": list(adapter.token_grid),
+        "image_ids": [dataset.ids[i] for i in positions],
+        "class_names": dataset.class_names,
+        "ignore_index": dataset.ignore_index,
+        "model": describe_model_source(settings.source),
+        "inputs": inputs,
+        "provenance": provenance("extraction"),
+        "seed_rule": SEED_RULE,
+        "run": run_record(
+            device, batch_size=batch_size, images_computed=len(todo), images_reused=len(positions) - len(todo),
+            wall_s=round(time.time() - started, 3),
+        ),
+    }
+
+
+def gather_shards(shards: list[dict], dataset_root: Path, out_dir: Path) -> dict:
+    """Check that ``shards`` (records of `extract_shard`) cover the dataset once, with one key, and that
+    every image's cache file carries that key; write and return the cache's manifest.
+
+    The manifest is what a single unsharded run writes, plus each shard's operational record.
+    """
+    out_dir = Path(out_dir)
+    if not shards:
+        raise ValueError(f"{out_dir}: no shards to gather")
+    first = shards[0]
+    counts = {shard["shard"][1] for shard in shards}
+    numbers = sorted(shard["shard"][0] for shard in shards)
+    if len(counts) != 1 or numbers != list(range(1, counts.pop() + 1)):
+        raise ValueError(f"{out_dir}: shards {[s['shard'] for s in shards]} are not 1..n of one n; re-run the "
+                         "extraction rule so that every shard of the same scatter count is present")
+    stale = [shard["shard"] for shard in shards if shard["key"] != first["key"]]
+    if stale:
+        raise ValueError(f"{out_dir}: shards {stale} were extracted with other settings, code, model or data "
+                         f"than shard {first['shard']}; re-run the extraction rule (they recompute)")
+    settings = ExtractionSettings.from_dict(first["settings"])
+    dataset = SegmentationDataset(
+        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
+    )
+    ordered = sorted(shards, key=lambda shard: shard["shard"][0])
+    image_ids = [image_id for shard in ordered for image_id in shard["image_ids"]]
+    if image_ids != dataset.ids:
+        raise ValueError(f"{out_dir}: the shards hold {len(image_ids)} images, {dataset_root} split "
+                         f"{settings.split!r} has {len(dataset.ids)} (or another order); re-run the extraction rule")
+    key = settings_key({**asdict(settings), **first["inputs"]})
+    missing = [image_id for image_id in image_ids if cached_key(out_dir, image_id) != key]
+    if missing:
+        raise ValueError(f"{out_dir}: {len(missing)} cache files are missing or hold other settings (first: "
+                         f"{cache_path(out_dir, missing[0])}); re-run the extraction rule, which recomputes them")
+    manifest = {
+        **{name: first[name] for name in ("settings", "noising", "layers", "token_grid")},
+        "image_ids": image_ids,
+        **{name: first[name] for name in ("class_names", "ignore_index", "model", "inputs", "provenance",
+                                          "seed_rule")},
+        "shards": [{"shard": shard["shard"], "images": len(shard["image_ids"]), **shard["run"]} for shard in ordered],
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
 def extract_attention(
     settings: ExtractionSettings,
     dataset_root: Path,
@@ -85,44 +211,10 @@ def extract_attention(
 ) -> dict:
     """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
 
-    Images whose cache file already carries the current settings key are skipped, so an interrupted
-    run resumes without recomputing them.
+    One shard over the whole split, gathered: what the workflow does with ``--set-scatter extraction=1``.
     """
-    out_dir = Path(out_dir)
-    dataset = SegmentationDataset(
-        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
-    )
-    adapter = load_adapter(
-        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
-    )
-    noising = adapter.noising(settings.timestep, settings.num_steps)
-    layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
-    inputs = extraction_inputs(settings, dataset_root)
-    key = settings_key({**asdict(settings), **inputs})
-    todo = [i for i, image_id in enumerate(dataset.ids) if cached_key(out_dir, image_id) != key]
-    log.info(
-        "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
-        out_dir, len(todo), len(dataset), noising.k, noising.num_steps, noising.index, noising.sigma,
-    )
-    for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
-        samples = [dataset[i] for i in todo[start : start + batch_size]]
-        _extract_batch(adapter, samples, dataset.class_names, settings, noising, layers, key, out_dir)
-
-    manifest = {
-        "settings": asdict(settings),
-        "noising": asdict(noising),
-        "layers": layers,
-        "token_grid": list(adapter.token_grid),
-        "image_ids": dataset.ids,
-        "class_names": dataset.class_names,
-        "ignore_index": dataset.ignore_index,
-        "model": describe_model_source(settings.source),
-        "inputs": inputs,
-        "provenance": provenance("extraction"),
-        "seed_rule": "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1",
-    }
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    shard = extract_shard(settings, dataset_root, out_dir, device=device, batch_size=batch_size)
+    return gather_shards([shard], dataset_root, out_dir)
 
 
 @dataclass
