@@ -30,6 +30,13 @@ def _build_tiny_model(args: argparse.Namespace) -> None:
         write_tiny_sd3_pipeline(Path(args.out), config=config, seed=args.seed)
 
 
+def _download_model(args: argparse.Namespace) -> None:
+    from seg4diff_repro.datasets.layout import atomic_write_json
+    from seg4diff_repro.models import download_model
+
+    atomic_write_json(Path(args.out), download_model(args.backbone, args.source))
+
+
 def _make_toy_shapes(args: argparse.Namespace) -> None:
     from seg4diff_repro.datasets.toy_shapes import generate_toy_shapes
 
@@ -202,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--out", required=True)
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=_build_tiny_model)
+
+    command = commands.add_parser("download-model", help="fetch a Hugging Face model into the local hub cache")
+    command.add_argument("--backbone", choices=["sd3", "flux"], required=True)
+    command.add_argument("--source", required=True, help="Hugging Face id, e.g. stabilityai/stable-diffusion-3-medium-diffusers")
+    command.add_argument("--out", required=True, help="JSON record of the download (snapshot folder, commit, size)")
+    command.set_defaults(handler=_download_model)
 
     command = commands.add_parser("make-toy-shapes", help="generate the toy-shapes dataset (VOC layout)")
     command.add_argument("--root", required=True)

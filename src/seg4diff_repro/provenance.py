@@ -54,9 +54,9 @@ COMMAND_STAGES = {
     "generate-run": "generation",
     "value-norms": "generation",
 }
-# Downloads are verified by checksum, and training the toy model is a GPU job that its own rule's
+# Downloads are verified by checksum (models: by commit, in the caches' keys), and training the toy model is a GPU job that its own rule's
 # settings and an explicit --forcerun decide: neither re-runs because the package changed.
-UNKEYED_COMMANDS = ("download", "train-toy-model")
+UNKEYED_COMMANDS = ("download", "download-model", "train-toy-model")
 
 
 def command_fingerprint(command: str) -> str | None:

@@ -27,7 +27,8 @@ rule extract_attention_shard:
     benchmark:
         "results/benchmarks/extract_attention/{model}_{dataset}_t{timestep}_{scatteritem}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
         gpu=model_uses_gpu,
         device=model_device,
         batch_size=config["attention"]["batch_size"],

@@ -23,7 +23,8 @@ rule value_norms:
     benchmark:
         "results/benchmarks/value_norms/{model}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
         gpu=lambda wildcards: uses_gpu(wildcards.model),
         device=lambda wildcards: device_of(wildcards.model),
     conda:
@@ -123,7 +124,8 @@ rule pca_qkv_figure:
     benchmark:
         "results/benchmarks/pca_qkv_figure/fig16_pca_qkv_sd3.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=gpu_job_scale(appendix_model("sd3"))["mem_mb"],
+        runtime=gpu_job_scale(appendix_model("sd3"))["runtime"],
         gpu=uses_gpu(appendix_model("sd3")),
         device=device_of(appendix_model("sd3")),
     conda:
@@ -165,7 +167,8 @@ rule token_maps_figure:
     benchmark:
         "results/benchmarks/token_maps_figure/{stem}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=gpu_job_scale(appendix_model("sd3"))["mem_mb"],
+        runtime=gpu_job_scale(appendix_model("sd3"))["runtime"],
         gpu=uses_gpu(appendix_model("sd3")),
         device=device_of(appendix_model("sd3")),
     conda:

@@ -41,13 +41,37 @@ def model_uses_gpu(wildcards):
     return int(model_device(wildcards).startswith("cuda"))
 
 
+def gpu_job_scale(name):
+    """Runtime (minutes) and host memory (MB) of a GPU job on configured model `name`, for cluster executors:
+    a toy model takes a minute and little memory; a real one is sized for COCO-Object's 5000 images and Flux's
+    12B weights, which pass through host memory when loading. The SLURM profile can override both per rule."""
+    toy = config["models"][name]["toy"]
+    return {"runtime": 15 if toy else 240, "mem_mb": 4000 if toy else 48000}
+
+
+def model_runtime(wildcards):
+    return gpu_job_scale(wildcards.model)["runtime"]
+
+
+def model_mem_mb(wildcards):
+    return gpu_job_scale(wildcards.model)["mem_mb"]
+
+
+def is_hub_id(source):
+    """A Hugging Face id (owner/name) rather than a local folder."""
+    return not Path(source).exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
 def model_inputs(wildcards):
-    """The built model folder, the trained toy model's index file, or nothing for a Hugging Face id."""
+    """The built model folder, the trained toy model's index file, or the record of a Hugging Face model's
+    download (rule download_model), so that GPU jobs never download."""
     model = model_config(wildcards)
     if "build" in model:
         return [model["source"]]
     if model["source"] == config["toy_model"]["source"]:
         return [f"{model['source']}/model_index.json"]  # so that retraining it re-runs its analyses
+    if is_hub_id(model["source"]):
+        return [f"results/model_downloads/{wildcards.model}.json"]
     return []
 
 

@@ -34,6 +34,7 @@ rule generate_run:
         "results/benchmarks/generate_run/{model}_{prompt_set}_{run}.tsv"
     resources:
         mem_mb=lambda wildcards: 2000 if model_config(wildcards)["toy"] else 32000,
+        runtime=model_runtime,
         gpu=model_uses_gpu,
         device=model_device,
         batch_size=GENERATION["batch_size"],

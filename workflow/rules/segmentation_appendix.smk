@@ -21,7 +21,8 @@ rule score_heads:
     benchmark:
         "results/benchmarks/score_heads/{model}_{dataset}_t{timestep}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
         gpu=model_uses_gpu,
         device=model_device,
         batch_size=config["attention"]["batch_size"],

@@ -83,14 +83,6 @@ def _error_chain(error: BaseException) -> list[BaseException]:
 
 def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch.float32, **components):
     """``pipeline_class.from_pretrained`` from a Hugging Face id or a local folder, with errors that say what to do."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
     source = str(source)
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
     if looks_like_path and not Path(source).exists():
@@ -103,11 +95,34 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
             f"{source} has no model_index.json: point the model's `source` at a folder written by "
             "`save_pretrained` (or a Hugging Face id)."
         )
-    try:
+
+    def load():
         with warnings.catch_warnings():
             # diffusers ≥ 0.42 renames torch_dtype to dtype; older releases know only torch_dtype.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             return pipeline_class.from_pretrained(source, torch_dtype=dtype, **components)
+
+    return with_hub_errors(source, load)
+
+
+def download_pipeline(pipeline_class, source: str, **components) -> Path:
+    """Fetch the files ``load_pipeline`` would read into the local Hugging Face cache, loading nothing (the
+    components passed as None, e.g. SD3's T5, are skipped); return the snapshot folder."""
+    return Path(with_hub_errors(source, lambda: pipeline_class.download(source, **components)))
+
+
+def with_hub_errors(source: str, call: Callable[[], object]):
+    """``call()``, with the Hugging Face hub's errors (gated, not found, offline) told as what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return call()
     except OSError as error:
         # diffusers catches the hub's error on its metadata call, retries from the local cache and then
         # raises a plain OSError "from" the hub error, so look through the whole chain.
