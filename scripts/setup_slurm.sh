@@ -113,8 +113,10 @@ MinJobAge=600
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStorageEnforce=associations
+# The executor plugin names each job's rule in its comment; keep it in the accounting (tests read it).
+AccountingStoreFlags=job_comment
 NodeName=$host CPUs=$cpus RealMemory=$memory_mb State=UNKNOWN
-PartitionName=cpu Nodes=$host Default=YES MaxTime=60 State=UP
+PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 
 if ! pgrep -x slurmdbd >/dev/null; then

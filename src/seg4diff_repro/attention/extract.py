@@ -152,7 +152,7 @@ def extract_shard(
         "seed_rule": SEED_RULE,
         "run": run_record(
             device, batch_size=batch_size, images_computed=len(todo), images_reused=len(positions) - len(todo),
-            wall_s=round(time.time() - started, 3),
+            started_at=round(started, 3), wall_s=round(time.time() - started, 3),
         ),
     }
 
