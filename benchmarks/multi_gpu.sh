@@ -12,12 +12,14 @@
 # Writes into $OUT: summary.md and summary.json (wall times, speed-up, overlap checks), jobs.csv (one row per
 # extraction job: run, GPU, start, end), nvidia_smi.csv (per-GPU utilisation and memory), apps.csv (processes
 # per GPU, where the driver shows them), snakemake.log. About 5 minutes on two H200s.
-#   IMAGES (default 512): toy-shapes val images per forward-pass job; TIMESTEPS (default "1 4 8 14 20 28").
+#   IMAGES (default 512): toy-shapes val images per forward-pass job; TIMESTEPS (default "1 4 8 14 20 28");
+#   DEVICE (default cuda; cpu only to check this script's mechanics on a machine without GPUs).
 set -uo pipefail
 OUT="${OUT:?set OUT to the folder that receives the results}"
 PY="${PYTHON:-python3}"
 IMAGES="${IMAGES:-512}"
 TIMESTEPS="${TIMESTEPS:-1 4 8 14 20 28}"
+DEVICE="${DEVICE:-cuda}"
 WORK="${WORK:-/tmp/seg4diff_multi_gpu}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 REPO=$PWD
@@ -37,13 +39,13 @@ export PATH="$WORK/bin:$PATH"
 # The workflow in a scratch folder, the toy models on cuda, a larger toy-shapes val split.
 rm -rf "$WORK/run" && mkdir -p "$WORK/run"
 cp -r Snakefile workflow envs models profiles "$WORK/run/"
-"$PY" - "$WORK/run/config.yaml" "$IMAGES" "$TIMESTEPS" <<'EOF'
+"$PY" - "$WORK/run/config.yaml" "$IMAGES" "$TIMESTEPS" "$DEVICE" <<'EOF'
 import sys, yaml
-path, images, timesteps = sys.argv[1], int(sys.argv[2]), [int(k) for k in sys.argv[3].split()]
+path, images, timesteps, device = sys.argv[1], int(sys.argv[2]), [int(k) for k in sys.argv[3].split()], sys.argv[4]
 config = yaml.safe_load(open("config.yaml"))
 config["toy_shapes"]["n_val"] = images
 for name in ("toy_sd3", "toy_sd3_random"):
-    config["models"][name]["device"] = "cuda"
+    config["models"][name]["device"] = device
 config["attention"]["batch_size"] = 64
 config["analyses"]["timestep_sweep"]["timesteps"] = timesteps
 yaml.safe_dump(config, open(path, "w"), sort_keys=False)

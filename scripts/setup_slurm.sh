@@ -144,7 +144,7 @@ done
 case "$state" in idle|mix|alloc) ;; *) give_up "node $host is '$state' in sinfo: $(tail -3 /var/log/slurm/slurmd.log | tr '\n' ' ')" ;; esac
 
 # A job through the whole chain: sbatch, the node, sacct.
-job=$(sbatch --parsable -p cpu -t 1 -n 1 --mem=50 --wrap "true" 2>&1) || give_up "sbatch failed: $job"
+job=$(sbatch --parsable -p cpu -t 1 -n 1 --mem=50 -o /dev/null --wrap "true" 2>&1) || give_up "sbatch failed: $job"
 for _ in $(seq 30); do
     sacct -X -n -P -j "$job" -o State 2>/dev/null | grep -q COMPLETED && break
     sleep 1
