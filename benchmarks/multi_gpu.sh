@@ -122,7 +122,7 @@ for run in walls:
         peak = max(peak, level)
     summary[run] = {"jobs": len(mine), "gpus_used": sorted({j["gpu"] for j in mine}, key=str),
                     "peak_concurrent_jobs": peak, "overlapping_pairs": len(pairs),
-                    "overlapping_pairs_on_one_gpu": sum(a["gpu"] == b["gpu"] for a, b in pairs),
+                    "overlapping_pairs_on_one_gpu": sum(a["gpu"] is not None and a["gpu"] == b["gpu"] for a, b in pairs),
                     "gpu_busy_s": round(sum(j["end"] - j["start"] for j in mine), 1)}
 summary["speedup_all_jobs"] = round(walls["gpu1"] / walls[f"gpu{gpus}"], 2)
 summary["speedup_one_cache"] = round(walls["one_cache_1_shard"] / walls[f"one_cache_{gpus}_shards"], 2)

@@ -63,7 +63,9 @@ def test_a_killed_shard_reruns_alone_and_keeps_its_finished_images(sharded):
     shard = sharded / CACHE / "shards/2-of-2.json"
     lost = yaml.safe_load(shard.read_text())["image_ids"][1]
     shard.unlink()  # the job was killed before writing its record ...
-    (sharded / CACHE / f"{lost}.npz").unlink()  # ... and before caching its second image
+    (sharded / CACHE / f"{lost}.npz").unlink()  # ... and before caching its second image,
+    for later in (CACHE + "/manifest.json", TARGET):  # so the jobs after it never ran
+        (sharded / later).unlink()
     assert plan(sharded, "--set-scatter", "extraction=2") == {
         "extract_attention_shard": 1, "extract_attention": 1, "score_layers": 1}
     snakemake(sharded, TARGET, "--set-scatter", "extraction=2")

@@ -59,7 +59,8 @@ def model_mem_mb(wildcards):
 
 def is_hub_id(source):
     """A Hugging Face id (owner/name) rather than a local folder."""
-    return not Path(source).exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    path = Path(source)
+    return not path.exists() and not path.is_absolute() and len(path.parts) == 2 and not source.startswith((".", "~"))
 
 
 def model_inputs(wildcards):
