@@ -64,6 +64,10 @@ rule all_generation:
         attention_figure_targets(),
 
 
+# After `rule all`, whose targets the bundle packs.
+include: "workflow/rules/verify.smk"
+
+
 # Every rule that runs the package gets the fingerprint of the code its command runs as a parameter,
 # so that Snakemake re-runs it (and what depends on it) when that code changes; `snakemake -n` shows why.
 add_code_fingerprints(workflow.rules)

@@ -79,7 +79,7 @@ def main() -> None:
     settings = ExtractionSettings(
         model="sd3_medium_random", dataset="generated", backbone="sd3", source=str(work / "sd3_medium_random"), dtype="float16",
         timestep=8, num_steps=28, layers=None, seed=0, short_side=640, resize="stretch", prompt="oracle",
-        background_name="background", split="val", drop_background=True, limit=None,
+        background_name="background", split="val", background="drop", limit=None,
     )
     rows = []
     for layers, label in ((None, "all 24 layers"), ((9,), "layer 9")):
@@ -102,7 +102,7 @@ def main() -> None:
             "cache_mb_per_image": cache_bytes / args.images / 1e6,
         })
     # Fig. 4: all 24 x 24 heads scored while streaming, background as a class (VOC21's protocol).
-    heads = ExtractionSettings(**{**settings.__dict__, "drop_background": False})
+    heads = ExtractionSettings(**{**settings.__dict__, "background": "last"})
     score_heads(ExtractionSettings(**{**heads.__dict__, "limit": 2}), work / "dataset", work / "heads_warmup",
                 device="cuda", batch_size=args.batch_size)
     torch.cuda.synchronize()

@@ -2,6 +2,7 @@
 # Create .venv (once) and install the package with the exact versions CI uses. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv

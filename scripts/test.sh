@@ -2,6 +2,7 @@
 # Second README command: install (if needed) and run the test suite. -rs prints why a test was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 python -m pytest -rs "$@"

@@ -15,6 +15,7 @@ import pytest
 
 from seg4diff_repro.attention.cache import (
     CachedImage,
+    DamagedCacheError,
     cache_path,
     cached_key,
     read_cached_image,
@@ -144,7 +145,24 @@ def test_missing_file(tmp_path):
         read_cached_image(tmp_path / "cache", "nope")
     message = str(error.value)
     assert str(tmp_path / "cache" / "nope.npz") in message
-    assert "re-run" in message and "extraction" in message
+    assert f"`snakemake --forcerun {tmp_path / 'cache' / 'manifest.json'}`" in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_key"])
+def test_damaged_file_read_names_the_file_and_the_rebuild(tmp_path, damage):
+    # numpy alone raises "zipfile.BadZipFile: File is not a zip file", naming no file.
+    path = write_cached_image(tmp_path, make_entry("z"))
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(500))
+    else:
+        np.savez(path, i2t=np.zeros(3))
+    with pytest.raises(DamagedCacheError) as error:
+        read_cached_image(tmp_path, "z")
+    message = str(error.value)
+    assert str(path) in message and f"`snakemake --forcerun {tmp_path / 'manifest.json'}`" in message
 
 
 def test_settings_key_order_independent():

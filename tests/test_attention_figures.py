@@ -118,7 +118,8 @@ def test_value_norm_layers_figure_is_deterministic(tmp_path):
     per_layer = synthetic_per_head().groupby(["timestep_k", "sigma", "layer"])[["image", "text", "prompt"]].mean()
     per_layer = per_layer.reset_index().assign(
         block=lambda frame: np.where(frame["layer"] < 2, "double", "single"), n_prompts=4, model="toy_flux_random",
-        scale="toy scale", num_steps=50, cfg="n/a", seed=0,
+        scale="toy scale", num_steps=50, cfg="n/a", seed=0, step_convention="official",
+        step_index=lambda frame: 50 - frame["timestep_k"],
     )
     per_layer.to_csv(tmp_path / "per_layer.csv", index=False)
     outputs = []
@@ -132,6 +133,8 @@ def test_value_norm_layers_figure_is_deterministic(tmp_path):
     markdown = outputs[0]["md"].decode()
     assert "toy_flux_random standing in for FLUX.1-dev" in markdown and "layers 12 and 17" in markdown
     assert "Peak layers here: t = 28: image 2, text 1, prompt 2" in markdown
+    # Which step "t = 28" is on Flux's 50-step schedule, and under which convention, is stated.
+    assert "step_convention = official" in markdown and "t = 28 is index 22, not the first step" in markdown
 
 
 def test_paper_config_plans_the_attention_figure_jobs(tmp_path):

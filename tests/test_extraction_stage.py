@@ -33,7 +33,7 @@ def settings_for(world, **changes) -> ExtractionSettings:
     values = dict(
         model="tiny", dataset="toy", backbone="sd3", source=str(world / "model"), dtype="float32", timestep=8,
         num_steps=28, layers=[1, 3], seed=0, short_side=None, resize="stretch", prompt="oracle",
-        background_name="background", split="val", drop_background=True, limit=None,
+        background_name="background", split="val", background="drop", limit=None,
     )
     return ExtractionSettings.from_dict({**values, **changes})
 
@@ -45,11 +45,13 @@ def test_interrupted_extraction_resumes_and_a_changed_setting_recomputes(world, 
     files = {image_id: cache_path(out, image_id) for image_id in manifest["image_ids"]}
     stamps = {image_id: path.stat().st_mtime_ns for image_id, path in files.items()}
     lost = manifest["image_ids"][2]
-    files[lost].unlink()  # as if the run had been killed before this image
+    files[lost].unlink()  # as if the run had been killed before this image ...
+    half_written = files[lost].with_name(f".{files[lost].name}.k2x9.tmp")  # ... while atomic_write_bytes wrote it
+    half_written.write_bytes(b"PK\x03\x04")
     with caplog.at_level(logging.INFO):
         extract_attention(settings, world / "data", out, batch_size=3)
     assert "1 of 4 images to extract" in caplog.text
-    assert files[lost].is_file()
+    assert files[lost].is_file() and not half_written.exists()
     assert all(files[i].stat().st_mtime_ns == stamps[i] for i in stamps if i != lost)
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -88,7 +90,7 @@ def test_cache_holds_the_recorders_maps_of_the_class_tokens(world, tmp_path):
     out = tmp_path / "cache"
     settings = settings_for(world)
     extract_attention(settings, world / "data", out, batch_size=2)
-    dataset = SegmentationDataset(world / "data", "val", drop_background=True)
+    dataset = SegmentationDataset(world / "data", "val", background="drop")
     sample = dataset[1]
     cached = read_cached_image(out, sample.image_id)
     # The same forward pass done by hand, batch of one.
@@ -120,37 +122,91 @@ def test_shards_partition_the_images_into_contiguous_near_equal_runs():
             parse_shard(bad)
 
 
-def test_sharded_extraction_gathers_into_the_unsharded_cache(world, tmp_path, caplog):
-    """Two shards, run one after the other as two jobs would, give the same manifest and maps as one run; a
-    shard re-run after a kill recomputes only its own missing image; gathering refuses a gap."""
-    settings = settings_for(world)
-    whole = extract_attention(settings, world / "data", tmp_path / "whole", batch_size=4)
-    out = tmp_path / "sharded"
-    shards = [extract_shard(settings, world / "data", out, shard=(i, 2), batch_size=1, device="cpu")
-              for i in (1, 2)]
-    assert [s["image_ids"] for s in shards] == [whole["image_ids"][:2], whole["image_ids"][2:]]
-    manifest = gather_shards(shards[::-1], world / "data", out)  # order of the inputs does not matter
-    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
-    assert manifest["image_ids"] == whole["image_ids"]
-    for name in ("settings", "noising", "layers", "token_grid", "class_names", "inputs"):
-        assert manifest[name] == whole[name], name
-    # Batch size is operational: recorded per shard, absent from the key; the maps agree to float16 rounding.
-    assert [s["batch_size"] for s in manifest["shards"]] == [1, 1] and whole["shards"][0]["batch_size"] == 4
-    assert [s["images_computed"] for s in manifest["shards"]] == [2, 2]
-    for image_id in whole["image_ids"]:
-        a, b = read_cached_image(tmp_path / "whole", image_id), read_cached_image(out, image_id)
-        assert a.key == b.key
-        np.testing.assert_allclose(a.i2t.astype(np.float32), b.i2t.astype(np.float32), rtol=2e-3, atol=1e-5)
+def test_sharded_extraction_gathers_into_the_unsharded_caches(world, tmp_path, caplog):
+    """Two shards of a two-timestep run, run one after the other as two jobs would, give the manifests and maps
+    of one unsharded run; a shard re-run after a kill recomputes only its own missing image; gathering refuses
+    a gap."""
+    from seg4diff_repro.attention.extract import TimestepCache
 
-    lost = whole["image_ids"][3]
-    cache_path(out, lost).unlink()  # shard 2 was killed before writing this image
-    with pytest.raises(ValueError, match=f"1 cache files are missing.*{lost}"):
-        gather_shards(shards, world / "data", out)
+    def caches(root):
+        return [TimestepCache(settings_for(world), root / "t8"), TimestepCache(settings_for(world, timestep=4), root / "t4")]
+
+    whole = [extract_attention(c.settings, world / "data", c.out_dir, batch_size=4) for c in caches(tmp_path / "whole")]
+    out = caches(tmp_path / "sharded")
+    shards = [extract_shard(out, world / "data", (i, 2), batch_size=1, device="cpu") for i in (1, 2)]
+    assert [s["caches"][0]["image_ids"] for s in shards] == [whole[0]["image_ids"][:2], whole[0]["image_ids"][2:]]
+    manifests = gather_shards(shards[::-1], world / "data")  # the order of the inputs does not matter
+    for cache, manifest, reference in zip(out, manifests, whole):
+        assert json.loads((cache.out_dir / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+        assert manifest["image_ids"] == reference["image_ids"]
+        for name in ("settings", "noising", "layers", "token_grid", "class_names", "inputs"):
+            assert manifest[name] == reference[name], name
+        # Batch size is operational: recorded per shard, absent from the key; the maps agree to float16 rounding.
+        assert [(s["shard"], s["images"], s["batch_size"]) for s in manifest["shards"]] == [([1, 2], 2, 1), ([2, 2], 2, 1)]
+        for image_id in reference["image_ids"]:
+            a = read_cached_image(tmp_path / "whole" / cache.out_dir.name, image_id)
+            b = read_cached_image(cache.out_dir, image_id)
+            assert a.key == b.key
+            np.testing.assert_allclose(a.i2t.astype(np.float32), b.i2t.astype(np.float32), rtol=2e-3, atol=1e-5)
+
+    lost = whole[0]["image_ids"][3]
+    cache_path(out[1].out_dir, lost).unlink()  # shard 2 was killed before writing this image's t = 4 maps
+    with pytest.raises(ValueError, match=f"1 cache files are missing.*t4/{lost}"):
+        gather_shards(shards, world / "data")
     with pytest.raises(ValueError, match=r"not 1\.\.n of one n"):
-        gather_shards(shards[:1], world / "data", out)
+        gather_shards(shards[:1], world / "data")
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        again = extract_shard(settings, world / "data", out, shard=(2, 2), batch_size=1)
-    assert "shard 2 of 2: 1 of 2 images to extract" in caplog.text
-    assert (again["run"]["images_computed"], again["run"]["images_reused"]) == (1, 1)
-    assert gather_shards([shards[0], again], world / "data", out)["image_ids"] == whole["image_ids"]
+        again = extract_shard(out, world / "data", (2, 2), batch_size=1)
+    assert "t8 shard 2 of 2: 0 of 2 images to extract" in caplog.text
+    assert "t4 shard 2 of 2: 1 of 2 images to extract" in caplog.text
+    assert again["run"]["images_computed"] == 1
+    assert gather_shards([shards[0], again], world / "data")[1]["image_ids"] == whole[1]["image_ids"]
+
+
+def test_one_run_over_several_timesteps_caches_the_maps_of_one_run_per_timestep(world, tmp_path, monkeypatch):
+    """The VAE and text encoders run once per image for all timesteps: the maps equal the per-timestep path."""
+    from seg4diff_repro.attention.extract import TimestepCache, extract_attention_timesteps
+
+    encoded = {"images": 0, "prompts": 0}
+    encode_images, encode_prompts = SD3Adapter.encode_images, SD3Adapter.encode_prompts
+
+    def count_images(self, images):
+        encoded["images"] += len(images)
+        return encode_images(self, images)
+
+    def count_prompts(self, prompts):
+        encoded["prompts"] += len(prompts)
+        return encode_prompts(self, prompts)
+
+    monkeypatch.setattr(SD3Adapter, "encode_images", count_images)
+    monkeypatch.setattr(SD3Adapter, "encode_prompts", count_prompts)
+    sweep = {1: [1], 8: [1, 3], 20: [3]}  # the analysis timestep with more layers, as the appendix sweep records
+    caches = [TimestepCache(settings_for(world, timestep=k, layers=layers), tmp_path / "sweep" / f"t{k}")
+              for k, layers in sweep.items()]
+    manifests = extract_attention_timesteps(caches, world / "data", batch_size=3)
+    assert encoded == {"images": 4, "prompts": 4}  # 4 images, 3 timesteps: each encoded once
+    for (k, layers), manifest in zip(sweep.items(), manifests):
+        single = extract_attention(settings_for(world, timestep=k, layers=layers), world / "data",
+                                   tmp_path / f"single_t{k}", batch_size=3)
+        assert manifest["noising"] == single["noising"] and manifest["noising"]["k"] == k
+        assert manifest["settings"] == single["settings"]
+        for image_id in single["image_ids"]:
+            reused = read_cached_image(tmp_path / "sweep" / f"t{k}", image_id)
+            alone = read_cached_image(tmp_path / f"single_t{k}", image_id)
+            assert reused.key == alone.key  # the single run would accept (and skip) the reused cache
+            np.testing.assert_array_equal(reused.layers, layers)
+            np.testing.assert_array_equal(reused.i2t, alone.i2t)
+            np.testing.assert_array_equal(reused.logits, alone.logits)
+            assert (reused.prompt, reused.seed, reused.box) == (alone.prompt, alone.seed, alone.box)
+    # Timesteps differ: the same image's maps at t = 1 and t = 20 (layer 1 vs 3 aside) are not the same noise level.
+    assert manifests[0]["noising"]["sigma"] != manifests[2]["noising"]["sigma"]
+
+
+def test_caches_of_one_run_must_share_everything_but_timestep_and_layers(world, tmp_path):
+    from seg4diff_repro.attention.extract import TimestepCache, extract_attention_timesteps
+
+    caches = [TimestepCache(settings_for(world, timestep=8), tmp_path / "a"),
+              TimestepCache(settings_for(world, timestep=4, seed=3), tmp_path / "b")]
+    with pytest.raises(ValueError, match=r"differs from .* in \['seed'\]"):
+        extract_attention_timesteps(caches, world / "data")

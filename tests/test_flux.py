@@ -250,7 +250,7 @@ def test_token_counts_and_single_stream_needs_them(pipe, model_inputs):
 
 
 def test_official_sigma_numbers_with_real_flux_scheduler():
-    """method_spec §B.2.5: mu from the 16 latent channels (bug) vs from 4096 image tokens (fix)."""
+    """docs/method.md#flux-specifics: mu from the 16 latent channels (bug) vs from 4096 image tokens (fix)."""
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG)
     bug = flux_mu(scheduler.config, image_seq_len=4096, latent_channels=16, mu_from_channels=True)
     fix = flux_mu(scheduler.config, image_seq_len=4096, latent_channels=16, mu_from_channels=False)

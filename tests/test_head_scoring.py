@@ -59,14 +59,14 @@ def test_streamed_head_scores_equal_scoring_each_heads_map(world, tmp_path):
     settings = ExtractionSettings.from_dict(dict(
         model="tiny", dataset="toy", backbone="sd3", source=str(world / "model"), dtype="float32", timestep=8,
         num_steps=28, layers=[1, 2], seed=0, short_side=None, resize="stretch", prompt="oracle",
-        background_name="background", split="val", drop_background=False, limit=None,
+        background_name="background", split="val", background="last", limit=None,
     ))
     scores = score_heads(settings, world / "data", tmp_path / "shards", batch_size=2, shard_size=2)
     adapter = SD3Adapter.from_pretrained(world / "model")
     heads = adapter.transformer.config.num_attention_heads
     assert len(scores) == 2 * heads
     # By hand, image by image: the recorder's per-head maps through the cached-map scoring functions.
-    dataset = SegmentationDataset(world / "data", "val", drop_background=False)
+    dataset = SegmentationDataset(world / "data", "val", background="last")
     expected = {(layer, head): ConfusionMatrix(len(dataset.class_names)) for layer in (1, 2) for head in range(heads)}
     noising = adapter.noising(8, 28)
     for sample in dataset:

@@ -22,6 +22,7 @@ from seg4diff_repro.datasets import (
     write_manifest,
     write_split,
 )
+from seg4diff_repro.datasets.layout import DamagedFileError
 
 NAMES = ["background", "cat", "dog"]
 
@@ -90,18 +91,47 @@ def test_reader_roundtrip_captions_and_limit(tmp_path: Path) -> None:
 
 def test_drop_background_view(tmp_path: Path) -> None:
     labels = _make_dataset(tmp_path)
-    ds = SegmentationDataset(tmp_path, "val", drop_background=True)
+    ds = SegmentationDataset(tmp_path, "val", background="drop")
     assert ds.class_names == ["cat", "dog"] and ds.background_index is None
     raw = labels["c"].astype(np.int64)
     expected = np.select([raw == 0, raw == 255], [255, 255], raw - 1)
     np.testing.assert_array_equal(ds[0].label, expected)
     assert set(np.unique(ds[0].label)) == {0, 1, 255}
+    np.testing.assert_array_equal(ds.label_for_scoring(ds[0].label), expected)
 
 
-def test_drop_background_without_background_is_an_error(tmp_path: Path) -> None:
+def test_background_last_view_is_the_official_voc21_order(tmp_path: Path) -> None:
+    """Official voc21.json / prepare_voc.py: background -> 20 (last), class k -> k - 1."""
+    labels = _make_dataset(tmp_path)
+    ds = SegmentationDataset(tmp_path, "val", background="last")
+    assert ds.class_names == ["cat", "dog", "background"] and ds.background_index == 2
+    raw = labels["c"].astype(np.int64)
+    official = {0: 2, 1: 0, 2: 1, 255: 255}  # clsID_to_trID_bg of prepare_voc.py, for three classes
+    np.testing.assert_array_equal(ds[0].label, np.vectorize(official.get)(raw))
+    np.testing.assert_array_equal(ds.label_for_scoring(ds[0].label), ds[0].label)
+
+
+def test_background_ignore_view_keeps_background_in_the_label_but_not_in_scoring(tmp_path: Path) -> None:
+    """Official COCO-Object open vocabulary: background stays class 0 (a prompt word), GT 0 is ignore_label."""
+    labels = _make_dataset(tmp_path)
+    ds = SegmentationDataset(tmp_path, "val", background="ignore")
+    assert ds.class_names == NAMES and ds.background_index == 0
+    raw = labels["c"].astype(np.int64)
+    np.testing.assert_array_equal(ds[0].label, raw)  # the prompt sees background
+    np.testing.assert_array_equal(ds.label_for_scoring(ds[0].label), np.where(raw == 0, 255, raw))
+
+
+@pytest.mark.parametrize("mode", ["drop", "last", "ignore"])
+def test_background_view_without_background_is_an_error(tmp_path: Path, mode: str) -> None:
     _make_dataset(tmp_path, background_index=None)
     with pytest.raises(ValueError, match="background_index null"):
-        SegmentationDataset(tmp_path, "val", drop_background=True)
+        SegmentationDataset(tmp_path, "val", background=mode)
+
+
+def test_unknown_background_view_is_an_error(tmp_path: Path) -> None:
+    _make_dataset(tmp_path)
+    with pytest.raises(ValueError, match="'class', 'last', 'ignore', 'drop'"):
+        SegmentationDataset(tmp_path, "val", background="first")
 
 
 def test_manifest_hashes_and_counts(tmp_path: Path) -> None:
@@ -132,7 +162,8 @@ def test_atomic_write_json_replaces_and_leaves_no_temp_files(tmp_path: Path) -> 
 
 def test_missing_root_classes_and_split_mention_prepare_target(tmp_path: Path) -> None:
     root = tmp_path / "voc2012"
-    with pytest.raises(FileNotFoundError, match=r"voc2012.*snakemake prepare_voc2012.*data\.paths\.voc2012"):
+    # A plain `snakemake prepare_<name>` does nothing while manifest.json exists: the hint forces the rule.
+    with pytest.raises(FileNotFoundError, match=r"voc2012.*`snakemake --forcerun prepare_voc2012`.*data\.paths\.voc2012"):
         SegmentationDataset(root)
     _make_dataset(root)
     with pytest.raises(FileNotFoundError, match=r"test\.txt.*available splits: \['train', 'val'\]"):
@@ -151,6 +182,19 @@ def test_missing_label_names_file_and_split(tmp_path: Path) -> None:
         SegmentationDataset(tmp_path, "train")
     assert "SegmentationClass/b.png" in str(err.value) and "train.txt" in str(err.value)
     SegmentationDataset(tmp_path, "val")  # other splits are unaffected
+
+
+@pytest.mark.parametrize("damaged", ["JPEGImages/a.jpg", "SegmentationClass/a.png"])
+def test_damaged_image_or_label_names_the_file_and_the_rebuild(tmp_path: Path, damaged: str) -> None:
+    root = tmp_path / "voc21"
+    _make_dataset(root)
+    raw = (root / damaged).read_bytes()
+    (root / damaged).write_bytes(raw[: len(raw) // 2])  # as a copy cut short by a full disk or a kill
+    with pytest.raises(DamagedFileError) as err:  # PIL alone says "image file is truncated", naming no file
+        SegmentationDataset(root, "train")[0]
+    assert str(root / damaged) in str(err.value) and "`snakemake --forcerun prepare_voc21`" in str(err.value)
+    assert isinstance(err.value, OSError)
+    SegmentationDataset(root, "train")[1]  # the other image is unaffected
 
 
 def test_bad_label_value_and_size_mismatch(tmp_path: Path) -> None:

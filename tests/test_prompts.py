@@ -1,4 +1,4 @@
-"""Open-vocabulary prompts and class token spans (method_spec §B.2.7, §B.3.2-3, §B.3.9-10).
+"""Open-vocabulary prompts and class token spans (docs/method.md#prompts-and-token-spans).
 
 References: plain-Python restatements of the official rules (seg4diff_model_ovss.py:93-99, 149-168, 319-339)
 and the real offline CLIP-L tokenizer, tokenizing the whole prompt exactly as the SD3 pipeline does.
@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from seg4diff_repro.models.clip_tokenizer import CLIP_BOS_ID, CLIP_EOS_ID, build_sd3_tokenizers
-from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids, prompt_word
+from seg4diff_repro.segmentation.prompts import (
+    build_class_prompt,
+    overflowing_classes,
+    prompt_class_ids,
+    prompt_label,
+    prompt_word,
+    window_spans,
+)
 
 VOC21 = (
     "background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
@@ -113,12 +120,9 @@ def check_spans(tokenizer, prompt, names, class_ids, background_name="background
     position = 1
     for word, (start, end) in zip(words, prompt.spans):
         expected = word_ids(tokenizer, word)
-        assert start == min(position, 76)
-        if position >= 76:  # wholly past the window: empty span
-            assert end == start
-        else:
-            assert end == min(position + len(expected), 76)
-            assert ids[start:end] == expected[: end - start]
+        assert (start, end) == (position, position + len(expected))  # untruncated
+        if end <= 76:  # wholly inside the window, before <eos>
+            assert ids[start:end] == expected
         position += len(expected)
     return ids
 
@@ -159,22 +163,27 @@ def test_empty_prompt(tokenizer):
     assert window_ids(tokenizer, prompt.text)[:2] == [CLIP_BOS_ID, CLIP_EOS_ID]
 
 
-def test_long_vocabulary_truncates_with_empty_spans_and_warning(tokenizer):
+def test_long_vocabulary_warns_and_window_spans_follow_each_rule(tokenizer):
     class_ids = list(range(len(ADE150)))
     with pytest.warns(UserWarning, match="77-token") as caught:
         prompt = build_class_prompt(class_ids, ADE150, tokenizer)
     ids = check_spans(tokenizer, prompt, ADE150, class_ids)
-    # Independent count of where each class starts in the untruncated sequence.
-    starts = np.cumsum([1] + [len(word_ids(tokenizer, official_word(n))) for n in ADE150])[:-1]
-    lost = [c for c in class_ids if starts[c] >= 76]
-    assert len(lost) > 50  # most of the vocabulary does not fit
-    assert [c for c, (s, e) in enumerate(prompt.spans) if e <= s] == lost
-    kept = [c for c in class_ids if starts[c] < 76]
-    assert all(prompt.spans[c][1] > prompt.spans[c][0] for c in kept)
-    assert max(e for _, e in prompt.spans) <= 76  # never the <eos> column 76 or beyond
-    assert ids[76] == CLIP_EOS_ID
+    assert ids[76] == CLIP_EOS_ID  # truncation puts <eos> in the last column
+    # Independent count of where each class starts and ends in the untruncated sequence.
+    lengths = [len(word_ids(tokenizer, official_word(n))) for n in ADE150]
+    starts = np.cumsum([1] + lengths)[:-1]
+    ends = starts + lengths
+    # Official slice [st, st + n) of the 77 columns (seg4diff_model_ovss.py:219-221), as Python slicing does.
+    official = [(min(s, 77), min(e, 77)) for s, e in zip(starts, ends)]
+    assert window_spans(prompt.spans, 77, "official") == official
+    straddling = [c for c in class_ids if starts[c] <= 76 < ends[c]]
+    assert len(straddling) == 1 and official[straddling[0]][1] == 77  # it averages the <eos> column 76
+    corrected = window_spans(prompt.spans, 77, "corrected")
+    assert max(e for _, e in corrected) == 76  # never the <eos> column
+    assert [c for c, (s, e) in enumerate(corrected) if e <= s] == [c for c in class_ids if starts[c] >= 76]
+    assert overflowing_classes(prompt.spans, 77) == sum(e > 76 for e in ends) > 50
     message = str(caught[0].message)
-    assert ADE150[lost[0]].strip() in message and ADE150[lost[-1]].strip() in message
+    assert ADE150[straddling[0]].strip() in message and ADE150[-1].strip() in message
 
 
 def test_no_warning_when_it_fits(tokenizer):
@@ -184,3 +193,39 @@ def test_no_warning_when_it_fits(tokenizer):
         prompt = build_class_prompt(class_ids, ADE150, tokenizer)
     check_spans(tokenizer, prompt, ADE150, class_ids)
     assert all(e > s for s, e in prompt.spans)
+
+
+def test_no_overflow_both_rules_agree(tokenizer):
+    prompt = build_class_prompt(list(range(20)), ADE150, tokenizer)
+    assert window_spans(prompt.spans, 77, "official") == window_spans(prompt.spans, 77, "corrected") == list(prompt.spans)
+    assert overflowing_classes(prompt.spans, 77) == 0
+    with pytest.raises(ValueError, match="official"):
+        window_spans(prompt.spans, 77, "truncate")
+
+
+# --- prompt_label: the class set of the test mapper's resized label ---------------------------------------
+
+
+def test_prompt_classes_come_from_the_nearest_resized_label():
+    """A 1-pixel class of a 1280x960 label vanishes in detectron2's 640-short-side nearest resize (official)."""
+    from PIL import Image
+
+    label = np.zeros((960, 1280), dtype=np.int64)
+    label[0:480, :] = 3
+    label[961 // 2 + 1, 5] = 7  # a single pixel off PIL's nearest sampling grid (every other row/column)
+    resized = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((853, 640), Image.NEAREST))
+    assert 7 not in resized  # the reference: PIL nearest at detectron2's output size (int(853.33 + 0.5) = 853)
+    assert prompt_class_ids(prompt_label(label, 640, "resized"), 21, "oracle") == [0, 3]
+    assert prompt_class_ids(prompt_label(label, 640, "original"), 21, "oracle") == [0, 3, 7]
+    assert prompt_label(label, None, "resized") is label  # no resize configured (toy world)
+    with pytest.raises(ValueError, match="resized"):
+        prompt_label(label, 640, "mapper")
+
+
+def test_resized_shape_rounds_halves_up_as_detectron2():
+    """ResizeShortestEdge.get_output_shape: int(x + 0.5); 6 * 3/4 = 4.5 -> 5 (Python's round() would give 4)."""
+    from seg4diff_repro.models.preprocess import resized_shape
+
+    assert resized_shape(4, 6, 3) == (3, 5)
+    assert resized_shape(375, 500, 640) == (640, int(500 * 640 / 375 + 0.5)) == (640, 853)
+    assert resized_shape(1024, 2048, 640) == (640, 1280)

@@ -1,4 +1,4 @@
-"""SD3Adapter against stock diffusers recomputed by hand, the spec's published numbers (method_spec §A, §B.2),
+"""SD3Adapter against stock diffusers recomputed by hand, the published numbers of docs/method.md#noising-and-timesteps,
 and real Hugging Face hub error exchanges (a local HTTP server that answers like the hub does for gated repos)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_noising_k8_of_28_matches_spec(adapter: SD3Adapter) -> None:
     noising = adapter.noising(8, 28)
     assert isinstance(noising, Noising)
     assert (noising.k, noising.num_steps, noising.index) == (8, 28, 20)
-    # Published values, method_spec §B.2.4.
+    # Published values, docs/method.md#noising-and-timesteps.
     assert noising.sigma == pytest.approx(0.51507, abs=1e-4)
     # 515.07 is σ·1000 with σ given to 5 decimals, so the timestep is known to ±0.01 (it is 515.0721).
     assert noising.timestep / 1000 == pytest.approx(0.51507, abs=1e-4)
@@ -78,7 +78,7 @@ def test_noising_out_of_range(adapter: SD3Adapter, k: int) -> None:
 
 def test_encode_images_is_normalised_posterior_mean(adapter: SD3Adapter) -> None:
     vae = adapter.pipe.vae
-    # SD3's latent normalisation (method_spec §A / §B.2.2), which the tiny VAE copies.
+    # SD3's latent normalisation (docs/method.md#image-preprocessing), which the tiny VAE copies.
     assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.0609, 1.5305)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

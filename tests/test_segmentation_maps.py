@@ -1,6 +1,7 @@
 """Token maps → class maps → label map, against a float64 restatement of the official code.
 
-Reference (seg4diff_model_ovss.py:164-253, method_spec §B.3-B.4): optional per-token min–max
+Reference (seg4diff_model_ovss.py:164-253, docs/method.md#label-prediction,
+docs/method.md#attention-maps-and-normalisation): optional per-token min–max
 (x - min) / (max - min + 1e-6); per class the mean of its token columns; optional per-class min–max;
 row-major reshape to the token grid; a FULL (num_classes, h, w) tensor that is zero for classes not in
 the prompt; torch bilinear upsampling (align_corners=False) to the label size; argmax over classes,
@@ -104,13 +105,13 @@ def test_row_major_non_square_grid():
 
 
 @pytest.mark.parametrize(("norm_before", "norm_after"), [(False, False), (True, True), (False, True)])
-def test_empty_span_gives_no_nan_and_is_never_predicted(norm_before, norm_after):
+def test_corrected_empty_span_gives_no_nan_and_is_never_predicted(norm_before, norm_after):
     rng = np.random.default_rng(3)
     grid = (8, 8)
     token_maps = attention_like(rng, 64)
     spans = np.array([[1, 3], [3, 76], [76, 76], [76, 76]])  # last two truncated out of the prompt
     class_ids = np.array([1, 4, 6, 7])
-    scores = class_score_maps(token_maps, spans, grid, norm_before, norm_after)
+    scores = class_score_maps(token_maps, spans, grid, norm_before, norm_after, overflow="corrected")
     assert np.isfinite(scores).all()
     kept_ref = ref_merge(token_maps, spans[:2], grid, norm_before, norm_after).numpy()
     np.testing.assert_allclose(scores[:2], kept_ref, rtol=2e-5, atol=1e-7)
@@ -125,8 +126,28 @@ def test_empty_span_with_negative_logits_lets_absent_zero_win():
     token_maps = -np.abs(attention_like(rng, 64, logits=True)) - 0.5  # every kept score < 0
     spans = np.array([[1, 2], [76, 76]])
     class_ids = np.array([0, 1])
-    labels = predict_labels(class_ids, class_score_maps(token_maps, spans, (8, 8)), 3, (16, 16))
+    scores = class_score_maps(token_maps, spans, (8, 8), overflow="corrected")
+    labels = predict_labels(class_ids, scores, 3, (16, 16))
     np.testing.assert_array_equal(labels, np.full((16, 16), 2))  # the absent class 2 (zeros), not 1
+
+
+@pytest.mark.parametrize(("norm_before", "norm_after"), [(False, False), (True, True)])
+def test_official_empty_span_is_a_nan_map_that_wins_every_pixel(norm_before, norm_after):
+    """Official: the mean of an empty slice is NaN, and torch's argmax of the full tensor picks the first NaN."""
+    rng = np.random.default_rng(5)
+    token_maps = attention_like(rng, 64)
+    spans = np.array([[1, 3], [3, 77], [77, 77], [77, 77]])  # class 4 reaches <eos> (76); 6 and 7 are past it
+    class_ids = np.array([1, 4, 6, 7])
+    scores = class_score_maps(token_maps, spans, (8, 8), norm_before, norm_after, overflow="official")
+    ref = ref_merge(token_maps, spans, (8, 8), norm_before, norm_after)
+    np.testing.assert_allclose(scores, ref.numpy(), rtol=2e-5, atol=1e-7)  # NaN where the reference is NaN
+    assert np.isnan(scores[2:]).all() and np.isfinite(scores[:2]).all()
+    full = torch.zeros(9, 8, 8, dtype=torch.float64)
+    full[torch.as_tensor(class_ids)] = ref
+    official = F.interpolate(full[None], size=(29, 41), mode="bilinear", align_corners=False)[0].argmax(dim=0)
+    labels = predict_labels(class_ids, scores, 9, (29, 41))
+    np.testing.assert_array_equal(labels, official.numpy())
+    np.testing.assert_array_equal(labels, np.full((29, 41), 6))  # the first class past the window, everywhere
 
 
 # --- predict_labels ---------------------------------------------------------------------------------------

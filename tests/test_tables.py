@@ -6,15 +6,39 @@ import pandas as pd
 import pytest
 
 from seg4diff_repro.tables.per_layer import per_layer_table
-from seg4diff_repro.tables.sweeps import normalisation_table, timestep_sweep_table
+from seg4diff_repro.tables.sweeps import normalisation_table, timestep_sweep_table, unsupervised_table
 from seg4diff_repro.tables.toy_world import grounding_summary
 
 
-def per_layer_scores(model: str, k: int, miou_by_layer: list[float]) -> pd.DataFrame:
+def per_layer_scores(model: str, k: int, miou_by_layer: list[float], overflow_images: int = 0) -> pd.DataFrame:
     return pd.DataFrame({
         "model": model, "dataset": "voc20", "layer": range(len(miou_by_layer)), "pACC": 90.0, "mACC": 80.0,
-        "mIoU": miou_by_layer, "timestep_k": k, "sigma": 0.5, "images": 3,
+        "mIoU": miou_by_layer, "mIoU_overflow_official": miou_by_layer,
+        "mIoU_overflow_corrected": [m + 1.0 for m in miou_by_layer], "overflow_images": overflow_images,
+        "timestep_k": k, "sigma": 0.5, "images": 3,
     })
+
+
+def test_prompt_overflow_columns_appear_labelled_when_some_prompt_overflowed():
+    plain = per_layer_table(per_layer_scores("toy", 8, [50.0, 60.0]), None, None)
+    assert not any("overflow" in column for column in plain.columns)  # nothing to show when no prompt overflowed
+    table = per_layer_table(per_layer_scores("toy", 8, [50.0, 60.0], overflow_images=2), None, None)
+    assert table["mIoU (official, >75-token prompts: NaN maps win)"].tolist() == [50.0, 60.0]
+    assert table["mIoU (corrected, >75-token prompts)"].tolist() == [51.0, 61.0]
+    sweep = timestep_sweep_table([per_layer_scores("toy", 8, [50.0, 60.0], overflow_images=2)], 1, None, None)
+    assert sweep["mIoU (corrected, >75-token prompts)"].tolist() == [61.0]
+
+
+def test_unsupervised_table_shows_both_matchings_labelled():
+    scores = pd.DataFrame({
+        "model": "sd3_medium", "dataset": "voc21", "layer": [9], "timestep_k": 8, "kl_threshold": 0.1,
+        "geometry": "official", "background": "last", "scored_classes": 21, "mean_proposals": 7.0,
+        "matching": "per_row", "pACC": 70.0, "mIoU": 55.0, "mIoU_per_row": 55.0, "mIoU_per_image": 40.0,
+    })
+    table = unsupervised_table(scores, 9, "sd3_medium", "voc21")
+    assert table.loc[0, "mIoU (official, per-row matching)"] == 55.0
+    assert table.loc[0, "mIoU (corrected, per-image)"] == 40.0
+    assert table.loc[0, "paper_mIoU"] == 54.9 and table.loc[0, "diff_mIoU"] == pytest.approx(0.1)
 
 
 def test_per_layer_table_puts_the_paper_value_on_its_layer_only():

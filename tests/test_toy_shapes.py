@@ -73,6 +73,26 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_regenerates_over_its_output_without_manifest_and_a_killed_runs_staging(toy_root: Path, tmp_path: Path) -> None:
+    # Snakemake deletes a rule's output (manifest.json) before it re-runs the rule (--forcerun, a changed
+    # toy_shapes key); a killed run leaves its staging folder behind.
+    root = tmp_path / "toy_shapes"
+    generate_toy_shapes(root, **{**ARGS, "seed": 4})
+    (root / "manifest.json").unlink()
+    (tmp_path / ".toy_shapes.partial").mkdir()
+    (tmp_path / ".toy_shapes.partial" / "half.jpg").write_bytes(b"\xff\xd8")
+    generate_toy_shapes(root, **ARGS)
+    assert _all_files(root) == _all_files(toy_root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_shapes"]
+    # A folder of other classes is still refused, whole.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "classes.json").write_text(json.dumps({"names": ["background", "cat"]}))
+    with pytest.raises(FileExistsError, match="other.*not a toy-shapes dataset"):
+        generate_toy_shapes(other, **ARGS)
+    assert [p.name for p in other.iterdir()] == ["classes.json"]
+
+
 def test_label_values_areas_and_boundary_band(toy_root: Path) -> None:
     for image_id, label in _labels(toy_root).items():
         values = set(np.unique(label).tolist())
@@ -134,7 +154,7 @@ def test_reader_roundtrip_and_voc20_view(toy_root: Path) -> None:
     captions = json.loads((toy_root / "captions.json").read_text())
     ds = SegmentationDataset(toy_root, "val")
     assert len(ds) == 4 and ds.class_names == CLASS_NAMES
-    view = SegmentationDataset(toy_root, "val", drop_background=True)
+    view = SegmentationDataset(toy_root, "val", background="drop")
     assert view.class_names == ["circle", "square", "triangle", "star"] and view.background_index is None
     for sample, dropped in zip(ds, view):
         raw = np.array(Image.open(toy_root / "SegmentationClass" / f"{sample.image_id}.png")).astype(np.int64)

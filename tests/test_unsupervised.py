@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 from scipy.special import rel_entr, softmax
 
 from seg4diff_repro.segmentation.unsupervised import (
@@ -352,6 +353,71 @@ def test_merge_of_two_halves_equals_the_whole_and_save_load_round_trips(tmp_path
         np.testing.assert_array_equal(getattr(first, key), getattr(whole, key))
     assert first.compute() == whole.compute()
     assert whole.compute()["n_images"] == 6 and whole.tp.sum() > 0 and whole.fp.sum() > 0
+
+
+def _official_hungarian_matching(pred: np.ndarray, label: np.ndarray, n_class: int):
+    """train_net.py:60-85 restated: `_fast_hist` and `hungarian_matching`, looping over the first axis of pred."""
+    tp, fp, fn = np.zeros(n_class), np.zeros(n_class), np.zeros(n_class)
+    total = 0
+    for i in range(pred.shape[0]):
+        label_true, label_pred = label[i].flatten(), pred[i].flatten()
+        pred_n_class = np.maximum(n_class, label_pred.max() + 1)
+        mask = (label_true >= 0) & (label_true < n_class)
+        hist = np.bincount(pred_n_class * label_true[mask] + label_pred[mask],
+                           minlength=n_class * pred_n_class).reshape(n_class, pred_n_class)
+        row_ind, col_ind = linear_sum_assignment(hist, maximize=True)
+        total += hist.sum()
+        fn += np.sum(hist, 1) - hist[row_ind, col_ind]
+        tp += hist[row_ind, col_ind]
+        hist = hist[:, col_ind]
+        fp += np.sum(hist, 0) - np.diag(hist)
+    return tp, fp, fn, total
+
+
+def test_official_matching_is_per_row_minimal_case() -> None:
+    """Issue 11 item 4: GT [[0,1],[0,1]], clusters [[0,1],[1,0]]: per image 33.33 mIoU, per row (official) 100."""
+    label = np.array([[0, 1], [0, 1]])
+    clusters = np.array([[0, 1], [1, 0]])
+    official = HungarianAccumulator(2)  # the default reproduces the official trainer
+    official.update(clusters, label)
+    assert official.matching == "per_row"
+    assert official.compute()["mIoU"] == pytest.approx(100.0)
+    per_image = HungarianAccumulator(2, matching="per_image")
+    per_image.update(clusters, label)
+    # By hand: every matching of the 2x2 all-ones histogram gives TP = FP = FN = 1 per class, IoU 1/3.
+    assert (per_image.tp.tolist(), per_image.fp.tolist(), per_image.fn.tolist()) == ([1, 1], [1, 1], [1, 1])
+    assert per_image.compute()["mIoU"] == pytest.approx(100 / 3)
+    tp, fp, fn, _ = _official_hungarian_matching(clusters, label, 2)
+    assert (official.tp.tolist(), official.fp.tolist(), official.fn.tolist()) == (tp.tolist(), fp.tolist(), fn.tolist())
+
+
+@pytest.mark.parametrize("matching", ["per_row", "per_image"])
+def test_counts_equal_the_official_function_given_rows_or_the_whole_image(matching: str) -> None:
+    """per_row = the official call on one [H, W] map; per_image = the same function given a batch of one [1, H, W]."""
+    acc = HungarianAccumulator(5, ignore_index=IGNORE, matching=matching)
+    tp, fp, fn, total = np.zeros(5), np.zeros(5), np.zeros(5), 0
+    for clusters, label in _random_images(11, 5):
+        acc.update(clusters, label)
+        pred, gt = (clusters, label) if matching == "per_row" else (clusters[None], label[None])
+        counts = _official_hungarian_matching(pred, gt, 5)
+        tp, fp, fn, total = tp + counts[0], fp + counts[1], fn + counts[2], total + counts[3]
+    np.testing.assert_array_equal(acc.tp, tp)
+    np.testing.assert_array_equal(acc.fp, fp)
+    np.testing.assert_array_equal(acc.fn, fn)
+    assert acc.n_pixels == total
+    iou = tp / (tp + fp + fn)
+    assert acc.compute()["mIoU"] == pytest.approx(100 * np.nanmean(iou))
+
+
+def test_matching_survives_save_load_and_must_agree_to_merge(tmp_path) -> None:
+    acc = HungarianAccumulator(3, matching="per_image")
+    acc.update(np.array([[0, 1]]), np.array([[0, 1]]))
+    acc.save(tmp_path / "a.npz")
+    assert HungarianAccumulator.load(tmp_path / "a.npz").matching == "per_image"
+    with pytest.raises(ValueError, match="matching=per_image"):
+        HungarianAccumulator(3).merge(acc)
+    with pytest.raises(ValueError, match="per_row"):
+        HungarianAccumulator(3, matching="per_batch")
 
 
 def test_merge_and_load_reject_mismatches(tmp_path) -> None:

@@ -66,10 +66,50 @@ def manual_recording(transformer, call_kwargs: dict, layers, mask) -> AttentionR
 
 def test_step_index_convention():
     assert [step_index(k, 28) for k in (28, 8, 1)] == [0, 20, 27]
-    assert step_index(8, 50) == 42
+    assert step_index(8, 50) == 42 and step_index(28, 50) == 22  # official: timesteps[-k] of Flux's 50 steps
     for bad in (0, 29):
         with pytest.raises(ValueError, match="out of range"):
             step_index(bad, 28)
+
+
+def test_paper_step_convention_puts_t28_first_and_agrees_on_28_steps():
+    # Hand-computed: round((28 - k) * 50 / 28), halves up: k = 28 -> 0, k = 8 -> 35.71 -> 36, k = 1 -> 48.2 -> 48;
+    # k = 21 -> 12.5 -> 13 (a half, rounded up).
+    assert [step_index(k, 50, "paper") for k in (28, 8, 1, 21)] == [0, 36, 48, 13]
+    assert [step_index(k, 28, "paper") for k in range(1, 29)] == [step_index(k, 28) for k in range(1, 29)]
+    with pytest.raises(ValueError, match="1..28"):
+        step_index(29, 50, "paper")  # the paper counts on 28 steps even where the model has 50
+    with pytest.raises(ValueError, match="step_convention"):
+        step_index(8, 50, "fraction")
+
+
+@pytest.mark.parametrize("convention, expected", [("official", {28: 22, 8: 42}), ("paper", {28: 0, 8: 36})])
+def test_flux_step_convention_records_the_scheduler_step_it_names(convention, expected):
+    """The recorded call is the stock pipeline's step at the expected index: compare with the timesteps the
+    stock FluxPipeline itself hands its callback at every step, and σ with the scheduler's own sigmas."""
+    adapter = FluxAdapter(build_tiny_flux_pipeline(seed=0))
+    stock_timesteps = []
+
+    def keep(pipeline, step, timestep, callback_kwargs):
+        stock_timesteps.append(float(timestep))
+        return {}
+
+    adapter.pipe.set_progress_bar_config(disable=True)
+    adapter.pipe(prompt=PROMPT, num_inference_steps=50, height=adapter.image_size, width=adapter.image_size,
+                 generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=77, output_type="latent",
+                 guidance_scale=adapter.guidance_scale, callback_on_step_end=keep)
+    sigmas = adapter.pipe.scheduler.sigmas.double()
+    generated = generate_and_record(adapter, PROMPT, 0, [8, 28], 50, layers=[0], record=("value_norms",),
+                                    decode=False, step_convention=convention)
+    for k, index in expected.items():
+        noising = generated.noising[k]
+        assert noising.index == index
+        assert generated.recordings[k].timestep * 1000 == pytest.approx(stock_timesteps[index], rel=1e-5)
+        assert noising.sigma == pytest.approx(float(sigmas[index]), rel=1e-6)
+    if convention == "paper":
+        assert generated.noising[28].sigma == 1.0  # the first step: pure noise, as t = 28 of 28 for SD3
+    else:
+        assert generated.noising[28].sigma < 0.9  # index 22 of 50: well into denoising
 
 
 def test_unknown_branch_is_refused(adapter):
@@ -89,7 +129,7 @@ def test_gated_recording_is_the_chosen_steps_conditional_call(adapter):
     recording, noising = generated.recordings[8], generated.noising[8]
     assert (recording.call, noising.index) == (20, 20)
     assert recording.timestep == pytest.approx(float(log.calls[20]["timestep"][0]))
-    assert noising.sigma == pytest.approx(0.51507, abs=1e-4)  # method_spec B.2.4
+    assert noising.sigma == pytest.approx(0.51507, abs=1e-4)  # docs/method.md#noising-and-timesteps
 
     mask = prompt_mask(adapter.tokenizer, PROMPT)
     cond = manual_recording(adapter.transformer, rows_of(log.calls[20], slice(1, 2)), layers, mask)

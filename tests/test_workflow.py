@@ -18,11 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    # Generous: the default toy run takes about 8 minutes alone on 2 cores, and CI machines are shared.
+def snakemake(workdir: Path, *args: str, check: bool = True, cores: str | None = "2",
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run Snakemake in ``workdir``; ``cores=None`` leaves the core count to the workflow's default profile.
+
+    Generous time limit: the default toy run takes about 8 minutes alone on 2 cores, and CI machines are shared.
+    """
+    env = {**(os.environ if env is None else env), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        [sys.executable, "-m", "snakemake", *(["--cores", cores] if cores else []), *args],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=2700,
     )
     if check and result.returncode != 0:
@@ -37,7 +41,7 @@ def planned_jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
 
 
 def copy_workflow(target: Path, **overrides) -> Path:
-    for name in ("Snakefile", "workflow", "envs", "models"):
+    for name in ("Snakefile", "workflow", "envs", "models", "profiles"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -113,6 +117,9 @@ def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_
     unsupervised = pd.read_csv(toy_run / "paper_tables/unsupervised_toy_sd3_toy_shapes_bg_t8.csv")
     assert unsupervised["layer"].tolist() == [0] and unsupervised["mean_proposals"].iloc[0] >= 1
     assert 0 <= unsupervised["mIoU"].iloc[0] <= 100
+    # Both Hungarian matchings, labelled; the headline one is the official per-row matching.
+    assert unsupervised["mIoU"].iloc[0] == unsupervised["mIoU (official, per-row matching)"].iloc[0]
+    assert 0 <= unsupervised["mIoU (corrected, per-image)"].iloc[0] <= 100
     pre = normalisation[~normalisation["post_softmax"]]["mIoU"]
     assert not pre.round(2).isin(normalisation[normalisation["post_softmax"]]["mIoU"].round(2)).all()
 
@@ -123,14 +130,15 @@ def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     assert heads["layer"].tolist() == list(range(6))
     head_columns = [c for c in heads.columns if c.startswith("head_")]
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
-    assert "toy_sd3 for SD3-medium on toy_shapes_bg for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
+    assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
     main1 = pd.read_csv(toy_run / "paper_tables/main_table1_ovss.csv")
-    assert len(main1) == 3 * 4 and main1["paper_mIoU"].notna().all()
+    assert len(main1) == 3 * 5 and main1["paper_mIoU"].notna().all()  # 3 models x the paper's 5 columns
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
     per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
     assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
     main2 = pd.read_csv(toy_run / "paper_tables/main_table2_unsupervised.csv")
     assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random"} and main2["paper_mIoU"].notna().all()
+    assert len(main2) == 2 * 6 and (main2["kl_threshold"] == 0.01).all()  # the paper's 6 columns, tau per row
     fig02 = pd.read_csv(toy_run / "paper_tables/fig02_timestep.csv")
     assert fig02["panel"].nunique() == 2
     assert "seed = 0" in (toy_run / "paper_tables/tab01_normalisation.md").read_text()
@@ -160,7 +168,7 @@ def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
 
 @pytest.mark.slow
 def test_report_has_figure_table_and_captions(toy_run):
-    snakemake(toy_run, "--report", "report.html")
+    snakemake(toy_run, "--report", "report.html", cores=None)  # the README's command, as written
     report = (toy_run / "report.html").read_text(errors="replace")
     assert "per_layer_toy_sd3_random_toy_shapes_t8.png" in report
     assert "per_layer_toy_sd3_toy_shapes_t8.csv" in report
@@ -188,6 +196,9 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
         ("attention", {"colour": "red"}, r"unknown key\(s\) \['colour'\] in attention; allowed keys: \['background_name'"),
         ("attention", {"layers": [99]}, r"attention\.layers contains \[99\].*allowed 0\.\.5"),
         ("attention", {"timestep": 29}, r"attention\.timestep = 29 is out of range.*allowed 1\.\.28"),
+        ("analyses", {"timestep_sweep": {"timesteps": [8, 40]}},
+         r"analyses\.timestep_sweep\.timesteps contains \[40\].*allowed 1\.\.28"),
+        ("toy_generations", {"device": "gpu"}, r"toy_generations\.device = 'gpu' is not a torch device"),
         ("attention", {"resize": "squash"}, r"allowed values: \['stretch', 'center_crop'\]"),
         ("run", {"models": ["sd4"]}, r"run\.models names 'sd4'.*defined models: \["),
         ("appendix", {"models": {"sd3": "sd4", "sd35": "toy_sd35_random", "flux": "toy_flux_random"}},
@@ -209,18 +220,27 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
+def job_counts(dry_run_stdout: str) -> dict[str, int]:
+    jobs = dry_run_stdout.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", jobs, flags=re.MULTILINE)}
+
+
 def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(REPO / "configs", workdir / "configs")
-    dry_run = snakemake(workdir, "-n", "--configfile", "config.yaml", "configs/paper.yaml")
-    jobs = dry_run.stdout.split("Job stats:")[1].split("total")[0]
-    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", jobs, flags=re.MULTILINE)}
-    # 3 models x 5 datasets x 28 timesteps of forward passes; 3 x 6 unsupervised sets; all datasets prepared.
-    assert counts["extract_attention"] == 3 * 5 * 28
-    assert counts["extract_unsupervised_attention"] == 3 * 6
-    for rule in ("per_layer_table", "per_layer_figure", "timestep_sweep", "normalisation_table"):
+    dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml")
+    counts = job_counts(dry_run.stdout)
+    # t = 8 for 3 models x 5 datasets, of which SD3 on VOC20 and on COCO-Object come from the two 28-step sweep
+    # jobs of appendix Fig. 2 (one job per pair: VAE and text encoders once per image); 27 more scorings each.
+    assert counts["extract_attention"] == 3 * 5 - 2
+    assert counts["extract_attention_sweep"] == 2
+    assert counts["score_layers"] == 3 * 5 + 2 * 27
+    assert counts["timestep_sweep"] == 2
+    # Unsupervised: main Table 2's models (SD3, SD3.5) on 6 sets.
+    assert counts["extract_unsupervised_attention"] == 2 * 6
+    assert counts["unsupervised_table"] == 12
+    for rule in ("per_layer_table", "per_layer_figure", "normalisation_table"):
         assert counts[rule] == 15, rule
-    assert counts["unsupervised_table"] == 18
     for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes"):
         assert counts[f"prepare_{name}"] == 1
     # The appendix's segmentation targets under their paper names, for the real models.
@@ -230,6 +250,19 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
         assert counts.get(rule, 0) <= 1, rule
     dry_run = snakemake(workdir, "-n", "all_segmentation", "--configfile", "config.yaml", "configs/paper.yaml")
     assert "sd3_medium/voc21/t8/per_head.csv" in dry_run.stdout
+    # The sweep's t = 8 cache is the one the per-layer analyses of the swept pairs read (no second t = 8 job).
+    assert "results/attention/sd3_medium/voc20/sweep/t8/manifest.json" in dry_run.stdout
+    assert "results/attention/sd3_medium/voc20/t8/manifest.json" not in dry_run.stdout
+
+
+def test_full_sweep_stays_available_as_an_option(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    (workdir / "full.yaml").write_text("analyses: {timestep_sweep: {scope: all, record: attention_layers}}\n")
+    dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml", "full.yaml")
+    counts = job_counts(dry_run.stdout)
+    assert counts["extract_attention_sweep"] == 3 * 5 and "extract_attention" not in counts
+    assert counts["score_layers"] == 3 * 5 * 28 and counts["timestep_sweep"] == 15
 
 
 def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp_path):
@@ -239,7 +272,7 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     edit_config(workdir, "toy_shapes", n_val=2)
     src = tmp_path / "src"
     shutil.copytree(REPO / "src/seg4diff_repro", src / "seg4diff_repro", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {"PYTHONPATH": str(src)}
+    env = {**os.environ, "PYTHONPATH": str(src)}
     target = "results/attention/toy_sd3/toy_shapes/t8/manifest.json"
     log = workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8_1-of-1.log"  # the one shard's
     snakemake(workdir, target, env=env)

@@ -157,7 +157,8 @@ try:
         values = dict(
             model=name, backbone="sd3", dataset="toy_shapes", source=str(work / "models" / name), dtype="float32",
             timestep=8, num_steps=28, layers="all", seed=0, short_side=None, resize="stretch", prompt="oracle",
-            background_name="background", split="val", drop_background=True, limit=None)
+            background_name="background", split="val", drop_background=True, background="drop", limit=None)
+        # drop_background (older versions) or background (newer): the filter keeps the one this version has.
         fields = {f.name for f in dataclasses.fields(ExtractionSettings)}
         settings = ExtractionSettings.from_dict({k: v for k, v in values.items() if k in fields})
         cache = work / "attention" / name

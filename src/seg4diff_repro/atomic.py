@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "current_umask",
+    "remove_leftover_temp_files",
     "replace_folder_atomically",
 ]
 
@@ -51,6 +51,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_leftover_temp_files(folder: str | Path) -> int:
+    """Delete the temp files (``.<name>.<random>.tmp``) that writers killed by SIGKILL left under ``folder``.
+
+    Only for a folder that this process alone writes (a Snakemake job's own output folder); returns the count.
+    """
+    leftovers = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Atomically write ``text`` as UTF-8, byte for byte (no newline translation)."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -68,7 +79,8 @@ def _swap_folder(new: Path, target: Path) -> None:
         return
     # Move the old folder aside first: a rename onto a non-empty folder fails, and deleting it before
     # the rename would leave nothing at the target if the rename then failed.
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames or during the rmtree
     target.rename(old)
     try:
         new.rename(target)
@@ -84,15 +96,15 @@ def replace_folder_atomically(target: str | Path, *, staging: Path | None = None
 
     ``target`` is therefore either unchanged (the block or the swap failed; the staging folder is then
     removed) or the complete new folder. Checks that must refuse to replace ``target`` belong inside
-    the block. By default the staging folder gets a unique name; a fixed ``staging`` path lets the
-    next run clear what a killed run left there (a leftover at that path is removed first).
+    the block. The staging folder is ``staging`` or, by default, ``.<name>.partial`` next to ``target``:
+    a fixed path, so that the next run clears what a killed run (SIGKILL skips all cleanup) left there.
+    One writer per target at a time, as Snakemake runs one job per output.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if staging is None:
-        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = target.parent / f".{target.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
     # A plain mkdir (not tempfile.mkdtemp, which forces mode 0700) so the folder gets the usual umask mode.
     staging.mkdir()
     try:

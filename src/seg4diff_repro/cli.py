@@ -14,8 +14,10 @@ from pathlib import Path
 from seg4diff_repro.cli_attention_figures import add_attention_figure_commands
 from seg4diff_repro.cli_datasets import add_dataset_commands
 from seg4diff_repro.cli_generation import add_generation_commands
+from seg4diff_repro.cli_help import MAIN_EPILOG, HelpFormatter, finish_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
+from seg4diff_repro.cli_verify import add_verify_commands
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -46,28 +48,34 @@ def _make_toy_shapes(args: argparse.Namespace) -> None:
 
 
 def _extract_attention(args: argparse.Namespace) -> None:
-    from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention, extract_shard, parse_shard
+    from seg4diff_repro.attention.extract import (
+        ExtractionSettings, TimestepCache, extract_attention_timesteps, extract_shard, parse_shard,
+    )
     from seg4diff_repro.datasets.layout import atomic_write_json
 
-    settings = ExtractionSettings.from_dict(json.loads(args.settings))
-    shard = parse_shard(args.shard)
-    if args.shard_manifest is None:
-        if shard != (1, 1):
-            raise SystemExit(f"--shard {args.shard}: give --shard-manifest (gather-attention joins the shards)")
-        extract_attention(
-            settings, Path(args.dataset_root), Path(args.out_dir), device=args.device, batch_size=args.batch_size
-        )
+    spec = json.loads(args.settings)
+    # --caches: several timesteps of the same images in one run (VAE and text encoders once per image).
+    overrides = json.loads(args.caches) if args.caches else [{"out_dir": args.out_dir}]
+    caches = [
+        TimestepCache(ExtractionSettings.from_dict(spec | {k: v for k, v in each.items() if k != "out_dir"}),
+                      Path(each["out_dir"]))
+        for each in overrides
+    ]
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    if args.shard_record is None:
+        if args.shard != "1-of-1":
+            raise SystemExit(f"--shard {args.shard}: give --shard-record (gather-attention joins the shards)")
+        extract_attention_timesteps(caches, Path(args.dataset_root), device=args.device, batch_size=batch_size)
         return
-    record = extract_shard(settings, Path(args.dataset_root), Path(args.out_dir), shard=shard, device=args.device,
-                           batch_size=args.batch_size)
-    atomic_write_json(Path(args.shard_manifest), record)
+    record = extract_shard(caches, Path(args.dataset_root), parse_shard(args.shard), device=args.device,
+                           batch_size=batch_size)
+    atomic_write_json(Path(args.shard_record), record)
 
 
 def _gather_attention(args: argparse.Namespace) -> None:
     from seg4diff_repro.attention.extract import gather_shards
 
-    shards = [json.loads(Path(path).read_text()) for path in args.shards]
-    gather_shards(shards, Path(args.dataset_root), Path(args.out).parent)
+    gather_shards([json.loads(Path(path).read_text()) for path in args.shards], Path(args.dataset_root))
 
 
 def _shard_root(out: str) -> Path:
@@ -153,7 +161,8 @@ def _normalisation_table(args: argparse.Namespace) -> None:
     write_table(
         table, first.drop(labels=["attention"]), f"Score normalisation (appendix Table 1): {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "mIoU etc. in percent. min_max = min-max per token before and per class after "
-        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, method_spec J).",
+        "merging; `paper_mIoU` where the paper reports one (its row-to-setting pairing is inferred, "
+        "docs/method.md#reported-numbers).",
         args.csv, args.markdown,
     )
 
@@ -164,7 +173,7 @@ def _score_unsupervised(args: argparse.Namespace) -> None:
 
     scores = score_unsupervised(
         Path(args.cache), Path(args.dataset_root), _shard_root(args.out), args.kl_threshold, args.geometry,
-        args.shard_size,
+        args.shard_size, args.matching, args.scored_classes,
     )
     atomic_write_bytes(Path(args.out), scores.to_csv(index=False).encode())
 
@@ -179,8 +188,12 @@ def _unsupervised_table(args: argparse.Namespace) -> None:
     write_table(
         table, scores.iloc[0], f"Unsupervised segmentation: {table['model'][0]} on {table['dataset'][0]}, "
         f"layer {args.layer}", "Empty prompt, the 77 token maps min-max normalised per pixel, spatial softmax, "
-        "one greedy symmetric-KL merging pass, argmax; per-image Hungarian matching (unmatched proposals count as "
-        "false negatives), mIoU = nanmean over classes (method_spec D). `geometry` official: input zero-padded to a "
+        "one greedy symmetric-KL merging pass, argmax; Hungarian matching (unmatched proposals count as false "
+        "negatives), mIoU = nanmean over classes (docs/method.md#unsupervised-protocol). The official trainer matches each image ROW on "
+        "its own (its `hungarian_matching` loops over the first axis of one [H, W] map): a bug, but the protocol of "
+        "the paper's Table 2; both are shown, `mIoU` is the `matching` the config chose. `background`: class = scored "
+        "as a class (the paper includes it for VOC, PC59 and Object); `scored_classes`: the official N_CLASS, labels "
+        "from it on dropped. `geometry` official: input zero-padded to a "
         "multiple of 32, scored at the 640-short-side resized ground truth with the official top-left-crop quirk for "
         "larger images (Cityscapes); aligned: no padding, scored at the original resolution. `paper_mIoU`: main "
         "Table 2 where it has the model and dataset.",
@@ -200,14 +213,19 @@ def _add_outputs(command: argparse.ArgumentParser, *, table: bool, figure: bool)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seg4diff-repro", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    from seg4diff_repro import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="seg4diff-repro", description=__doc__.splitlines()[0], epilog=MAIN_EPILOG, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     command = commands.add_parser("build-tiny-model", help="write a tiny random-weight pipeline of the real classes")
-    command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3")
+    command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3", help="model family of the pipeline")
     command.add_argument("--variant", choices=["sd3", "sd35"], default="sd3", help="sd3 backbone: SD3 or SD3.5 blocks")
-    command.add_argument("--out", required=True)
-    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--out", required=True, help="folder to write the pipeline to (save_pretrained layout)")
+    command.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     command.set_defaults(handler=_build_tiny_model)
 
     command = commands.add_parser("download-model", help="fetch a Hugging Face model into the local hub cache")
@@ -217,28 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=_download_model)
 
     command = commands.add_parser("make-toy-shapes", help="generate the toy-shapes dataset (VOC layout)")
-    command.add_argument("--root", required=True)
-    command.add_argument("--n-train", type=int, default=512)
-    command.add_argument("--n-val", type=int, default=64)
-    command.add_argument("--image-size", type=int, default=64)
-    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--root", required=True, help="dataset folder to write (images, labels, splits, classes.json)")
+    command.add_argument("--n-train", type=int, default=512, help="images in the train split")
+    command.add_argument("--n-val", type=int, default=64, help="images in the val split")
+    command.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
+    command.add_argument("--seed", type=int, default=0, help="seed of the generator (the dataset is a function of it)")
     command.set_defaults(handler=_make_toy_shapes)
 
     command = commands.add_parser("extract-attention", help="cache I2T attention maps of a dataset split")
     command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")
     command.add_argument("--dataset-root", required=True)
-    command.add_argument("--out-dir", required=True)
+    command.add_argument("--out-dir", help="cache folder of one timestep: one file per image and manifest.json")
+    command.add_argument(
+        "--caches", help='JSON list of {"timestep", "layers", "out_dir"}: several timesteps of the same images at once'
+    )
     command.add_argument("--shard", default="1-of-1", help="<i>-of-<n>: the i-th of n contiguous runs of images")
-    command.add_argument("--shard-manifest", default=None,
-                         help="write the shard's record here (for gather-attention) instead of the cache manifest")
+    command.add_argument("--shard-record", default=None,
+                         help="write the shard's record here (for gather-attention) instead of the caches' manifests")
     command.add_argument("--device", default="cpu", help="cpu, cuda (a free GPU of this host), cuda:N")
-    command.add_argument("--batch-size", type=int, default=8)
+    command.add_argument("--batch-size", default="8", help="images per forward pass, or auto (the largest that fits)")
     command.set_defaults(handler=_extract_attention)
 
-    command = commands.add_parser("gather-attention", help="check the shards of an attention cache, write its manifest")
+    command = commands.add_parser("gather-attention",
+                                  help="check the shards of attention caches, write each cache's manifest.json")
     command.add_argument("--shards", nargs="+", required=True, help="shard records written by extract-attention")
     command.add_argument("--dataset-root", required=True)
-    command.add_argument("--out", required=True, help="manifest.json of the cache (in the folder the shards wrote)")
     command.set_defaults(handler=_gather_attention)
 
     command = commands.add_parser("score-layers", help="per-layer segmentation scores from the cache")
@@ -250,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=_score_layers)
 
     command = commands.add_parser("per-layer-table", help="paper_tables/ per-layer table (CSV + Markdown)")
-    command.add_argument("--scores", required=True)
+    command.add_argument("--scores", required=True, help="per-layer score CSV of score-layers")
     _add_paper_arguments(command)
     _add_outputs(command, table=True, figure=False)
     command.set_defaults(handler=_per_layer_table)
 
     command = commands.add_parser("per-layer-figure", help="figures/ per-layer curves (PNG + PDF)")
-    command.add_argument("--table", required=True)
+    command.add_argument("--table", required=True, help="per-layer table CSV of per-layer-table")
     _add_outputs(command, table=False, figure=True)
     command.set_defaults(handler=_per_layer_figure)
 
@@ -286,12 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--kl-threshold", type=float, default=0.1)
     command.add_argument("--geometry", choices=["official", "aligned"], default="official",
                          help="official: padded input, scored at the 640-short-side label with the crop quirk")
+    command.add_argument("--matching", choices=["per_row", "per_image"], default="per_row",
+                         help="the headline mIoU: per_row (the official trainer's) or per_image; both are scored")
+    command.add_argument("--scored-classes", type=lambda v: None if v == "none" else int(v), default=None,
+                         help="the official N_CLASS where it differs from the dataset view's class count, or none")
     command.add_argument("--out", required=True, help="CSV; finished shards are kept in <out without .csv>.shards/")
     command.add_argument("--shard-size", type=int, default=64, help="images per resumable shard")
     command.set_defaults(handler=_score_unsupervised)
 
     command = commands.add_parser("unsupervised-table", help="unsupervised scores beside the paper's Table 2")
-    command.add_argument("--scores", required=True)
+    command.add_argument("--scores", required=True, help="score CSV of score-unsupervised")
     command.add_argument("--layer", type=int, required=True)
     _add_paper_arguments(command)
     _add_outputs(command, table=True, figure=False)
@@ -302,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(commands)
     add_attention_figure_commands(commands)
     add_segmentation_appendix_commands(commands)
+    add_verify_commands(commands)
+    finish_commands(parser, commands)
     return parser
 
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from seg4diff_repro.steps import PAPER_STEPS, STEP_CONVENTIONS
+
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
@@ -64,12 +66,34 @@ def _value_norms(args: argparse.Namespace) -> None:
     prompts = load_prompts(limit=args.prompts)  # the packaged DrawBench 50
     seeds = [args.seed + i for i in range(len(prompts))]
     per_head, per_layer = value_norm_statistics(
-        adapter, prompts, seeds, args.timesteps, settings["num_steps"], args.cfg
+        adapter, prompts, seeds, args.timesteps, settings["num_steps"], args.cfg, args.step_convention
     )
     provenance = {"model": settings["model"], "scale": _scale(settings, adapter), "num_steps": settings["num_steps"],
                   "cfg": "n/a (guidance embedding)" if adapter.backbone == "flux" else args.cfg, "seed": args.seed}
     for table, path in ((per_head, args.per_head), (per_layer, args.per_layer)):
         atomic_write_bytes(Path(path), table.assign(**provenance).to_csv(index=False).encode())
+
+
+def _convention_note(convention: str) -> str:
+    """How "t = k" was placed on the schedule (`seg4diff_repro.steps.step_index`), for tables and captions."""
+    if convention == "official":
+        return ("t = k is timesteps[-k] of the model's own N-step schedule (schedule index N − k), the official "
+                "code's timestep convention (step_convention: official); on Flux's 50 steps t = 28 is index 22, "
+                "not the first step. step_convention: paper places the paper's \"t = k of 28\" at the same "
+                "fraction of the schedule instead (t = 28 the first step).")
+    return ("t = k is the paper's \"t = k of 28\" placed at the same fraction of the model's N-step schedule, "
+            "index round((28 − k) · N / 28) (step_convention: paper): t = 28 is the first step (σ = 1) on every "
+            "schedule. The official code's timesteps[-k] (step_convention: official) puts t = 28 of Flux's 50 "
+            "steps at index 22.")
+
+
+def _step_label(frame: pd.DataFrame, k: int) -> str:
+    """The step label of the rows of ``frame`` at timestep ``k``."""
+    from seg4diff_repro.figures import step_label
+
+    row = frame[frame["timestep_k"] == k].iloc[0]
+    paper_steps = PAPER_STEPS if row["step_convention"] == "paper" else None
+    return step_label(int(k), int(row["num_steps"]), int(row["step_index"]), float(row["sigma"]), paper_steps)
 
 
 def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
@@ -82,7 +106,7 @@ def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
         "model": f"{first['model']} standing in for {PAPER_MODELS[role]} ({first['scale']})",
         "prompt": f"the first {int(first['n_prompts'])} DrawBench prompts (appendix Fig. 1)",
         "attention": f"value features of the conditional branch during generation, {first['num_steps']} steps, "
-        f"CFG {first['cfg']}",
+        f"CFG {first['cfg']}, step_convention = {first['step_convention']}",
         "seed": f"{first['seed']} + prompt index",
         "code_version": provenance_label(),
     })
@@ -102,11 +126,12 @@ def _value_norm_heads_figure(args: argparse.Namespace) -> None:
     write_table(
         value_norm_heads_table(per_head), _table_provenance(per_head, args.role), title,
         "Mean over prompts of the mean L2 norm of each head's value slice, per token group: image tokens, the 77 "
-        "text positions, the prompt's own tokens (<sos> … <eos>). t = k is schedule index N − k. Layer with the "
-        f"largest head-mean norm here: {peak_layers(per_head)}. The paper: {PAPER_CLAIMS[args.role]}.",
+        f"text positions, the prompt's own tokens (<sos> … <eos>). {_convention_note(first['step_convention'])} "
+        f"Layer with the largest head-mean norm here: {peak_layers(per_head)}. The paper: {PAPER_CLAIMS[args.role]}.",
         args.csv, args.markdown,
     )
-    plot_value_norm_heads(per_head, title, Path(args.png), Path(args.pdf))
+    labels = {k: _step_label(per_head, k) for k in per_head["timestep_k"].unique()}
+    plot_value_norm_heads(per_head, title, labels, Path(args.png), Path(args.pdf))
 
 
 def _value_norm_layers_figure(args: argparse.Namespace) -> None:
@@ -121,16 +146,24 @@ def _value_norm_layers_figure(args: argparse.Namespace) -> None:
     title = (f"Appendix Fig. {args.figure_number}, mean L2 norm of values per layer: {PAPER_MODELS[args.role]} ← "
              f"{first['model']} ({first['scale']}), {int(first['n_prompts'])} DrawBench prompts")
     flux_note = (" Flux: text = the 77 T5 positions; layers from the first `single` block on are single-stream "
-                 "blocks, whose values of all tokens come from one projection. On Flux's 50-step schedule t = 28 "
-                 "is index 22 (σ in the table), not the first step.") if args.role == "flux" else ""
+                 "blocks, whose values of all tokens come from one projection.") if args.role == "flux" else ""
     write_table(
         value_norm_layers_table(per_layer), _table_provenance(per_layer, args.role), title,
-        "Mean over prompts of the mean L2 norm of the whole value vector (all heads) per token group. t = k is "
-        f"schedule index N − k.{flux_note} Peak layers here: {peak_layers(per_layer)}. "
+        "Mean over prompts of the mean L2 norm of the whole value vector (all heads) per token group. "
+        f"{_convention_note(first['step_convention'])}{flux_note} Peak layers here: {peak_layers(per_layer)}. "
         f"The paper: {PAPER_CLAIMS[args.role]}.",
         args.csv, args.markdown,
     )
-    plot_value_norm_layers(per_layer, title, Path(args.png), Path(args.pdf))
+    labels = {k: _step_label(per_layer, k) for k in per_layer["timestep_k"].unique()}
+    plot_value_norm_layers(per_layer, title, labels, Path(args.png), Path(args.pdf))
+
+
+def _noising_label(noising, convention: str) -> str:
+    """`figures.step_label` of a recorded `Noising` under ``convention``."""
+    from seg4diff_repro.figures import step_label
+
+    paper_steps = PAPER_STEPS if convention == "paper" else None
+    return step_label(noising.k, noising.num_steps, noising.index, noising.sigma, paper_steps)
 
 
 def _pca_qkv_figure(args: argparse.Namespace) -> None:
@@ -142,15 +175,15 @@ def _pca_qkv_figure(args: argparse.Namespace) -> None:
     adapter = _load(settings, args.device)
     prompt = figure_prompts("fig16")[0]
     generated = generate_and_record(
-        adapter, prompt, args.seed, [args.timestep], settings["num_steps"], cfg=args.cfg, layers=None, record=("qkv",)
+        adapter, prompt, args.seed, [args.timestep], settings["num_steps"], cfg=args.cfg, layers=None,
+        record=("qkv",), step_convention=args.step_convention,
     )
     qkv = generated.recordings[args.timestep].qkv
     layers = sorted(qkv)
     rgb = {(layer, name): pca_rgb(qkv[layer][name][0], adapter.token_grid) for layer in layers for name in QKV}
-    noising = generated.noising[args.timestep]
     title = (f"Appendix Fig. 16, PCA (3 components → RGB) of image-token q, k, v: “{prompt}”, "
-             f"t = {args.timestep} (step {noising.index} of {noising.num_steps}, σ = {noising.sigma:.3f}), "
-             f"seed {args.seed}\n{_stand_in(settings, _scale(settings, adapter))}")
+             f"{_noising_label(generated.noising[args.timestep], args.step_convention)}, seed {args.seed}\n"
+             f"{_stand_in(settings, _scale(settings, adapter))}")
     plot_pca_qkv(generated.image, rgb, layers, title, Path(args.png), Path(args.pdf))
 
 
@@ -182,7 +215,8 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
     entries = []
     for position, (prompt, seed) in enumerate(tqdm(list(zip(prompts, seeds)), desc=figure, unit="prompt")):
         generated = generate_and_record(adapter, prompt, seed, [k], num_steps, cfg=args.cfg, layers=layers,
-                                        record=record, heads=None if per_head else "mean")
+                                        record=record, heads=None if per_head else "mean",
+                                        step_convention=args.step_convention)
         recording, labels = generated.recordings[k], token_labels(adapter.tokenizer, prompt)
         if figure == "fig03":
             tokens = [find_token(labels, word) for word in args.keywords[position]]
@@ -195,8 +229,7 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
         log.info("%s: %r, tokens %s", figure, prompt, [labels[t] for t in tokens])
         entries.append((generated, labels, tokens, recording))
 
-    noising = entries[0][0].noising[k]
-    when = f"t = {k} (step {noising.index} of {num_steps}, σ = {noising.sigma:.3f}) during generation"
+    when = f"{_noising_label(entries[0][0].noising[k], args.step_convention)}, during generation"
     stand_in = _stand_in(settings, _scale(settings, adapter))
     png, pdf = Path(args.png), Path(args.pdf)
     if figure in ("fig03", "fig12"):
@@ -231,13 +264,16 @@ def add_attention_figure_commands(subparsers: argparse._SubParsersAction) -> Non
             command.add_argument("--device", default="cpu", help="cpu, cuda (a free GPU of this host), cuda:N")
             command.add_argument("--seed", type=int, default=0, help="seed of the starting noise (prompt i: seed + i)")
             command.add_argument("--cfg", type=float, default=7.5, help="SD3/SD3.5 classifier-free guidance scale")
+            command.add_argument("--step-convention", choices=STEP_CONVENTIONS, default="official",
+                                 help="where 't = k' lies: 'official' timesteps[-k] of the model's schedule, "
+                                 "'paper' the same fraction of it as t = k of 28")
         for flag in (("--csv", "--markdown") if table else ()) + (("--png", "--pdf") if figure else ()):
             command.add_argument(flag, required=True)
 
     command = subparsers.add_parser("value-norms", help="mean value L2 norms per layer and head during generation")
     common(command, generation=True, figure=False)
     command.add_argument("--prompts", type=int, default=None, help="first N DrawBench prompts (default: all 50)")
-    command.add_argument("--timesteps", type=int, nargs="+", default=[8, 28], help="k of 't = k' (index N - k)")
+    command.add_argument("--timesteps", type=int, nargs="+", default=[8, 28], help="k of 't = k' (see --step-convention)")
     command.add_argument("--per-head", required=True, help="CSV: one row per (k, layer, head)")
     command.add_argument("--per-layer", required=True, help="CSV: one row per (k, layer)")
     command.set_defaults(handler=_value_norms)
@@ -257,13 +293,13 @@ def add_attention_figure_commands(subparsers: argparse._SubParsersAction) -> Non
 
     command = subparsers.add_parser("pca-qkv-figure", help="appendix Fig. 16: PCA RGB of image q/k/v of every layer")
     common(command, generation=True)
-    command.add_argument("--timestep", type=int, default=8, help="k of 't = k' (index N - k)")
+    command.add_argument("--timestep", type=int, default=8, help="k of 't = k' (see --step-convention)")
     command.set_defaults(handler=_pca_qkv_figure)
 
     command = subparsers.add_parser("token-maps-figure", help="appendix Figs. 3, 12, 13, 14, 17: token maps")
     common(command, generation=True)
-    command.add_argument("--figure", choices=TOKEN_MAP_FIGURES, required=True)
-    command.add_argument("--timestep", type=int, default=8, help="k of 't = k' (index N - k)")
+    command.add_argument("--figure", choices=TOKEN_MAP_FIGURES, required=True, help="which appendix figure")
+    command.add_argument("--timestep", type=int, default=8, help="k of 't = k' (see --step-convention)")
     command.add_argument("--keywords", type=json.loads, default=None,
                          help="JSON: fig03 a list of words per prompt; fig13/fig14 one word per fig13_14 prompt")
     command.add_argument("--layers", type=json.loads, default=None,

@@ -98,15 +98,16 @@ def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
         "A file that already verifies is not fetched again; login-only archives (Cityscapes) are only "
         "checked, with instructions if missing.",
     )
-    cmd.add_argument("--archive", required=True, choices=sorted(sources.ARCHIVES), help="archive key")
+    cmd.add_argument("--archive", required=True, choices=sorted(sources.ARCHIVES), metavar="KEY",
+                     help="archive key: %(choices)s")
     where = cmd.add_mutually_exclusive_group(required=True)
     where.add_argument("--dest", help="output file path")
     where.add_argument("--downloads-dir", help="folder; the file keeps its published name")
     cmd.add_argument("--url", action="append", help="URL to use instead of the published ones (repeatable: mirrors)")
     cmd.add_argument("--checksum", type=_checksum_arg, help="ALGO:HEX replacing the published checksum")
-    cmd.add_argument("--retries", type=int, default=5, help="retries without progress per URL (default 5)")
-    cmd.add_argument("--backoff", type=float, default=2.0, help="first retry delay in s, doubled each time (default 2)")
-    cmd.add_argument("--timeout", type=float, default=60.0, help="socket timeout in s (default 60)")
+    cmd.add_argument("--retries", type=int, default=5, help="retries without progress per URL")
+    cmd.add_argument("--backoff", type=float, default=2.0, help="first retry delay in s, doubled each time")
+    cmd.add_argument("--timeout", type=float, default=60.0, help="socket timeout in s")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     cmd.set_defaults(handler=lambda args: _run(_download, args))
 
@@ -116,8 +117,9 @@ def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Verify the dataset's archives, extract the needed members safely and write "
         "<data-root>/prepared/<name>/ (images, label PNGs, split, classes.json, manifest.json last).",
     )
-    cmd.add_argument("--name", required=True, choices=sorted([*sources.DATASETS, *sources.ALIASES]))
-    cmd.add_argument("--data-root", default="data", help="data.root (default: data)")
+    cmd.add_argument("--name", required=True, choices=sorted([*sources.DATASETS, *sources.ALIASES]),
+                     help="dataset (or alias) to prepare: %(choices)s")
+    cmd.add_argument("--data-root", default="data", help="data.root of the config")
     cmd.add_argument("--out", help="prepared folder (default: <data-root>/prepared/<name>)")
     src = cmd.add_mutually_exclusive_group()
     src.add_argument("--downloads-dir", help="folder with the archives (default: <data-root>/downloads)")

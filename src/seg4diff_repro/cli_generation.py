@@ -1,8 +1,9 @@
-"""Generation subcommands of `seg4diff-repro` (appendix Figs. 5, 7, 10, 18, 19).
+"""Generation subcommands of `seg4diff-repro` (appendix Figs. 1, 5, 7, 10, 18, 19).
 
 ``generate-run`` makes one run (one model, one perturbed or guided layer or none, every prompt and
 seed), ``score-fidelity`` scores runs against the unperturbed one, ``fidelity-figure`` draws the
-curves and writes the table of one model, ``generation-grid`` draws the image grid of Fig. 18 or 19.
+curves and writes the table of one model, ``generation-grid`` draws the image grid of Fig. 18 or 19,
+``prompts-figure`` lists the 50 DrawBench prompts (Fig. 1) and which analyses use which.
 """
 
 from __future__ import annotations
@@ -106,6 +107,35 @@ def _generation_grid(args: argparse.Namespace) -> None:
     plot_layer_grid(prompts, reference, by_layer, reference_label, title, Path(args.png), Path(args.pdf))
 
 
+def _prompts_figure(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.atomic import atomic_write_bytes
+    from seg4diff_repro.figures.prompts import plot_prompt_list
+    from seg4diff_repro.generation.prompts import load_prompts
+
+    prompts = load_prompts()  # the packaged DrawBench 50, verbatim from the appendix
+    # analysis -> how many of the first prompts it uses: null for all, a file name for its own prompts file.
+    usage = json.loads(args.usage)
+    used_by = [
+        ", ".join(name for name, count in usage.items()
+                  if count is None or (isinstance(count, int) and number <= count))
+        for number in range(1, len(prompts) + 1)
+    ]
+    table = pd.DataFrame({"number": range(1, len(prompts) + 1), "prompt": prompts, "used_by": used_by})
+    uses = "; ".join(
+        f"{name}: " + ("all 50" if count is None else f"the first {count}" if isinstance(count, int)
+                       else f"its own prompts file {count}, none of these")
+        for name, count in usage.items()
+    )
+    note = (f"Verbatim from the appendix (typos and punctuation kept), in its order. This config's analyses use: "
+            f"{uses}.")
+    atomic_write_bytes(Path(args.csv), table.to_csv(index=False).encode())
+    body = table.to_markdown(index=False)
+    atomic_write_bytes(Path(args.markdown), f"# {args.title}\n\n{note}\n\n{body}\n".encode())
+    plot_prompt_list(prompts, args.title, note, Path(args.png), Path(args.pdf))
+
+
 def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     """Register the generation subcommands on the main parser's subparsers."""
     command = commands.add_parser("generate-run", help="images of one model with one perturbed/guided layer (or none)")
@@ -137,12 +167,22 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
         command.add_argument(f"--{name}", required=True)
     command.set_defaults(handler=_fidelity_figure)
 
+    command = commands.add_parser("prompts-figure", help="appendix Fig. 1: the 50 DrawBench prompts, figure and table")
+    command.add_argument("--usage", required=True,
+                         help='JSON: analysis -> number of the first prompts it uses, null for all, e.g. '
+                         '{"fidelity (Figs. 5, 7, 10)": 4}')
+    command.add_argument("--title", required=True, help="figure and table title")
+    for name in ("csv", "markdown", "png", "pdf"):
+        command.add_argument(f"--{name}", required=True)
+    command.set_defaults(handler=_prompts_figure)
+
     command = commands.add_parser("generation-grid", help="appendix Fig. 18/19: labelled image grid over layers")
     command.add_argument("--reference", required=True, help="the unperturbed (unguided) run folder")
     command.add_argument("--runs", nargs="+", required=True, help="one run folder per layer")
-    command.add_argument("--role", required=True, choices=["sd3", "sd35", "flux"])
+    command.add_argument("--role", required=True, choices=["sd3", "sd35", "flux"],
+                         help="the paper's model it stands for")
     command.add_argument("--figure", required=True, help="figure key, e.g. fig18")
-    command.add_argument("--paper-name", default=None)
+    command.add_argument("--paper-name", default=None, help="the model's paper_name, if it is the paper's model")
     for name in ("png", "pdf"):
         command.add_argument(f"--{name}", required=True)
     command.set_defaults(handler=_generation_grid)

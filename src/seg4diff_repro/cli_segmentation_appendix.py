@@ -38,13 +38,14 @@ def _head_figure(args: argparse.Namespace) -> None:
     from seg4diff_repro.tables.sweeps import write_table
 
     scores = pd.read_csv(args.scores)
+    title = f"{args.title}, {_segmentation_step(scores.iloc[0])}"
     write_table(
-        head_table(scores), scores.iloc[0], args.title,
+        head_table(scores), scores.iloc[0], title,
         "mIoU (%) of the post-softmax I2T map of each single head, background as a prompt class, accumulated as one "
         "confusion matrix per (layer, head) while streaming. The paper reports this figure only as a plot.",
         args.csv, args.markdown,
     )
-    plot_head_heatmap(scores, args.title, args.png, args.pdf)
+    plot_head_heatmap(scores, title, args.png, args.pdf)
 
 
 def _provenance(path: str):
@@ -78,10 +79,12 @@ def _normalisation_panels(args: argparse.Namespace) -> None:
 
     tables = [pd.read_csv(path).assign(panel=label) for label, path in zip(args.labels, args.tables)]
     combined = pd.concat(tables, ignore_index=True)
+    # The rows differ in softmax and min-max: the provenance line keeps only what they share.
     write_table(
-        combined, _provenance(args.provenance), args.title,
-        "Post- or pre-softmax maps, raw or min-max normalised (before and after merging a class's tokens). The "
-        "paper's checkmarks are lost in every copy; its row-to-setting pairing is inferred (method_spec J).",
+        combined, _provenance(args.provenance).drop(labels=["attention"], errors="ignore"), args.title,
+        "Head-mean I2T maps, post-softmax (`post_softmax` True) or the pre-softmax logits (False), raw or min-max "
+        "normalised (`min_max`: before and after merging a class's tokens), as each row says. The paper's "
+        "checkmarks are lost in every copy; its row-to-setting pairing is inferred (docs/method.md#reported-numbers).",
         args.csv, args.markdown,
     )
 
@@ -95,39 +98,77 @@ def _appendix_per_layer(args: argparse.Namespace) -> None:
 
     scores = pd.read_csv(args.scores)
     table = per_layer_table(scores, args.paper_model, args.paper_dataset)
-    write_table(table, scores.iloc[0], args.title, "Scores in percent per joint layer; `paper_mIoU` on the layer the "
-                "paper evaluates, where it reports one.", args.csv, args.markdown)
-    plot_per_layer(table, Path(args.png), Path(args.pdf), title=args.title)
+    title = f"{args.title}, {_segmentation_step(scores.iloc[0])}"
+    first_single = None
+    note = "Scores in percent per joint layer; `paper_mIoU` on the layer the paper evaluates, where it reports one."
+    if args.backbone == "flux":
+        from seg4diff_repro.models.flux import flux_double_stream_blocks
+
+        first_single = flux_double_stream_blocks(args.model_source)
+        note += (f" Layers 0–{first_single - 1} are double-stream (MM-DiT) blocks, layers {first_single} on "
+                 "single-stream blocks.")
+    write_table(table, scores.iloc[0], title, note, args.csv, args.markdown)
+    plot_per_layer(table, Path(args.png), Path(args.pdf), title=title, first_single=first_single)
+
+
+def _segmentation_step(scores_row) -> str:
+    """The step label of a segmentation score row: its input was noised to timesteps[-k] (index N − k)."""
+    from seg4diff_repro.figures import step_label
+
+    k, num_steps = int(scores_row["timestep_k"]), int(scores_row["num_steps"])
+    return step_label(k, num_steps, num_steps - k, float(scores_row["sigma"]))
 
 
 def _overlays(args: argparse.Namespace) -> None:
-    from seg4diff_repro.figures.segmentation_appendix import plot_overlays
+    from seg4diff_repro.attention.extract import load_manifest
+    from seg4diff_repro.figures import step_label
+    from seg4diff_repro.figures.segmentation_appendix import drawn_colours, plot_overlays, view_palette
     from seg4diff_repro.segmentation.overlays import overlay_rows
 
     unsupervised = args.mode == "unsupervised"
-    rows, classes = overlay_rows(
+    rows, classes, view_names = overlay_rows(
         Path(args.cache), Path(args.dataset_root), args.layer, args.n, unsupervised=unsupervised,
         kl_threshold=args.kl_threshold,
     )
-    plot_overlays(rows, args.title, Path(args.png), Path(args.pdf), legend=None if unsupervised else classes)
+    extra = max(int(row["prediction"].max()) + 1 for row in rows) - len(view_names)
+    palette = view_palette(Path(args.dataset_root), view_names, max(extra, 0))
+    noising = load_manifest(Path(args.cache))["noising"]
+    title = f"{args.title}, {step_label(noising['k'], noising['num_steps'], noising['index'], noising['sigma'])}"
+    footer = ("Ground truth: unlabelled pixels (ignore index) left unpainted. Colours: one per class of the dataset, "
+              "the same in every figure of it" + (", none of the colours its images draw the classes in"
+                                                  if drawn_colours(Path(args.dataset_root)) else "") + ".")
+    if unsupervised:
+        footer += (" Prediction: each proposal in the colour of the class the per-image Hungarian matching gives "
+                   f"it, unmatched proposals in other colours; τ = {args.kl_threshold:g}.")
+    plot_overlays(rows, title, palette, Path(args.png), Path(args.pdf), legend=None if unsupervised else classes,
+                  footer=footer)
 
 
 def _main_table(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from seg4diff_repro.tables.segmentation_appendix import main_table
-    from seg4diff_repro.tables.sweeps import write_table
+    from seg4diff_repro.tables.segmentation_appendix import main_table, write_main_table
 
     entries = json.loads(args.entries)
     for entry in entries:
         entry["scores"] = pd.read_csv(entry.pop("path"))
     table = main_table(entries, args.kind)
-    first = entries[0]["scores"].iloc[0]
+    title = args.title
     note = (
-        "Our models at their analysis layer beside the paper's main-text table (`paper_mIoU`; empty where it has no "
-        "such entry). `paper_model`/`paper_dataset`: what the configured model and dataset stand in for."
+        "Our models at their analysis layer beside the paper's main-text table (`paper_mIoU`; empty or – where "
+        "it has no such entry; the paper's numbers are for its own models at layer 9, Flux's layer is not stated). "
+        "`paper_model`/`paper_dataset`: what the configured `model`/`dataset` stand in for. Each row carries "
+        "the settings that produced it (timestep k of the model's own schedule, σ, prompt, resize, attention, "
+        "seed, images, code version)."
     )
-    write_table(table, first, args.title, note, args.csv, args.markdown)
+    if args.kind == "unsupervised":
+        thresholds = ", ".join(f"{value:g}" for value in sorted(table["kl_threshold"].unique()))
+        title = f"{title}, τ = {thresholds}"
+        note += (
+            f" τ (`kl_threshold`) is the symmetric-KL threshold that merges the empty prompt's 77 token maps into "
+            f"proposals: here {thresholds}; the official code hard-codes 0.1 (its config's 0.035 is never read)."
+        )
+    write_main_table(table, title, note, args.csv, args.markdown)
 
 
 def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> None:
@@ -154,7 +195,7 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
 
     command = commands.add_parser("normalisation-panels", help="appendix Table 1 over several datasets")
     command.add_argument("--tables", nargs="+", required=True, help="normalisation-table CSVs, one per dataset")
-    command.add_argument("--labels", nargs="+", required=True)
+    command.add_argument("--labels", nargs="+", required=True, help="panel titles, one per table")
     command.add_argument("--provenance", required=True, help="a raw score CSV whose settings head the table")
     _outputs(command, table=True, figure=False)
     command.set_defaults(handler=_normalisation_panels)
@@ -163,6 +204,9 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
     command.add_argument("--scores", required=True, help="per-layer score CSV of score-layers")
     command.add_argument("--paper-model", required=True, help="row of the paper's tables (sd3_medium, ...)")
     command.add_argument("--paper-dataset", required=True, help="column of the paper's tables (voc20, ...)")
+    command.add_argument("--backbone", choices=["sd3", "flux"], required=True, help="the model's backbone")
+    command.add_argument("--model-source", required=True,
+                         help="the model's source (Flux: its transformer config says where single-stream blocks begin)")
     _outputs(command, table=True, figure=True)
     command.set_defaults(handler=_appendix_per_layer)
 
@@ -171,13 +215,15 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
     command.add_argument("--dataset-root", required=True)
     command.add_argument("--layer", type=int, required=True)
     command.add_argument("--n", type=int, default=4, help="number of images (the first of the split)")
-    command.add_argument("--mode", choices=["ovss", "unsupervised"], required=True)
+    command.add_argument("--mode", choices=["ovss", "unsupervised"], required=True,
+                         help="ovss: oracle-prompt predictions; unsupervised: matched empty-prompt proposals")
     command.add_argument("--kl-threshold", type=float, default=0.1)
     _outputs(command, table=False, figure=True)
     command.set_defaults(handler=_overlays)
 
     command = commands.add_parser("main-table", help="main Tables 1/2: our rows beside the paper's")
-    command.add_argument("--kind", choices=["ovss", "unsupervised"], required=True)
+    command.add_argument("--kind", choices=["ovss", "unsupervised"], required=True,
+                         help="ovss: main Table 1; unsupervised: main Table 2")
     command.add_argument("--entries", required=True,
                          help="JSON list of {path, layer, paper_model, paper_dataset, role_model, role_dataset}")
     _outputs(command, table=True, figure=False)

@@ -13,6 +13,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from seg4diff_repro.steps import PAPER_STEPS
+
 # Joint (MM-DiT) layer counts of the hub models, so that the DAG can be checked without downloading.
 KNOWN_LAYER_COUNTS = {
     "stabilityai/stable-diffusion-3-medium-diffusers": 24,
@@ -115,8 +117,8 @@ def generation_layers(spec: str | list[int], name: str, model: dict, key: str) -
     return sorted(spec)
 
 
-def _check_generation(config: dict, schema: dict) -> None:
-    generation = apply_defaults(copy.deepcopy(config), schema)["analyses"]["generation"]
+def _check_generation(config: dict) -> None:
+    generation = config["analyses"]["generation"]
     roles = config["appendix"]["models"]
     for role, spec in generation["fidelity_layers"].items():
         key = f"analyses.generation.fidelity_layers.{role}"
@@ -129,21 +131,26 @@ def _check_generation(config: dict, schema: dict) -> None:
         )
     if generation["fidelity"]["weights"] == "random":
         for role, name in roles.items():
-            if not config["models"][name].get("toy", False):
+            if not (config["models"][name].get("toy", False) or config["models"][name].get("random_weights", False)):
                 raise ConfigError(
-                    f"analyses.generation.fidelity.weights = 'random' is allowed for toy models only, but "
-                    f"appendix.models.{role} = {name!r} is not one (models.{name}.toy is not true): random CLIP/DINO "
+                    f"analyses.generation.fidelity.weights = 'random' is allowed for toy models and random-weight stand-ins only, but "
+                    f"appendix.models.{role} = {name!r} is neither (models.{name}.toy and .random_weights are not true): random CLIP/DINO "
                     "scores say nothing about a real model. Set analyses.generation.fidelity.weights: pretrained "
                     "(hub weights, or local copies via fidelity.clip_pretrained and fidelity.dino_source)."
                 )
 
 
 def check_config(config: dict, schema_path: str | Path) -> None:
-    """Raise ConfigError for the first schema violation or out-of-range layer, timestep or name."""
+    """Raise ConfigError for the first schema violation, or bad value the schema cannot see: an out-of-range layer
+    or timestep, an undefined name, a device torch would reject, a local path that does not exist.
+
+    The schema's defaults are filled (into a copy) before the checks, so that a key left out is checked at its default.
+    """
     schema = load_schema(schema_path)
     errors = sorted(jsonschema.validators.validator_for(schema)(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid config: " + "; ".join(_explain(e, schema) for e in errors[:5]))
+    config = apply_defaults(copy.deepcopy(config), schema)
 
     for kind in ("models", "datasets"):
         for name in config["run"][kind]:
@@ -156,6 +163,12 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                     f"defined {kind}: {sorted(config[kind])}"
                 )
 
+    for name in (config.get("analyses", {}).get("unsupervised", {}).get("models") or []):
+        if name not in config["models"]:
+            raise ConfigError(
+                f"analyses.unsupervised.models names {name!r}, which is not defined; defined models: {sorted(config['models'])}"
+            )
+
     for name, model in config["models"].items():
         expected = f"results/models/{name}"
         if "build" in model and str(model["source"]).rstrip("/") != expected:
@@ -163,19 +176,19 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                 f"models.{name}.source = {model['source']!r}: a model with `build` is written by the rule "
                 f"build_tiny_model to {expected!r}; set source to that path or remove `build`"
             )
+        check_device(model["device"], f"models.{name}.device")
+
+    used_models = list(dict.fromkeys([*config["run"]["models"], *config["appendix"]["models"].values()]))
+    for name in used_models:
+        _check_model_source(name, config["models"][name], config["toy_model"]["source"])
+    _check_timesteps(config, used_models)
 
     attention = config["attention"]
-    for name in dict.fromkeys([*config["run"]["models"], *config["appendix"]["models"].values()]):
+    for name in used_models:
         model = config["models"][name]
-        steps = model["num_inference_steps"]
-        if not 1 <= attention["timestep"] <= steps:
-            raise ConfigError(
-                f"attention.timestep = {attention['timestep']} is out of range for model {name!r}: "
-                f"allowed 1..{steps} (k steps before the end of its {steps}-step schedule)"
-            )
         layers = attention["layers"]
         count = model_num_layers(model)
-        analysis_layer = model.get("analysis_layer", 9)
+        analysis_layer = model["analysis_layer"]
         if count is not None and not 0 <= analysis_layer < count:
             raise ConfigError(
                 f"models.{name}.analysis_layer = {analysis_layer} is out of range: allowed 0..{count - 1}"
@@ -188,7 +201,121 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                     f"allowed 0..{count - 1} (0-based joint layers) or \"all\""
                 )
 
-    _check_generation(config, schema)
+    head_map_layers = config["analyses"]["attention_figures"]["head_map_layers"]
+    sd3_role = config["appendix"]["models"]["sd3"]
+    count = model_num_layers(config["models"][sd3_role])
+    bad = [layer for layer in head_map_layers or [] if count is not None and layer >= count]
+    if bad:
+        raise ConfigError(
+            f"analyses.attention_figures.head_map_layers contains {bad}, out of range for model {sd3_role!r} "
+            f"(appendix.models.sd3): allowed 0..{count - 1}, or null for every layer"
+        )
+
+    check_device(config["toy_model"]["device"], "toy_model.device", allow_auto=True)
+    check_device(config["toy_generations"]["device"], "toy_generations.device")
+    check_device(config["analyses"]["generation"]["fidelity"]["device"], "analyses.generation.fidelity.device")
+    _check_local_paths(config)
+    _check_generation(config)
+
+
+def _check_timesteps(config: dict, used_models: list[str]) -> None:
+    """Every k of 't = k' must lie on the schedule of each model it is used with (1..num_inference_steps)."""
+    appendix = config["appendix"]["models"]
+    figures = config["analyses"]["attention_figures"]
+    for name in used_models:
+        steps = config["models"][name]["num_inference_steps"]
+        uses: list[tuple[str, int | list[int]]] = [("attention.timestep", config["attention"]["timestep"])]
+        if name in config["run"]["models"] or name == appendix["sd3"]:  # fig02 sweeps the sd3 role
+            uses.append(("analyses.timestep_sweep.timesteps", config["analyses"]["timestep_sweep"]["timesteps"]))
+        if name in appendix.values():
+            uses.append(("analyses.attention_figures.timesteps", figures["timesteps"]))
+        if name == appendix["sd3"]:
+            uses.append(("analyses.attention_figures.map_timestep", figures["map_timestep"]))
+        for key, value in uses:
+            # Under the paper's step convention the attention figures count t = k on SD3's 28 steps.
+            paper_steps = key.startswith("analyses.attention_figures") and figures["step_convention"] == "paper"
+            limit = PAPER_STEPS if paper_steps else steps
+            bad = [k for k in (value if isinstance(value, list) else [value]) if not 1 <= k <= limit]
+            if bad:
+                what = f"contains {bad}, which are" if isinstance(value, list) else f"= {value} is"
+                schedule = (f"the paper's t = k of {PAPER_STEPS} (analyses.attention_figures.step_convention: paper)"
+                            if paper_steps else f"k steps before the end of its {steps}-step schedule, "
+                            f"models.{name}.num_inference_steps")
+                raise ConfigError(f"{key} {what} out of range for model {name!r}: allowed 1..{limit} ({schedule})")
+
+
+def check_device(value: str, key: str, *, allow_auto: bool = False) -> None:
+    """ConfigError naming ``key`` unless ``value`` is a device string torch accepts (``auto`` where allowed)."""
+    if allow_auto and value == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        allowed = "cpu, cuda, cuda:N, mps" + (" or auto" if allow_auto else "")
+        raise ConfigError(f"{key} = {value!r} is not a torch device ({error}); use {allowed}") from None
+
+
+# First path parts that are this project's own folders: `models/...` is a path here, never a hub owner.
+PROJECT_FOLDERS = ("models", "results", "data", ".cache")
+
+
+def looks_like_local_path(source: str | Path) -> bool:
+    """Whether a model ``source`` names a local folder rather than a Hugging Face id (``owner/name``).
+
+    Local: it starts with ``/``, ``./``, ``../`` or ``~``, does not have exactly one ``/``, or its first part is
+    one of the project's folders or an existing folder (``models/toy_sd3``, ``results/models/...``).
+    """
+    source = str(source)
+    if source.startswith(("/", "./", "../", "~")) or source in (".", "..") or source.count("/") != 1:
+        return True
+    owner = source.split("/")[0]
+    return owner in PROJECT_FOLDERS or Path(owner).is_dir()
+
+
+def _check_model_source(name: str, model: dict, trainable_source: str) -> None:
+    """A local `source` must be a model folder, unless a rule writes it (`build`, the trained toy model)."""
+    source = str(model["source"])
+    if "build" in model or source.rstrip("/") == str(trainable_source).rstrip("/") or not looks_like_local_path(source):
+        return
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"models.{name}.source = {source!r} is a local path (not a Hugging Face id, owner/name) and does not "
+            "exist: point it at a folder written by `pipeline.save_pretrained`, or at the hub id"
+        )
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(
+            f"models.{name}.source = {source!r} has no model_index.json: point it at a folder written by "
+            "`pipeline.save_pretrained`, or at the hub id"
+        )
+
+
+def _check_local_paths(config: dict) -> None:
+    """Files and folders the config names must exist (checked here, not hours later in a job)."""
+    for name, path in config["data"]["paths"].items():
+        if not Path(path).expanduser().is_dir():
+            raise ConfigError(f"data.paths.{name} = {path!r} is not a folder: point it at the raw copy of the "
+                              "dataset, or remove the entry to download it")
+    generation = config["analyses"]["generation"]
+    prompts_file = generation["prompts_file"]
+    if prompts_file is not None and not Path(prompts_file).expanduser().is_file():
+        raise ConfigError(f"analyses.generation.prompts_file = {prompts_file!r} is not a file: give a text file "
+                          "with one prompt per line, or null for the packaged DrawBench prompts")
+    fidelity = generation["fidelity"]
+    if fidelity["weights"] != "pretrained":
+        return
+    clip = str(fidelity["clip_pretrained"])
+    # An open_clip tag is a plain name (openai, laion2b_s34b_b79k); anything path-like must be a checkpoint file.
+    if ("/" in clip or clip.startswith(("~", ".")) or Path(clip).suffix in (".pt", ".pth", ".bin", ".safetensors")) \
+            and not Path(clip).expanduser().is_file():
+        raise ConfigError(f"analyses.generation.fidelity.clip_pretrained = {clip!r} is a path but not a file: give "
+                          "the checkpoint file, or an open_clip tag such as openai")
+    dino = str(fidelity["dino_source"])
+    if looks_like_local_path(dino) and not Path(dino).expanduser().is_dir():
+        raise ConfigError(f"analyses.generation.fidelity.dino_source = {dino!r} is a local path and not a folder: "
+                          "give a folder written by save_pretrained, or a Hugging Face id")
 
 
 def apply_defaults(config: dict, schema: dict) -> dict:

@@ -95,7 +95,7 @@ def test_download_and_prepare_success(server, tmp_path, name):
 def _voc(root, ds):
     assert ds.ids == VOC_VAL and ds.class_names[0] == "background" and ds.class_names[11] == "diningtable"
     assert labels(root, VOC_VAL[0])[0, :4].tolist() == [0, 15, 255, 2]
-    voc20 = SegmentationDataset(root, "val", drop_background=True)  # the VOC20 view
+    voc20 = SegmentationDataset(root, "val", background="drop")  # the VOC20 view
     assert voc20.class_names[0] == "aeroplane" and len(voc20.class_names) == 20
     assert voc20[0].label[0, :4].tolist() == [255, 14, 255, 1]
     # Only the val members were extracted, and the JPEGs are copied bit-exactly.
@@ -116,10 +116,13 @@ def _coco_object(root, ds):
 
 
 def _pc59(root, ds):
-    assert ds.ids == ["2008_000002", "2008_000003"] and ds.background_index is None
+    assert ds.ids == ["2008_000002", "2008_000003"] and ds.background_index == 0 and len(ds.class_names) == 60
     lab = labels(root, "2008_000002")
-    assert lab[0, 0] == ds.class_names.index("sky") and lab[5, 0] == ds.class_names.index("aeroplane")
-    assert lab[5, 11] == 255  # unlabelled
+    assert lab[0, 0] == ds.class_names.index("sky") == 47 and lab[5, 0] == ds.class_names.index("aeroplane") == 1
+    assert lab[5, 11] == 0  # no 59-class annotation: background
+    pc59 = SegmentationDataset(root, "val", background="drop")  # the open-vocabulary PC59 view, as before
+    assert pc59.class_names[0] == "aeroplane" and len(pc59.class_names) == 59
+    assert pc59[0].label[0, 0] == 46 and pc59[0].label[5, 0] == 0 and pc59[0].label[5, 11] == 255
 
 
 def _ade150(root, ds):

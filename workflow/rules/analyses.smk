@@ -56,14 +56,16 @@ NORMALISATION_VARIANTS = {
 
 rule score_normalisation_variant:
     input:
-        cache="results/attention/{model}/{dataset}/t{timestep}/manifest.json",
+        cache=attention_cache,
         dataset=prepared_manifest,
     output:
         "results/segmentation/{model}/{dataset}/t{timestep}/normalisation_{variant}.csv",
     wildcard_constraints:
         variant="|".join(NORMALISATION_VARIANTS),
     params:
-        settings=lambda wildcards: json.dumps(NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True),
+        settings=lambda wildcards: json.dumps(
+            config["segmentation"] | NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True
+        ),
         dataset_root=prepared_root,
     log:
         "logs/score_normalisation_variant/{model}_{dataset}_t{timestep}_{variant}.log",
@@ -129,12 +131,12 @@ rule extract_unsupervised_attention_shard:
         runtime=model_runtime,
         gpu=model_uses_gpu,
         device=model_device,
-        batch_size=config["attention"]["batch_size"],
+        batch_size=forward_batch_size("extract-attention"),
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro extract-attention --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
-        " --out-dir {params.out_dir:q} --shard {wildcards.scatteritem} --shard-manifest {output:q}"
+        " --out-dir {params.out_dir:q} --shard {wildcards.scatteritem} --shard-record {output:q}"
         " --device {resources.device:q} --batch-size {resources.batch_size} 2> {log:q}"
 
 
@@ -156,8 +158,7 @@ rule extract_unsupervised_attention:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro gather-attention --shards {input.shards:q} --dataset-root {params.dataset_root:q}"
-        " --out {output:q} 2> {log:q}"
+        "seg4diff-repro gather-attention --shards {input.shards:q} --dataset-root {params.dataset_root:q} 2> {log:q}"
 
 
 rule score_unsupervised:
@@ -170,6 +171,8 @@ rule score_unsupervised:
         dataset_root=prepared_root,
         kl_threshold=config["analyses"]["unsupervised"]["kl_threshold"],
         geometry=config["analyses"]["unsupervised"]["geometry"],
+        matching=config["analyses"]["unsupervised"]["matching"],
+        scored_classes=lambda wildcards: config["datasets"][wildcards.dataset]["scored_classes"] or "none",
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -180,7 +183,8 @@ rule score_unsupervised:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro score-unsupervised --cache {input.cache:q} --dataset-root {params.dataset_root:q}"
-        " --kl-threshold {params.kl_threshold} --geometry {params.geometry} --out {output:q} 2> {log:q}"
+        " --kl-threshold {params.kl_threshold} --geometry {params.geometry} --matching {params.matching}"
+        " --scored-classes {params.scored_classes} --out {output:q} 2> {log:q}"
 
 
 rule unsupervised_table:

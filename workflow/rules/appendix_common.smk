@@ -1,7 +1,5 @@
 # Names and helpers of the appendix targets (figures/figNN_*, paper_tables/tabNN_*, main_table*): which paper
 # figure each is, and which configured model and dataset stand in for the paper's (`appendix:` in the config).
-
-# main_table*), for the models and datasets that `appendix:` in the config makes stand in for the paper's.
 # `snakemake all_segmentation` builds them all; each file is also a target of its own.
 
 PAPER_MODELS = {"sd3": "SD3-medium", "sd35": "SD3.5-medium", "flux": "FLUX.1-dev"}
@@ -11,10 +9,13 @@ PAPER_DATASETS = {
     "coco_object": "COCO-Object",
     "coco_object_bg": "COCO-Object (with background)",
     "pc59": "PC59",
+    "pc59_bg": "PC59 (with background)",
     "ade150": "ADE20K-150",
+    "coco_stuff27": "COCO-Stuff-27",
+    "cityscapes": "Cityscapes",
 }
-# Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object column includes background).
-PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object"}
+# Keys of paper_numbers.json for each dataset role (the unsupervised COCO-Object and PC59 columns include background).
+PAPER_DATASET_KEYS = {"coco_object_bg": "coco_object", "pc59_bg": "pc59"}
 PAPER_MODEL_KEYS = {"sd3": "sd3_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
 
 PER_LAYER_FIGURES = {
@@ -30,9 +31,14 @@ OVERLAY_FIGURES = {
     "fig25_unsupervised_voc21": ("unsupervised", "voc21", "Appendix Fig. 25"),
     "fig26_unsupervised_ade150": ("unsupervised", "ade150", "Appendix Fig. 26"),
 }
+# Main tables: (kind, model rows, dataset columns in the paper's order: every column of its table).
 MAIN_TABLES = {
-    "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150"]),
-    "main_table2_unsupervised": ("unsupervised", ["sd3", "sd35"], ["voc21", "pc59", "coco_object_bg", "ade150"]),
+    "main_table1_ovss": ("ovss", ["sd3", "sd35", "flux"], ["voc20", "coco_object", "pc59", "ade150", "cityscapes"]),
+    "main_table2_unsupervised": (
+        "unsupervised",
+        ["sd3", "sd35"],
+        ["voc21", "pc59_bg", "coco_object_bg", "coco_stuff27", "cityscapes", "ade150"],
+    ),
 }
 TIMESTEP = config["attention"]["timestep"]
 
@@ -61,6 +67,11 @@ def segmentation_appendix_targets():
     return tables + images
 
 
+def per_layer_figure_model(figure):
+    """The config entry of the model standing in for a per-layer figure's paper model."""
+    return config["models"][appendix_model(PER_LAYER_FIGURES[figure][0])]
+
+
 def provenance_scores():
     """The raw scores of SD3's stand-in on VOC20's: their settings head the combined tables."""
     return f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{TIMESTEP}/per_layer.csv"
@@ -68,13 +79,29 @@ def provenance_scores():
 
 def overlay_cache(wildcards):
     mode, role, _ = OVERLAY_FIGURES[wildcards.figure]
-    folder = "attention" if mode == "ovss" else "attention_null"
-    return f"results/{folder}/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/manifest.json"
+    if mode == "ovss":
+        return attention_manifest(appendix_model("sd3"), appendix_dataset(role), TIMESTEP)
+    return f"results/attention_null/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/manifest.json"
 
 
 def overlay_dataset_root(wildcards):
     dataset = config["datasets"][appendix_dataset(OVERLAY_FIGURES[wildcards.figure][1])]
     return DATA_ROOT / "prepared" / dataset["prepared"]
+
+
+def main_table_title(name):
+    """'Main Table 1: open-vocabulary segmentation (mIoU, background excluded), ..., stand-ins ...'."""
+    kind, model_roles, dataset_roles = MAIN_TABLES[name]
+    what = {
+        "ovss": "open-vocabulary segmentation (mIoU %, background excluded, oracle prompt)",
+        "unsupervised": "unsupervised segmentation (mIoU %, background included, empty prompt)",
+    }[kind]
+    models = "; ".join(stand_in(role) for role in model_roles)
+    datasets = "; ".join(stand_in(None, role) for role in dataset_roles)
+    return (
+        f"Main Table {name[len('main_table')]}: {what}, t = {TIMESTEP} (index N − {TIMESTEP} of each model's "
+        f"N-step schedule), each model's analysis layer. Models: {models}. Datasets: {datasets}"
+    )
 
 
 def main_table_entries(name):

@@ -1,11 +1,12 @@
-# Forward passes: attention maps cached on disk, once per (model, dataset, timestep).
+# Forward passes: attention maps cached on disk, once per (model, dataset, timestep). A swept (model, dataset)
+# pair (`analyses.timestep_sweep`) is one job over all its timesteps, so that its VAE and text encoders run once
+# per image; its caches are results/attention/{model}/{dataset}/sweep/t{k}/ (see attention_manifest).
 #
-# Scatter/gather: `extract_attention_shard` runs the forward passes of one shard of the dataset's images (the
-# scatter named `extraction`: 1 shard by default, `--set-scatter extraction=8` spreads one dataset over 8 GPUs
-# or cluster nodes); the shards write their per-image files into the same cache folder, and `extract_attention`
-# checks the shards and writes the cache's manifest. A killed shard re-runs alone and keeps the images it had
-# cached. Device and batch size are operational (resources, recorded in the manifests): changing them re-runs
-# nothing.
+# Scatter/gather: each extraction runs as shards of the dataset's images (the scatter named `extraction`: 1 shard
+# by default, `--set-scatter extraction=8` spreads one dataset over 8 GPUs or cluster nodes). The shards write
+# their per-image files into the same cache folders; the gather rule checks them and writes each cache's manifest.
+# A killed shard re-runs alone and keeps the images it had cached. Device and batch size are operational
+# (resources, recorded in the manifests): changing them re-runs nothing.
 
 
 scattergather:
@@ -31,12 +32,12 @@ rule extract_attention_shard:
         runtime=model_runtime,
         gpu=model_uses_gpu,
         device=model_device,
-        batch_size=config["attention"]["batch_size"],
+        batch_size=forward_batch_size("extract-attention"),
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro extract-attention --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
-        " --out-dir {params.out_dir:q} --shard {wildcards.scatteritem} --shard-manifest {output:q}"
+        " --out-dir {params.out_dir:q} --shard {wildcards.scatteritem} --shard-record {output:q}"
         " --device {resources.device:q} --batch-size {resources.batch_size} 2> {log:q}"
 
 
@@ -56,5 +57,51 @@ rule extract_attention:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro gather-attention --shards {input.shards:q} --dataset-root {params.dataset_root:q}"
-        " --out {output:q} 2> {log:q}"
+        "seg4diff-repro gather-attention --shards {input.shards:q} --dataset-root {params.dataset_root:q} 2> {log:q}"
+
+
+rule extract_attention_sweep_shard:
+    input:
+        dataset=prepared_manifest,
+        model=model_inputs,
+    output:
+        "results/attention/{model}/{dataset}/sweep/shards/{scatteritem}.json",
+    params:
+        settings=sweep_settings,
+        caches=sweep_caches,
+        dataset_root=prepared_root,
+    log:
+        "logs/extract_attention_sweep/{model}_{dataset}_{scatteritem}.log",
+    benchmark:
+        "results/benchmarks/extract_attention_sweep/{model}_{dataset}_{scatteritem}.tsv"
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=model_uses_gpu,
+        device=model_device,
+        batch_size=forward_batch_size("extract-attention"),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro extract-attention --settings {params.settings:q} --caches {params.caches:q}"
+        " --dataset-root {params.dataset_root:q} --shard {wildcards.scatteritem} --shard-record {output:q}"
+        " --device {resources.device:q} --batch-size {resources.batch_size} 2> {log:q}"
+
+
+rule extract_attention_sweep:
+    input:
+        shards=gather.extraction("results/attention/{{model}}/{{dataset}}/sweep/shards/{scatteritem}.json"),
+        dataset=prepared_manifest,
+    output:
+        [f"results/attention/{{model}}/{{dataset}}/sweep/t{k}/manifest.json" for k in sweep_timesteps()],
+    params:
+        dataset_root=prepared_root,
+    log:
+        "logs/extract_attention_sweep/{model}_{dataset}.log",
+    localrule: True
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro gather-attention --shards {input.shards:q} --dataset-root {params.dataset_root:q} 2> {log:q}"

@@ -18,6 +18,7 @@ rule value_norms:
         timesteps=" ".join(str(k) for k in ATTENTION_FIGURES["timesteps"]),
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+        step_convention=ATTENTION_FIGURES["step_convention"],
     log:
         "logs/value_norms/{model}.log",
     benchmark:
@@ -32,6 +33,7 @@ rule value_norms:
     shell:
         "seg4diff-repro value-norms --model-settings {params.settings:q} --device {resources.device:q} {params.prompts}"
         " --timesteps {params.timesteps} --cfg {params.cfg} --seed {params.seed}"
+        " --step-convention {params.step_convention}"
         " --per-head {output.per_head:q} --per-layer {output.per_layer:q} 2> {log:q}"
 
 
@@ -119,6 +121,7 @@ rule pca_qkv_figure:
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+        step_convention=ATTENTION_FIGURES["step_convention"],
     log:
         "logs/pca_qkv_figure/fig16_pca_qkv_sd3.log",
     benchmark:
@@ -131,8 +134,9 @@ rule pca_qkv_figure:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --device {resources.device:q} --timestep {params.timestep}"
-        " --cfg {params.cfg} --seed {params.seed} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+        "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --device {resources.device:q}"
+        " --timestep {params.timestep} --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
+        " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
 
 
 rule token_maps_figure:
@@ -162,6 +166,7 @@ rule token_maps_figure:
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
+        step_convention=ATTENTION_FIGURES["step_convention"],
     log:
         "logs/token_maps_figure/{stem}.log",
     benchmark:
@@ -176,4 +181,5 @@ rule token_maps_figure:
     shell:
         "seg4diff-repro token-maps-figure --model-settings {params.settings:q} --device {resources.device:q} --figure {params.figure}"
         " --keywords {params.keywords:q} --layers {params.layers:q} --timestep {params.timestep}"
-        " --cfg {params.cfg} --seed {params.seed} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
+        " --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
+        " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"

@@ -1,6 +1,7 @@
-# Settings, checks and helpers of the attention figures from generation (workflow/rules/attention_figures.smk).
+# Settings and helpers of the attention figures from generation (workflow/rules/attention_figures.smk).
 
 from types import SimpleNamespace
+
 
 ATTENTION_FIGURES = config["analyses"]["attention_figures"]
 # Per-layer value-norm figures: file stem -> (appendix role, appendix figure number).
@@ -13,16 +14,6 @@ TOKEN_MAP_FIGURES = {
     "fig14_head_maps_sd3": "fig14",
     "fig17_null_token_maps_sd3": "fig17",
 }
-
-# Fail at DAG build, naming the key, rather than in a job: every k must lie on the role model's schedule.
-for _role in ("sd3", "sd35", "flux"):
-    _steps = config["models"][appendix_model(_role)]["num_inference_steps"]
-    _ks = ATTENTION_FIGURES["timesteps"] + ([ATTENTION_FIGURES["map_timestep"]] if _role == "sd3" else [])
-    if any(not 1 <= k <= _steps for k in _ks):
-        raise ValueError(
-            f"analyses.attention_figures: timesteps {_ks} must lie in 1..{_steps}, the schedule of "
-            f"{appendix_model(_role)!r} (appendix.models.{_role})"
-        )
 
 
 def generation_model_settings(name, role=None):

@@ -1,6 +1,7 @@
 # Config checks and the small helpers the rules share.
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +10,19 @@ from seg4diff_repro.config import apply_defaults, check_config, load_schema
 from seg4diff_repro.provenance import command_fingerprint
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+
+# Tool caches go to the project's .cache/ (gitignored), not the home folder: jobs inherit these variables. A value
+# the user set is kept (e.g. HF_HOME pointing at a cache that already holds the hub models); a `hf auth login` token
+# in the default place is still read.
+PROJECT_CACHE = Path(workflow.basedir) / ".cache"
+os.environ.setdefault(
+    "HF_TOKEN_PATH",
+    str(Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface",
+             "token").expanduser()),
+)
+for _variable, _folder in {"MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "", "HF_HOME": "huggingface",
+                           "TORCH_HOME": "torch"}.items():
+    os.environ.setdefault(_variable, str(PROJECT_CACHE / _folder))
 
 # Friendly errors first (they name the key and the allowed values), then Snakemake's own validation.
 check_config(config, SCHEMA)
@@ -84,13 +98,19 @@ def prepared_manifest(wildcards):
     return prepared_root(wildcards) / "manifest.json"
 
 
+def forward_batch_size(command):
+    """`attention.batch_size` for a command; `auto` (largest that fits) is extraction's, score-heads takes 4."""
+    size = config["attention"]["batch_size"]
+    return 4 if size == "auto" and command == "score-heads" else size
+
+
 def extraction_settings(wildcards):
     """JSON of everything that determines the cached maps; a change re-runs extraction."""
     return _extraction_settings(wildcards, {})
 
 
 def unsupervised_extraction_settings(wildcards):
-    """The empty prompt at the model's analysis layer only (method_spec D.1), padded as the geometry asks."""
+    """The empty prompt at the model's analysis layer only (docs/method.md#unsupervised-protocol), padded as the geometry asks."""
     pad_multiple = 32 if config["analyses"]["unsupervised"]["geometry"] == "official" else None
     return _extraction_settings(
         wildcards,
@@ -109,7 +129,7 @@ def _extraction_settings(wildcards, overrides):
             "source": model["source"],
             "model_options": model["options"],
             "dtype": model["dtype"],
-            "timestep": int(wildcards.timestep),
+            "timestep": int(wildcards.get("timestep", config["attention"]["timestep"])),
             "num_steps": model["num_inference_steps"],
             "layers": attention["layers"],
             "seed": attention["seed"],
@@ -117,8 +137,9 @@ def _extraction_settings(wildcards, overrides):
             "resize": attention["resize"],
             "prompt": attention["prompt"],
             "background_name": attention["background_name"],
+            "prompt_classes_from": attention["prompt_classes_from"],
             "split": dataset["split"],
-            "drop_background": dataset["drop_background"],
+            "background": dataset["background"],
             "limit": dataset["limit"],
             "cache_format": CACHE_FORMAT,
         }
@@ -152,13 +173,58 @@ def toy_world_targets():
     return []
 
 
-def timestep_sweep_targets():
-    if not config["analyses"]["timestep_sweep"]["timesteps"]:
+def sweep_pairs():
+    """(model, dataset) pairs swept over timesteps: Fig. 2's (the sd3 role on the voc20 and coco_object roles),
+    or every run model x dataset with `analyses.timestep_sweep.scope: all`."""
+    sweep = config["analyses"]["timestep_sweep"]
+    if not sweep["timesteps"]:
         return []
+    if sweep["scope"] == "all":
+        return [(model, dataset) for model in config["run"]["models"] for dataset in config["run"]["datasets"]]
+    pairs = [(appendix_model("sd3"), appendix_dataset(role)) for role in ("voc20", "coco_object")]
+    return list(dict.fromkeys(pairs))
+
+
+def sweep_timesteps():
+    """The timesteps of a sweep job: the sweep's and the analysis timestep, whose all-layer cache it also writes."""
+    return sorted({*config["analyses"]["timestep_sweep"]["timesteps"], config["attention"]["timestep"]})
+
+
+def attention_manifest(model, dataset, timestep):
+    """The cache of (model, dataset, k): inside its pair's sweep job when swept, else its own job's."""
+    if (model, dataset) in sweep_pairs() and int(timestep) in sweep_timesteps():
+        return f"results/attention/{model}/{dataset}/sweep/t{timestep}/manifest.json"
+    return f"results/attention/{model}/{dataset}/t{timestep}/manifest.json"
+
+
+def attention_cache(wildcards):
+    return attention_manifest(wildcards.model, wildcards.dataset, wildcards.timestep)
+
+
+def sweep_settings(wildcards):
+    """The sweep job's shared settings (those of its analysis-timestep cache)."""
+    return _extraction_settings(wildcards, {"timestep": config["attention"]["timestep"]})
+
+
+def sweep_caches(wildcards):
+    """JSON of the sweep job's caches: every layer at the analysis timestep, the sweep's layers elsewhere."""
+    sweep, analysis_k = config["analyses"]["timestep_sweep"], config["attention"]["timestep"]
+    layers = config["attention"]["layers"]
+    sweep_layers = [model_config(wildcards)["analysis_layer"]] if sweep["record"] == "analysis_layer" else layers
+    return json.dumps([
+        {
+            "timestep": k,
+            "layers": layers if k == analysis_k else sweep_layers,
+            "out_dir": f"results/attention/{wildcards.model}/{wildcards.dataset}/sweep/t{k}",
+        }
+        for k in sweep_timesteps()
+    ])
+
+
+def timestep_sweep_targets():
     return [
         f"paper_tables/timestep_sweep_{model}_{dataset}.{ext}"
-        for model in config["run"]["models"]
-        for dataset in config["run"]["datasets"]
+        for model, dataset in sweep_pairs()
         for ext in ("csv", "md")
     ]
 
@@ -174,9 +240,10 @@ def normalisation_targets():
 
 def unsupervised_targets():
     timestep = config["attention"]["timestep"]
+    models = config["analyses"]["unsupervised"]["models"] or config["run"]["models"]
     return [
         f"paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md"
-        for model in config["run"]["models"]
+        for model in models
         for dataset in config["analyses"]["unsupervised"]["datasets"]
     ]
 
@@ -192,7 +259,7 @@ def appendix_dataset(role):
 
 
 def add_code_fingerprints(rules):
-    """Give each rule that calls `seg4diff-repro <command>` a `code` parameter: its stage's fingerprint."""
+    """A `code` parameter, its stage's fingerprint, for each of the rules that call `seg4diff-repro <command>`."""
     for each in rules:
         match = re.search(r"seg4diff-repro ([a-z-]+)", each.shellcmd or "")
         fingerprint = command_fingerprint(match.group(1)) if match else None

@@ -1,8 +1,8 @@
 # Evaluation datasets: download (resumable, checksum-verified) and prepare into the common layout
 # <data.root>/prepared/<name>/ (see docs/datasets.md). Targets: prepare_<name>, prepare_voc20 (the
-# drop_background view of voc21) and prepare_all.
+# background: drop view of voc21) and prepare_all.
 #
-# Config keys read: data.root; data.paths.<name> (folder of an existing raw copy: nothing is downloaded
+# Config keys read: data.root; data.expected_counts.<name>; data.paths.<name> (folder of an existing raw copy: nothing is downloaded
 # for it); data.source_overrides.<archive key>.{url, checksum} (mirrors; the tests use a local server).
 # Archive keys, URLs and published checksums live in src/seg4diff_repro/datasets/sources.py.
 
@@ -12,6 +12,14 @@ DS_ROOT = Path(config["data"]["root"])
 DS_DOWNLOADS = str(DS_ROOT / "downloads")
 DS_PATHS = config["data"].get("paths") or {}
 DS_OVERRIDES = config["data"].get("source_overrides") or {}
+DS_COUNTS = config["data"].get("expected_counts") or {}
+
+# Per dataset: where the raw data comes from, and the image count to expect where a subset replaces the release's.
+DS_SOURCE_ARGS = {
+    name: DS_SOURCES.rule_source_args(name, DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES)
+    + (f" --expected-count {DS_COUNTS[name]}" if name in DS_COUNTS else "")
+    for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
+}
 
 
 wildcard_constraints:
@@ -44,7 +52,7 @@ rule prepare_voc21:
         DS_ROOT / "prepared" / "voc21" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "voc21",
-        source=DS_SOURCES.rule_source_args("voc21", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+        source=DS_SOURCE_ARGS["voc21"],
     log:
         "logs/datasets/prepare_voc21.log",
     benchmark:
@@ -65,7 +73,7 @@ rule prepare_coco_object:
         DS_ROOT / "prepared" / "coco_object" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "coco_object",
-        source=DS_SOURCES.rule_source_args("coco_object", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+        source=DS_SOURCE_ARGS["coco_object"],
     log:
         "logs/datasets/prepare_coco_object.log",
     benchmark:
@@ -86,7 +94,7 @@ rule prepare_pc59:
         DS_ROOT / "prepared" / "pc59" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "pc59",
-        source=DS_SOURCES.rule_source_args("pc59", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+        source=DS_SOURCE_ARGS["pc59"],
     log:
         "logs/datasets/prepare_pc59.log",
     benchmark:
@@ -107,7 +115,7 @@ rule prepare_ade150:
         DS_ROOT / "prepared" / "ade150" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "ade150",
-        source=DS_SOURCES.rule_source_args("ade150", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+        source=DS_SOURCE_ARGS["ade150"],
     log:
         "logs/datasets/prepare_ade150.log",
     benchmark:
@@ -128,7 +136,7 @@ rule prepare_coco_stuff27:
         DS_ROOT / "prepared" / "coco_stuff27" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "coco_stuff27",
-        source=DS_SOURCES.rule_source_args("coco_stuff27", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+        source=DS_SOURCE_ARGS["coco_stuff27"],
     log:
         "logs/datasets/prepare_coco_stuff27.log",
     benchmark:
@@ -149,7 +157,7 @@ rule prepare_cityscapes:
         DS_ROOT / "prepared" / "cityscapes" / "manifest.json",
     params:
         out=DS_ROOT / "prepared" / "cityscapes",
-        source=DS_SOURCES.rule_source_args("cityscapes", DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES),
+        source=DS_SOURCE_ARGS["cityscapes"],
     log:
         "logs/datasets/prepare_cityscapes.log",
     benchmark:
@@ -163,7 +171,7 @@ rule prepare_cityscapes:
         "seg4diff-repro prepare-dataset --name cityscapes --out {params.out:q} {params.source} > {log:q} 2>&1"
 
 
-# VOC20 is the drop_background view of voc21 (SegmentationDataset(..., drop_background=True)).
+# VOC20 is the background: drop view of voc21 (SegmentationDataset(..., background="drop")).
 rule prepare_voc20:
     input:
         rules.prepare_voc21.output,

@@ -145,3 +145,30 @@ rule generation_grid:
         "seg4diff-repro generation-grid --reference {input.reference:q} --runs {input.runs:q} --role sd3"
         " --figure {params.figure} --paper-name {params.paper_name:q} --png {output.png:q} --pdf {output.pdf:q}"
         " 2> {log:q}"
+
+
+rule fig01_drawbench_prompts:
+    output:
+        csv="paper_tables/fig01_drawbench_prompts.csv",
+        markdown="paper_tables/fig01_drawbench_prompts.md",
+        png=report(
+            "figures/fig01_drawbench_prompts.png",
+            caption="../report/fig01_drawbench_prompts.rst",
+            category="Generation",
+            subcategory="Analysis prompts",
+        ),
+        pdf="figures/fig01_drawbench_prompts.pdf",
+    params:
+        usage=drawbench_usage(),
+        title="Appendix Fig. 1: the 50 DrawBench prompts selected for the analyses",
+    log:
+        "logs/fig01_drawbench_prompts.log",
+    benchmark:
+        "results/benchmarks/fig01_drawbench_prompts.tsv"
+    resources:
+        mem_mb=500,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro prompts-figure --usage {params.usage:q} --title {params.title:q} --csv {output.csv:q}"
+        " --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"

@@ -73,7 +73,9 @@ def fidelity_reference(wildcards):
 
 
 def fidelity_model_is_toy(wildcards):
-    return config["models"][appendix_model(FIDELITY_FIGURES[wildcards.name])]["toy"]
+    """Toy models and random-weight stand-ins may be scored by random-weight backbones (offline)."""
+    model = config["models"][appendix_model(FIDELITY_FIGURES[wildcards.name])]
+    return model["toy"] or model["random_weights"]
 
 
 def grid_runs(wildcards):
@@ -82,9 +84,19 @@ def grid_runs(wildcards):
     return [f"results/generation/{model}/{prompt_set}/{mode}_l{layer}" for layer in grid_layers()]
 
 
+def drawbench_usage():
+    """JSON for Fig. 1: which analyses use how many of the first DrawBench prompts (null: all; a file: its own)."""
+    fidelity = GENERATION["prompts_file"] or GENERATION["n_prompts"]
+    return json.dumps({
+        "fidelity (Figs. 5, 7, 10)": fidelity,
+        "value norms (Figs. 6, 9, 15)": config["analyses"]["attention_figures"]["n_prompts"],
+    })
+
+
 def generation_targets():
-    """Every generation-side appendix figure and table (Figs. 5, 7, 10, 18, 19)."""
+    """Every generation-side appendix figure and table (Figs. 1, 5, 7, 10, 18, 19)."""
+    tables = [*FIDELITY_FIGURES, "fig01_drawbench_prompts"]
     return (
-        [f"paper_tables/{name}.{ext}" for name in FIDELITY_FIGURES for ext in ("csv", "md")]
-        + [f"figures/{name}.{ext}" for name in [*FIDELITY_FIGURES, *GRID_FIGURES] for ext in ("png", "pdf")]
+        [f"paper_tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
+        + [f"figures/{name}.{ext}" for name in [*tables, *GRID_FIGURES] for ext in ("png", "pdf")]
     )

@@ -3,7 +3,7 @@
 
 rule score_layers:
     input:
-        cache="results/attention/{model}/{dataset}/t{timestep}/manifest.json",
+        cache=attention_cache,
         dataset=prepared_manifest,
     output:
         "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv",

@@ -25,7 +25,7 @@ rule score_heads:
         runtime=model_runtime,
         gpu=model_uses_gpu,
         device=model_device,
-        batch_size=config["attention"]["batch_size"],
+        batch_size=forward_batch_size("score-heads"),
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -42,7 +42,7 @@ rule fig04_head_miou:
         png=report("figures/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category="Appendix figures"),
         pdf="figures/fig04_head_miou.pdf",
     params:
-        title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}, t = {TIMESTEP}",
+        title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}",
     log:
         "logs/fig04_head_miou.log",
     benchmark:
@@ -128,8 +128,10 @@ rule appendix_per_layer:
     params:
         paper_model=lambda wildcards: PAPER_MODEL_KEYS[PER_LAYER_FIGURES[wildcards.figure][0]],
         paper_dataset=lambda wildcards: paper_dataset_key(PER_LAYER_FIGURES[wildcards.figure][1]),
-        title=lambda wildcards: "{}: per-layer segmentation, {}, t = {}".format(
-            PER_LAYER_FIGURES[wildcards.figure][2], stand_in(*PER_LAYER_FIGURES[wildcards.figure][:2]), TIMESTEP
+        backbone=lambda wildcards: per_layer_figure_model(wildcards.figure)["backbone"],
+        model_source=lambda wildcards: per_layer_figure_model(wildcards.figure)["source"],
+        title=lambda wildcards: "{}: per-layer segmentation, {}".format(
+            PER_LAYER_FIGURES[wildcards.figure][2], stand_in(*PER_LAYER_FIGURES[wildcards.figure][:2])
         ),
     log:
         "logs/appendix_per_layer/{figure}.log",
@@ -141,7 +143,8 @@ rule appendix_per_layer:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro appendix-per-layer --scores {input:q} --paper-model {params.paper_model}"
-        " --paper-dataset {params.paper_dataset} --title {params.title:q} --csv {output.csv:q}"
+        " --paper-dataset {params.paper_dataset} --backbone {params.backbone} --model-source {params.model_source:q}"
+        " --title {params.title:q} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
 
 
@@ -191,9 +194,7 @@ rule main_table:
     params:
         kind=lambda wildcards: MAIN_TABLES[wildcards.table][0],
         entries=lambda wildcards: json.dumps(main_table_entries(wildcards.table)),
-        title=lambda wildcards: "Main Table {} ({}): our models beside the paper's, t = {}".format(
-            wildcards.table[len("main_table")], MAIN_TABLES[wildcards.table][0], TIMESTEP
-        ),
+        title=lambda wildcards: main_table_title(wildcards.table),
     log:
         "logs/main_table/{table}.log",
     benchmark:

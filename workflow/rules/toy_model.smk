@@ -10,6 +10,8 @@
 # Retrain with `snakemake toy_model --forcerun toy_model --cores 2`: about 5 min of training on one H100
 # (scripts/gpu/train_toy_model.sh is the command that made the committed model), about a day on a 2-core CPU.
 
+import os
+
 TOY_MODEL = config["toy_model"]
 TOY_TRAIN_ROOT = DATA_ROOT / "prepared" / TOY_MODEL["train_dataset"]
 
@@ -61,7 +63,9 @@ rule toy_model:
         "This takes about 5 min on one H100 GPU, but about a day on a 2-core CPU (measured there: 12 s per "
         "batch-128 VAE step, 5-7 s per batch-128 transformer step, so ~7 h + ~18 h at the defaults; 2-3x "
         "longer on a loaded machine). Progress: {log}"
-    threads: workflow.cores  # torch on a CPU uses them all (Snakemake would otherwise pin it to 1 thread)
+    # torch on a CPU uses every core (Snakemake would otherwise pin it to 1 thread); Snakemake scales this down to
+    # --cores. Not workflow.cores: that is undefined for --unlock, --summary, --report, ..., which then refuse to run.
+    threads: os.cpu_count() or 1
     resources:
         mem_mb=8000,
         gpu=1 if str(TOY_MODEL["device"]) != "cpu" else 0,

@@ -19,8 +19,10 @@ import numpy as np
 from seg4diff_repro.atomic import atomic_write_bytes
 
 
-# Bumped whenever the cached content changes (2: pre-softmax logits added), so that the workflow re-extracts.
-CACHE_FORMAT = 2
+# Bumped whenever the cached content changes (2: pre-softmax logits added; 3: untruncated class spans, the
+# window's last column kept for the official overflow rule, oracle classes from the resized label), so that the
+# workflow re-extracts.
+CACHE_FORMAT = 3
 
 
 @dataclass
@@ -32,16 +34,20 @@ class CachedImage:
     token_grid: tuple[int, int]
     prompt: str
     class_ids: np.ndarray  # [C] class ids in prompt order
-    spans: np.ndarray  # [C, 2] half-open text positions per class
+    spans: np.ndarray  # [C, 2] half-open text positions per class, untruncated (may pass the window)
     seed: int
     box: tuple[int, int, int, int]  # region of the original image the input showed (top, left, bottom, right)
     columns: np.ndarray | None = None  # text positions of the i2t columns; None: 0..n-1
     logits: np.ndarray | None = None  # pre-softmax scaled scores of the same slice (appendix Table 1)
 
-    def local_spans(self) -> np.ndarray:
-        """Class spans as indices into the stored columns (spans are runs of consecutive positions)."""
+    def local_spans(self, spans: np.ndarray | list | None = None) -> np.ndarray:
+        """``spans`` (default: the class spans) as indices into the stored columns.
+
+        Spans are runs of consecutive positions that must lie inside the window (`prompts.window_spans`).
+        """
         columns = np.arange(self.i2t.shape[-1]) if self.columns is None else self.columns
-        return np.searchsorted(columns, self.spans)
+        spans = self.spans if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        return np.searchsorted(columns, spans)
 
 
 def cache_path(folder: Path, image_id: str) -> Path:
@@ -71,6 +77,15 @@ def write_cached_image(folder: Path, entry: CachedImage) -> Path:
     return path
 
 
+def rebuild_command(folder: Path) -> str:
+    """The command that re-runs the extraction job writing ``folder``: it recomputes only missing or unreadable files."""
+    return f"snakemake --forcerun {Path(folder) / 'manifest.json'}"
+
+
+class DamagedCacheError(OSError):
+    """A cache file exists but cannot be read (truncated, not an .npz, a field missing)."""
+
+
 def read_cached_image(folder: Path, image_id: str) -> CachedImage:
     path = cache_path(folder, image_id)
     try:
@@ -91,8 +106,15 @@ def read_cached_image(folder: Path, image_id: str) -> CachedImage:
             )
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"attention cache file {path} is missing: re-run the extraction rule that writes {Path(folder)}"
+            f"attention cache file {path} is missing: `{rebuild_command(folder)}` re-runs the extraction job that "
+            "writes it (it recomputes only missing or unreadable files), then what depends on it"
         ) from None
+    except Exception as error:  # zipfile.BadZipFile, EOFError, zlib.error, KeyError, ValueError: all mean damaged
+        raise DamagedCacheError(
+            f"attention cache file {path} is damaged ({type(error).__name__}: {error}): `{rebuild_command(folder)}` "
+            "re-runs the extraction job that writes it (it recomputes only missing or unreadable files), then what "
+            "depends on it"
+        ) from error
 
 
 def cached_key(folder: Path, image_id: str) -> str | None:

@@ -4,10 +4,10 @@
 for chosen rows of the batch; every other call runs the stock attention. The stock pipelines make one
 transformer call per denoising step: `StableDiffusion3Pipeline` with the batch ``[uncond ; cond]`` under
 classifier-free guidance, `FluxPipeline` (guidance-distilled, no true CFG) with the prompt alone. So call i
-is step i, and the conditional branch is the second half of an SD3 batch (method_spec §G [assumption]).
+is step i, and the conditional branch is the second half of an SD3 batch
+(docs/method.md#attention-during-generation [assumption]).
 
-Time convention (as `models.common.noising_at_step`): "t = k" is schedule index ``num_steps − k``; t = 28 of
-28 is the first step (σ = 1) and t = 8 is index 20.
+Time: "t = k" lies on the schedule by ``step_convention`` (`seg4diff_repro.steps`), recorded in every output.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from seg4diff_repro.attention.joint import AttentionHooks, JointLayout
 from seg4diff_repro.attention.perturb import BRANCHES, branch_rows
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.models.common import Noising
+from seg4diff_repro.steps import step_index
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -44,13 +45,6 @@ __all__ = [
 ]
 
 TEXT_TOKENS = 77  # CLIP positions (SD3/SD3.5) or T5 positions (Flux) the maps and norms keep
-
-
-def step_index(k: int, num_steps: int) -> int:
-    """Denoising step (= transformer call) of "t = k" in a ``num_steps`` schedule: ``num_steps − k``."""
-    if not 1 <= k <= num_steps:
-        raise ValueError(f"timestep k={k} out of range: use 1..{num_steps} (k steps before the end)")
-    return num_steps - k
 
 
 @dataclass
@@ -74,7 +68,7 @@ class StepGatedRecorder(AttentionRecorder):
     "uncond" the first, "all" every row. The block outputs stay the stock ones for the whole batch.
     Each recorded call ends up in ``recordings[call]``. ``value_norms`` gains, beside the per-head
     entries, ``image_all_heads`` / ``text_all_heads`` / ``prompt_all_heads`` [rows]: the mean norm of the
-    whole value vector (all heads concatenated), the per-layer metric of method_spec §G.
+    whole value vector (all heads concatenated), the per-layer metric of docs/method.md#value-norms.
     Other keyword arguments are `AttentionRecorder`'s; ``prompt_mask`` must have the kept rows only.
     """
 
@@ -215,17 +209,22 @@ def generate_and_record(
     record: Sequence[str] = ("i2t",),
     heads: str | None = "mean",
     decode: bool = True,
+    step_convention: str = "official",
 ) -> GeneratedRecording:
     """Generate ``prompt`` with the adapter's stock pipeline, recording the conditional branch at each "t = k".
 
     SD3 / SD3.5: CFG scale ``cfg`` with the empty negative prompt, 77 zero T5 positions (the official text
     layout), 28 steps in the paper. Flux: one call per step with the adapter's guidance embedding (3.5);
     ``cfg`` does not apply. The starting noise comes from a CPU generator seeded with ``seed``.
-    ``decode=False`` stops after the last recorded step and returns no image.
+    ``decode=False`` stops after the last recorded step and returns no image. ``step_convention`` places
+    each "t = k" on the schedule (`seg4diff_repro.steps.step_index`); the recordings are keyed by k.
     """
     pipe = adapter.pipe
     pipe.set_progress_bar_config(disable=True)
-    indices = {k: step_index(k, num_steps) for k in timesteps}
+    indices = {k: step_index(k, num_steps, step_convention) for k in timesteps}
+    if len(set(indices.values())) < len(indices):
+        raise ValueError(f"timesteps {list(timesteps)} land on the same step of the {num_steps}-step schedule "
+                         f"under step_convention {step_convention!r}: {indices}")
     is_flux = adapter.backbone == "flux"
     branch = "cond" if not is_flux and cfg > 1 else "all"
     last = max(indices.values())

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from seg4diff_repro.atomic import remove_leftover_temp_files
 from seg4diff_repro.attention.cache import (
     CACHE_FORMAT, CachedImage, cache_path, cached_key, settings_key, write_cached_image,
 )
@@ -24,11 +28,14 @@ from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
 from seg4diff_repro.models import load_adapter
 from seg4diff_repro.models.common import describe_model_source, model_fingerprint
 from seg4diff_repro.provenance import code_fingerprint, provenance
-from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids
+from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids, prompt_label, window_spans
 
 log = logging.getLogger(__name__)
 
 SEED_RULE = "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1"
+# What a cache's manifest takes from its shards' records (they agree on all of it; `gather_shards` checks).
+_SHARED_MANIFEST_FIELDS = ("settings", "noising", "layers", "token_grid", "text_tokens", "class_names",
+                           "ignore_index", "model", "inputs", "provenance", "seed_rule")
 
 
 @dataclass(frozen=True)
@@ -49,11 +56,12 @@ class ExtractionSettings:
     prompt: str
     background_name: str
     split: str
-    drop_background: bool
+    background: str  # the dataset view: class, last, ignore or drop (datasets.layout.BACKGROUND_MODES)
     limit: int | None
     model_options: tuple[tuple[str, object], ...] = ()
     cache_format: int = CACHE_FORMAT
     pad_multiple: int | None = None  # zero-pad to a multiple before the stretch (the unsupervised model's input)
+    prompt_classes_from: str = "resized"  # the oracle class set: from the short-side resized label (official)
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -81,6 +89,41 @@ def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class TimestepCache:
+    """One cache that a multi-timestep extraction fills: its settings (timestep, layers) and its folder."""
+
+    settings: ExtractionSettings
+    out_dir: Path
+
+
+# What may differ between the caches of one multi-timestep run; everything else is shared (same images,
+# prompts, latents and text embeddings).
+_PER_CACHE_FIELDS = ("timestep", "layers")
+
+
+def extract_attention(
+    settings: ExtractionSettings,
+    dataset_root: Path,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    batch_size: int | str = 8,
+    num_workers: int | None = None,
+    image_ids: list[str] | None = None,
+) -> dict:
+    """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
+
+    Images whose cache file already carries the current settings key are skipped, so an interrupted
+    run resumes without recomputing them. ``image_ids`` restricts the run to those images of the split
+    (a reviewer's spot check re-extracts a sample); the manifest then lists only them.
+    """
+    caches = [TimestepCache(settings, Path(out_dir))]
+    return extract_attention_timesteps(
+        caches, dataset_root, device=device, batch_size=batch_size, num_workers=num_workers, image_ids=image_ids
+    )[0]
+
+
 def parse_shard(shard: str) -> tuple[int, int]:
     """``"2-of-8"`` (Snakemake's scatter item) → (2, 8); shards are numbered from 1."""
     match = re.fullmatch(r"([0-9]+)-of-([0-9]+)", shard)
@@ -96,125 +139,331 @@ def shard_positions(n_images: int, shard: tuple[int, int]) -> range:
 
 
 def extract_shard(
-    settings: ExtractionSettings,
+    caches: list[TimestepCache],
     dataset_root: Path,
-    out_dir: Path,
+    shard: tuple[int, int],
     *,
-    shard: tuple[int, int] = (1, 1),
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
+    num_workers: int | None = None,
 ) -> dict:
-    """Cache the head-mean I2T maps of one shard of the split's images in ``out_dir``; return its record.
+    """Fill ``caches`` for one shard of the split's images (`shard_positions`); return the shard's record.
 
-    Images whose cache file already carries the current settings key are skipped, so an interrupted
-    run resumes without recomputing them. Shards of one cache write disjoint files into the same
-    folder and may run at once, on different GPUs or machines; `gather_shards` checks and joins them.
-    Device and batch size change how the maps are computed, not what they are: they are recorded
-    (``run``) but are not part of the key.
+    Shards of the same caches write disjoint files into the same folders and may run at once, on different
+    GPUs or machines; `gather_shards` checks them and writes each cache's manifest. The record holds, per
+    cache, what its manifest needs and the shard's images, and once the run's operational settings (device,
+    batch size, host, GPU, time): recorded, but not part of any key.
     """
     from seg4diff_repro.gpu_slots import run_record
 
     started = time.time()
-    out_dir = Path(out_dir)
-    dataset = SegmentationDataset(
-        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
+    records, computed = extract_attention_timesteps(
+        caches, dataset_root, device=device, batch_size=batch_size, num_workers=num_workers, shard=shard
     )
-    positions = shard_positions(len(dataset), shard)
-    adapter = load_adapter(
-        settings.backbone, settings.source, settings.dtype, device, **dict(settings.model_options)
-    )
-    noising = adapter.noising(settings.timestep, settings.num_steps)
-    layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
-    inputs = extraction_inputs(settings, dataset_root)
-    key = settings_key({**asdict(settings), **inputs})
-    todo = [i for i in positions if cached_key(out_dir, dataset.ids[i]) != key]
-    log.info(
-        "%s shard %d of %d: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
-        out_dir, *shard, len(todo), len(positions), noising.k, noising.num_steps, noising.index, noising.sigma,
-    )
-    for start in tqdm(range(0, len(todo), batch_size), desc="extract attention", unit="batch"):
-        samples = [dataset[i] for i in todo[start : start + batch_size]]
-        _extract_batch(adapter, samples, dataset.class_names, settings, noising, layers, key, out_dir)
-
-    return {
-        "shard": list(shard),
-        "key": hashlib.sha256(key.encode()).hexdigest(),
-        "settings": asdict(settings),
-        "noising": asdict(noising),
-        "layers": layers,
-        "token_grid": list(adapter.token_grid),
-        "image_ids": [dataset.ids[i] for i in positions],
-        "class_names": dataset.class_names,
-        "ignore_index": dataset.ignore_index,
-        "model": describe_model_source(settings.source),
-        "inputs": inputs,
-        "provenance": provenance("extraction"),
-        "seed_rule": SEED_RULE,
-        "run": run_record(
-            device, batch_size=batch_size, images_computed=len(todo), images_reused=len(positions) - len(todo),
-            started_at=round(started, 3), wall_s=round(time.time() - started, 3),
-        ),
-    }
+    run = run_record(device, batch_size=batch_size, num_workers=num_workers, images_computed=computed,
+                     started_at=round(started, 3), wall_s=round(time.time() - started, 3))
+    return {"shard": list(shard), "caches": records, "run": run}
 
 
-def gather_shards(shards: list[dict], dataset_root: Path, out_dir: Path) -> dict:
-    """Check that ``shards`` (records of `extract_shard`) cover the dataset once, with one key, and that
-    every image's cache file carries that key; write and return the cache's manifest.
+def gather_shards(shards: list[dict], dataset_root: Path) -> list[dict]:
+    """Check that ``shards`` (records of `extract_shard`) cover the dataset once, with one key per cache, and
+    that every image's cache file carries that key; write and return each cache's manifest.
 
-    The manifest is what a single unsharded run writes, plus each shard's operational record.
+    A manifest is what an unsharded run writes, plus each shard's images and operational record.
     """
-    out_dir = Path(out_dir)
     if not shards:
-        raise ValueError(f"{out_dir}: no shards to gather")
-    first = shards[0]
+        raise ValueError("no shards to gather")
     counts = {shard["shard"][1] for shard in shards}
     numbers = sorted(shard["shard"][0] for shard in shards)
+    folders = [record["out_dir"] for record in shards[0]["caches"]]
     if len(counts) != 1 or numbers != list(range(1, counts.pop() + 1)):
-        raise ValueError(f"{out_dir}: shards {[s['shard'] for s in shards]} are not 1..n of one n; re-run the "
+        raise ValueError(f"{folders}: shards {[s['shard'] for s in shards]} are not 1..n of one n; re-run the "
                          "extraction rule so that every shard of the same scatter count is present")
-    stale = [shard["shard"] for shard in shards if shard["key"] != first["key"]]
-    if stale:
-        raise ValueError(f"{out_dir}: shards {stale} were extracted with other settings, code, model or data "
-                         f"than shard {first['shard']}; re-run the extraction rule (they recompute)")
-    settings = ExtractionSettings.from_dict(first["settings"])
-    dataset = SegmentationDataset(
-        dataset_root, settings.split, drop_background=settings.drop_background, limit=settings.limit
-    )
     ordered = sorted(shards, key=lambda shard: shard["shard"][0])
-    image_ids = [image_id for shard in ordered for image_id in shard["image_ids"]]
-    if image_ids != dataset.ids:
-        raise ValueError(f"{out_dir}: the shards hold {len(image_ids)} images, {dataset_root} split "
-                         f"{settings.split!r} has {len(dataset.ids)} (or another order); re-run the extraction rule")
-    key = settings_key({**asdict(settings), **first["inputs"]})
-    missing = [image_id for image_id in image_ids if cached_key(out_dir, image_id) != key]
-    if missing:
-        raise ValueError(f"{out_dir}: {len(missing)} cache files are missing or hold other settings (first: "
-                         f"{cache_path(out_dir, missing[0])}); re-run the extraction rule, which recomputes them")
-    manifest = {
-        **{name: first[name] for name in ("settings", "noising", "layers", "token_grid")},
-        "image_ids": image_ids,
-        **{name: first[name] for name in ("class_names", "ignore_index", "model", "inputs", "provenance",
-                                          "seed_rule")},
-        "shards": [{"shard": shard["shard"], "images": len(shard["image_ids"]), **shard["run"]} for shard in ordered],
-    }
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    manifests = []
+    for position, folder in enumerate(folders):
+        records = [shard["caches"][position] for shard in ordered]
+        first = records[0]
+        stale = [shard["shard"] for shard, record in zip(ordered, records)
+                 if record["out_dir"] != folder or record["key"] != first["key"]]
+        if stale:
+            raise ValueError(f"{folder}: shards {stale} were extracted with other settings, code, model or data "
+                             f"than shard {ordered[0]['shard']}; re-run the extraction rule (they recompute)")
+        settings = ExtractionSettings.from_dict(first["settings"])
+        dataset = SegmentationDataset(dataset_root, settings.split, background=settings.background,
+                                      limit=settings.limit)
+        image_ids = [image_id for record in records for image_id in record["image_ids"]]
+        if image_ids != dataset.ids:
+            raise ValueError(f"{folder}: the shards hold {len(image_ids)} images, {dataset_root} split "
+                             f"{settings.split!r} has {len(dataset.ids)} (or another order); re-run the extraction rule")
+        key = settings_key({**asdict(settings), **first["inputs"]})
+        missing = [image_id for image_id in image_ids if cached_key(Path(folder), image_id) != key]
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} cache files are missing or hold other settings (first: "
+                             f"{cache_path(Path(folder), missing[0])}); re-run the extraction rule, which recomputes them")
+        manifest = {name: first[name] for name in _SHARED_MANIFEST_FIELDS} | {
+            "image_ids": image_ids,
+            "shards": [{"shard": shard["shard"], "images": len(record["image_ids"]), **shard["run"]}
+                       for shard, record in zip(ordered, records)],
+        }
+        atomic_write_json(Path(folder) / "manifest.json", manifest)
+        manifests.append(manifest)
+    return manifests
 
 
-def extract_attention(
-    settings: ExtractionSettings,
+def extract_attention_timesteps(
+    caches: list[TimestepCache],
     dataset_root: Path,
-    out_dir: Path,
     *,
     device: str = "cpu",
-    batch_size: int = 8,
-) -> dict:
-    """Cache the head-mean I2T maps of every image of the split in ``out_dir``; return the manifest.
+    batch_size: int | str = 8,
+    num_workers: int | None = None,
+    writer_threads: int = 4,
+    adapter=None,
+    image_ids: list[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[dict] | tuple[list[dict], int]:
+    """Fill several caches of the same images that differ only in timestep (and recorded layers).
 
-    One shard over the whole split, gathered: what the workflow does with ``--set-scatter extraction=1``.
+    Per image the VAE and the text encoders run once, whatever the number of timesteps: each batch is
+    encoded once, then noised to each timestep and run through the transformer. The maps equal those
+    of one ``extract_attention`` run per timestep (same images, seeds and batches). Images are read,
+    resized and prompted by loader worker processes ahead of the GPU, and cache files are compressed
+    and written by a thread pool while the next forward pass runs. ``batch_size="auto"`` takes the
+    largest batch that fits (`auto_batch_size`). ``adapter``: an already loaded model of the caches' settings
+    (benchmarks time the loop without the load). ``image_ids``: only those images of the split, as in
+    ``extract_attention``. Returns the manifests, in the order of ``caches``. ``shard``: only that shard's images
+    (`shard_positions`); nothing is written but the cache files, and the result is the caches' shard records
+    (for `gather_shards`) with the number of images computed (`extract_shard` writes them).
     """
-    shard = extract_shard(settings, dataset_root, out_dir, device=device, batch_size=batch_size)
-    return gather_shards([shard], dataset_root, out_dir)
+    if not caches:
+        return []
+    base = _shared_settings(caches)
+    for cache in caches:
+        if removed := remove_leftover_temp_files(cache.out_dir):
+            log.info("%s: removed %d temp files of a killed run", cache.out_dir, removed)
+    dataset = SegmentationDataset(dataset_root, base.split, background=base.background, limit=base.limit)
+    if adapter is None:
+        adapter = load_adapter(base.backbone, base.source, base.dtype, device, **dict(base.model_options))
+    inputs = extraction_inputs(base, dataset_root)
+    positions = range(len(dataset)) if image_ids is None else _positions(dataset.ids, image_ids, dataset_root)
+    if shard is not None:
+        positions = shard_positions(len(dataset), shard)
+    plans = []
+    for cache in caches:
+        noising = adapter.noising(cache.settings.timestep, cache.settings.num_steps)
+        layers = list(range(adapter.num_layers)) if cache.settings.layers is None else list(cache.settings.layers)
+        key = settings_key({**asdict(cache.settings), **inputs})
+        todo = {i for i in positions if cached_key(cache.out_dir, dataset.ids[i]) != key}
+        log.info(
+            "%s%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
+            cache.out_dir, "" if shard is None else " shard %d of %d" % shard, len(todo), len(positions),
+            noising.k, noising.num_steps, noising.index, noising.sigma,
+        )
+        plans.append(_CachePlan(cache, noising, layers, key, todo))
+    indices = sorted(set().union(*(plan.todo for plan in plans)))
+    if indices:
+        if batch_size == "auto":
+            widest = max(plans, key=lambda plan: len(plan.layers))
+            batch_size = auto_batch_size(adapter, len(widest.layers), widest.noising, record=("i2t", "logits"))
+            log.info("batch size %d (auto)", batch_size)
+        loader = _prefetching_loader(adapter, dataset, indices, base, int(batch_size), device, num_workers)
+        with CacheWriter(writer_threads) as writer:
+            for batch in tqdm(loader, desc="extract attention", unit="batch"):
+                _extract_prepared_batch(adapter, batch, dataset.class_names, base, plans, writer)
+    manifests = []
+    for plan in plans:
+        manifest = {
+            "settings": asdict(plan.cache.settings),
+            "noising": asdict(plan.noising),
+            "layers": plan.layers,
+            "token_grid": list(adapter.token_grid),
+            "text_tokens": adapter.prompt_tokens,
+            "image_ids": [dataset.ids[i] for i in positions],
+            "class_names": dataset.class_names,
+            "ignore_index": dataset.ignore_index,
+            "model": describe_model_source(base.source),
+            "inputs": inputs,
+            "provenance": provenance("extraction"),
+            "seed_rule": SEED_RULE,
+        }
+        if shard is not None:  # a shard's record: gather_shards writes the manifest
+            manifest |= {"out_dir": str(plan.cache.out_dir), "key": hashlib.sha256(plan.key.encode()).hexdigest()}
+        else:
+            atomic_write_json(plan.cache.out_dir / "manifest.json", manifest)
+        manifests.append(manifest)
+    return (manifests, len(indices)) if shard is not None else manifests
+
+
+def _positions(ids: list[str], wanted: list[str], dataset_root: Path) -> list[int]:
+    index = {image_id: position for position, image_id in enumerate(ids)}
+    missing = [image_id for image_id in wanted if image_id not in index]
+    if missing:
+        raise ValueError(f"images {missing[:5]} are not in the split of {dataset_root}: check the dataset's version")
+    return [index[image_id] for image_id in wanted]
+
+
+def _shared_settings(caches: list[TimestepCache]) -> ExtractionSettings:
+    first = asdict(caches[0].settings)
+    for cache in caches[1:]:
+        other = asdict(cache.settings)
+        differing = sorted(k for k in first if k not in _PER_CACHE_FIELDS and first[k] != other[k])
+        if differing:
+            raise ValueError(
+                f"caches of one multi-timestep extraction may differ only in {_PER_CACHE_FIELDS}; "
+                f"{cache.out_dir} differs from {caches[0].out_dir} in {differing}"
+            )
+    return caches[0].settings
+
+
+@dataclass
+class _CachePlan:
+    cache: TimestepCache
+    noising: object
+    layers: list[int]
+    key: str
+    todo: set[int]
+
+
+def auto_batch_size(adapter, n_layers: int, noising, *, record: tuple[str, ...], limit: int = 16) -> int:
+    """The largest batch (at most ``limit``) whose forward pass and recorded maps fit in 80 % of free memory.
+
+    The recorded maps per image are the recorder memory guard's estimate; the forward's own activation
+    memory per image is measured with one probe forward at batch 1 (CUDA). On a CPU the batch is 4.
+    """
+    if adapter.device.type != "cuda":
+        return 4
+    rows, cols = adapter.token_grid
+    n_image = rows * cols
+    probe = AttentionRecorder(adapter.transformer, layers=[0], record=record, heads="mean",
+                              text_tokens=adapter.prompt_tokens)
+    recorded = probe.estimate_bytes(1, n_image, adapter.num_text_tokens) * n_layers
+    channels = adapter.transformer.config.in_channels
+    if adapter.backbone == "flux":
+        channels = adapter.latent_channels
+    side = adapter.image_size // adapter.pipe.vae_scale_factor
+    latents = torch.zeros(1, channels, side, side, device=adapter.device, dtype=adapter.dtype)
+    embeds, pooled = adapter.encode_prompts([""])
+    torch.cuda.synchronize(adapter.device)
+    torch.cuda.reset_peak_memory_stats(adapter.device)
+    before = torch.cuda.memory_allocated(adapter.device)
+    adapter.forward(latents, noising, embeds, pooled)
+    torch.cuda.synchronize(adapter.device)
+    activations = torch.cuda.max_memory_allocated(adapter.device) - before
+    free = 0.8 * torch.cuda.mem_get_info(adapter.device)[0]
+    return int(max(1, min(limit, free // (2 * activations + recorded))))  # 2x: VAE and copies beside the forward
+
+
+class _PreparedSamples(torch.utils.data.Dataset):
+    """Images read, resized and prompted as the official evaluation does: the work the loader workers do."""
+
+    def __init__(self, adapter, dataset: SegmentationDataset, indices: list[int], settings: ExtractionSettings):
+        self.dataset, self.indices, self.settings = dataset, indices, settings
+        self.image_size, self.tokenizer, self.prompt_start = adapter.image_size, adapter.tokenizer, adapter.prompt_start
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        sample = self.dataset[self.indices[position]]
+        return prepare_sample(sample, self.class_names, self.settings, self.image_size, self.tokenizer,
+                              self.prompt_start) | {"index": self.indices[position]}
+
+
+def prepare_sample(sample, class_names, settings: ExtractionSettings, image_size: int, tokenizer, prompt_start) -> dict:
+    """One sample as the forward pass takes it: pixels at the model size, the region shown, prompt, noise seed.
+
+    The oracle class set is read from the label as ``settings.prompt_classes_from`` says (official: resized).
+    """
+    pixels, box = prepare_image(sample.image, image_size, settings.short_side, settings.resize, settings.pad_multiple)
+    prompt = build_class_prompt(
+        prompt_class_ids(
+            prompt_label(crop_to_box(sample.label, box), settings.short_side, settings.prompt_classes_from),
+            len(class_names), settings.prompt,
+        ),
+        class_names,
+        tokenizer,
+        settings.background_name,
+        start=prompt_start,
+    )
+    return {"image_id": sample.image_id, "pixels": pixels, "box": box, "prompt": prompt,
+            "seed": image_seed(settings.seed, sample.image_id)}
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"pixels": torch.stack([item["pixels"] for item in items])} | {
+        name: [item[name] for item in items] for name in ("index", "image_id", "box", "prompt", "seed")
+    }
+
+
+def _prefetching_loader(adapter, dataset, indices, settings, batch_size: int, device: str, num_workers: int | None):
+    """Batches prepared by worker processes (decoding and resizing off the GPU's critical path), pinned for CUDA."""
+    if num_workers is None:  # SEG4DIFF_LOADER_WORKERS overrides, e.g. 0 where /dev/shm is too small for workers
+        default = min(4, len(os.sched_getaffinity(0)) - 1) if torch.device(device).type == "cuda" else 0
+        num_workers = int(os.environ.get("SEG4DIFF_LOADER_WORKERS", default))
+    return torch.utils.data.DataLoader(
+        _PreparedSamples(adapter, dataset, indices, settings),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=max(0, num_workers),
+        collate_fn=_collate,
+        pin_memory=torch.device(device).type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+class CacheWriter:
+    """Compress and write cache files on a thread pool while the GPU computes the next batch.
+
+    A submitted entry's tensors may still be in flight from the GPU: the writer waits on the CUDA event
+    recorded after their copy. At most ``max_pending`` entries wait, so host memory stays bounded; the
+    first failed write is raised in the caller (at the next submit or on exit).
+    """
+
+    def __init__(self, threads: int = 4, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-writer")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._futures: list[Future] = []
+
+    def submit(self, out_dir: Path, make_entry, ready: torch.cuda.Event | None) -> None:
+        self._raise_failures()
+        self._slots.acquire()
+
+        def write() -> None:
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                write_cached_image(out_dir, make_entry())
+            finally:
+                self._slots.release()
+
+        self._futures.append(self._pool.submit(write))
+
+    def _raise_failures(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for future in done:
+            future.result()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+        if exc[0] is None:
+            for future in self._futures:
+                future.result()
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a copy to host memory (pinned, asynchronous from a GPU); the caller records an event after it."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 @dataclass
@@ -235,60 +484,85 @@ def record_batch(
     The maps keep the prompt window only (77 CLIP or T5 positions), as the official slice.
     """
     prepared = [
-        prepare_image(s.image, adapter.image_size, settings.short_side, settings.resize, settings.pad_multiple)
+        prepare_sample(s, class_names, settings, adapter.image_size, adapter.tokenizer, adapter.prompt_start)
         for s in samples
     ]
-    prompts = [
-        build_class_prompt(
-            prompt_class_ids(crop_to_box(s.label, box), len(class_names), settings.prompt),
-            class_names,
-            adapter.tokenizer,
-            settings.background_name,
-            start=adapter.prompt_start,
-        )
-        for s, (_, box) in zip(samples, prepared)
-    ]
-    seeds = [image_seed(settings.seed, s.image_id) for s in samples]
-    latents = adapter.encode_images(torch.stack([pixels for pixels, _ in prepared]))
+    latents = adapter.encode_images(torch.stack([p["pixels"] for p in prepared]))
+    prompt_embeds, pooled = adapter.encode_prompts([p["prompt"].text for p in prepared])
+    seeds = [p["seed"] for p in prepared]
+    recorder = _record(adapter, latents, noising, seeds, prompt_embeds, pooled, layers, record, heads)
+    return RecordedBatch([p["prompt"] for p in prepared], [p["box"] for p in prepared], seeds, recorder)
+
+
+def _record(adapter, latents, noising, seeds, prompt_embeds, pooled, layers, record, heads) -> AttentionRecorder:
     noisy = adapter.noise_latents(latents, noising, seeds)
-    prompt_embeds, pooled = adapter.encode_prompts([p.text for p in prompts])
     with AttentionRecorder(
         adapter.transformer, layers=layers, record=record, heads=heads, text_tokens=adapter.prompt_tokens
     ) as recorder:
         adapter.forward(noisy, noising, prompt_embeds, pooled)
-    return RecordedBatch(prompts, [box for _, box in prepared], seeds, recorder)
+    return recorder
 
 
-def _extract_batch(adapter, samples, class_names, settings, noising, layers, key, out_dir) -> None:
-    batch = record_batch(
-        adapter, samples, class_names, settings, noising, layers, record=("i2t", "logits"), heads="mean"
-    )
-    recorder = batch.recorder
-    i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
-    logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in layers], dim=1).cpu().numpy()
-    for b, (sample, prompt) in enumerate(zip(samples, batch.prompts)):
-        if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
-            columns = np.arange(adapter.prompt_tokens)
-        else:
-            columns = np.unique(np.concatenate([np.arange(s, e) for s, e in prompt.spans] + [[]])).astype(int)
-        write_cached_image(
-            out_dir,
-            CachedImage(
-                image_id=sample.image_id,
-                key=key,
-                layers=np.array(layers),
-                i2t=i2t[b][..., columns],
-                token_grid=adapter.token_grid,
-                prompt=prompt.text,
-                class_ids=np.array(prompt.class_ids),
-                spans=np.array(prompt.spans),
-                seed=batch.seeds[b],
-                box=batch.boxes[b],
-                columns=columns,
-                logits=logits[b][..., columns],
-            ),
+def _extract_prepared_batch(adapter, batch: dict, class_names, settings, plans: list[_CachePlan], writer) -> None:
+    """Encode the batch once, then run and cache every timestep that still lacks one of its images."""
+    pixels = batch["pixels"].to(adapter.device, non_blocking=True)
+    latents = adapter.encode_images(pixels)
+    prompt_embeds, pooled = adapter.encode_prompts([p.text for p in batch["prompt"]])
+    for plan in plans:
+        rows = [b for b, index in enumerate(batch["index"]) if index in plan.todo]
+        if not rows:
+            continue
+        select = torch.tensor(rows, device=latents.device)
+        recorder = _record(
+            adapter, latents.index_select(0, select), plan.noising, [batch["seed"][b] for b in rows],
+            prompt_embeds.index_select(0, select), pooled.index_select(0, select), plan.layers,
+            ("i2t", "logits"), "mean",
         )
+        i2t = torch.stack([recorder.i2t[layer][:, 0] for layer in plan.layers], dim=1)
+        logits = torch.stack([recorder.logits_i2t[layer][:, 0] for layer in plan.layers], dim=1)
+        for position, b in enumerate(rows):
+            prompt = batch["prompt"][b]
+            if settings.prompt == "null":  # unsupervised segmentation reads every position of the window
+                columns = np.arange(adapter.prompt_tokens)
+            else:
+                # The official rule's columns: a superset of the corrected rule's (segmentation.prompts.window_spans).
+                spans = window_spans(prompt.spans, adapter.prompt_tokens, "official")
+                columns = np.unique(np.concatenate([np.arange(s, e) for s, e in spans] + [[]])).astype(int)
+            index = torch.from_numpy(columns).to(i2t.device)
+            # The cache holds float16: cast on the device, so that half the bytes cross to the host.
+            maps = _to_host(i2t[position].index_select(-1, index).half())
+            scores = _to_host(logits[position].index_select(-1, index).half())
+            ready = None
+            if i2t.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+
+            def entry(b=b, prompt=prompt, columns=columns, maps=maps, scores=scores, plan=plan) -> CachedImage:
+                return CachedImage(
+                    image_id=batch["image_id"][b],
+                    key=plan.key,
+                    layers=np.array(plan.layers),
+                    i2t=maps.numpy(),
+                    token_grid=adapter.token_grid,
+                    prompt=prompt.text,
+                    class_ids=np.array(prompt.class_ids),
+                    spans=np.array(prompt.spans),
+                    seed=batch["seed"][b],
+                    box=batch["box"][b],
+                    columns=columns,
+                    logits=scores.numpy(),
+                )
+
+            writer.submit(plan.cache.out_dir, entry, ready)
 
 
 def load_manifest(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """An extraction manifest; one written in another cache format is refused (its keys and spans differ)."""
+    manifest = json.loads(Path(path).read_text())
+    found = manifest.get("settings", {}).get("cache_format")
+    if found != CACHE_FORMAT:
+        raise ValueError(
+            f"{path} was written in attention-cache format {found}, but this version reads format {CACHE_FORMAT}: "
+            "re-run its extraction rule"
+        )
+    return manifest

@@ -53,7 +53,7 @@ class I2TPerturbation(HookSwap, AttentionHooks):
 
     ``branch`` picks the rows of a classifier-free-guidance batch [uncond ; cond] to perturb
     ("all", "uncond" or "cond"). ``text_tokens`` limits the blurred text keys to the first n
-    (default: every text key of the joint sequence, the recorded assumption of method_spec §E).
+    (default: every text key of the joint sequence, the recorded assumption of docs/method.md#perturbation).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Value-norm statistics of generation (method_spec §G; appendix Figs. 6, 9, 15).
+"""Value-norm statistics of generation (docs/method.md#value-norms; appendix Figs. 6, 9, 15).
 
 For each analysis prompt the model generates with its stock pipeline; at each "t = k" the conditional
 branch's value features of every layer are recorded, and the mean L2 norm over a token group is taken:
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from seg4diff_repro.models.flux import FluxAdapter
     from seg4diff_repro.models.sd3 import SD3Adapter
 
-# Token groups of the value norms (method_spec §G): image tokens, the 77 text positions, the prompt's own tokens.
+# Token groups of the value norms (docs/method.md#value-norms): image tokens, the 77 text positions, the prompt's
+# own tokens.
 GROUPS = ("image", "text", "prompt")
 
 
@@ -38,12 +39,18 @@ def value_norm_statistics(
     timesteps: Sequence[int],
     num_steps: int,
     cfg: float,
+    step_convention: str = "official",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per (k, layer, head), per (k, layer)) mean value norms over ``prompts``, one seed per prompt."""
+    """(per (k, layer, head), per (k, layer)) mean value norms over ``prompts``, one seed per prompt.
+
+    ``step_convention`` places "t = k" on the schedule (`seg4diff_repro.steps.step_index`); each row records it
+    with the schedule index and σ.
+    """
     head_rows, layer_rows = [], []
     for prompt, seed in tqdm(list(zip(prompts, seeds, strict=True)), desc="value norms", unit="prompt"):
         generated = generate_and_record(
-            adapter, prompt, seed, timesteps, num_steps, cfg=cfg, layers=None, record=("value_norms",), decode=False
+            adapter, prompt, seed, timesteps, num_steps, cfg=cfg, layers=None, record=("value_norms",), decode=False,
+            step_convention=step_convention,
         )
         for k, recording in generated.recordings.items():
             noising = generated.noising[k]
@@ -60,4 +67,5 @@ def value_norm_statistics(
     per_layer = pd.DataFrame(layer_rows).groupby(keys_head[:-1], sort=True)[list(GROUPS)].mean().reset_index()
     for table in (per_head, per_layer):
         table["n_prompts"] = len(prompts)
+        table["step_convention"] = step_convention
     return per_head, per_layer

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,18 +218,33 @@ class Sample:
 
 
 def _hint(root: str | Path) -> str:
+    """What rebuilds a prepared dataset: its prepare rule, named after the folder, forced (a plain `snakemake
+    prepare_<name>` does nothing while manifest.json exists)."""
     name = Path(root).name or str(root)
-    return (
-        f"Run the dataset's prepare target (e.g. `snakemake prepare_{name}`) or point the config's "
-        f"`data.paths.{name}` at a prepared copy."
-    )
+    origin = "" if name.startswith("toy_shapes") else f" from its downloaded archives (or `data.paths.{name}`)"
+    return f"`snakemake --forcerun prepare_{name}` rebuilds the prepared dataset {root}{origin}, then re-runs what depends on it."
+
+
+class DamagedFileError(OSError):
+    """A file of a prepared dataset exists but cannot be decoded."""
+
+
+@contextmanager
+def _decoding(path: Path, root: Path) -> Iterator[None]:
+    """Name the file and the rebuild command when PIL cannot decode it (PIL's own messages name neither)."""
+    try:
+        yield
+    except (OSError, SyntaxError) as error:  # "image file is truncated", UnidentifiedImageError, broken chunks
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise DamagedFileError(f"{path} cannot be decoded ({error}): the file is damaged. {_hint(root)}") from error
 
 
 def _load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-run the dataset's prepare target") from err
+        raise ValueError(f"{path} is not valid JSON ({err}). {_hint(path.parent)}") from err
 
 
 def _check_indices(where: str, num_classes: int, ignore_index: Any, background_index: Any) -> None:
@@ -269,15 +285,23 @@ def _read_split_file(path: Path) -> list[str]:
     return ids
 
 
+#: How a view of a dataset treats its background class (``classes.json`` ``background_index``):
+#: ``class``: an ordinary class at its prepared index; ``last``: an ordinary class moved to the last index
+#: (the official voc21.json order); ``ignore``: a class of the vocabulary (so a prompt word and an argmax
+#: candidate) whose ground-truth pixels are ignored when scoring (the official COCO-Object open-vocabulary
+#: protocol, ignore_label 0); ``drop``: removed from the vocabulary, its pixels ignored (VOC20, PC59).
+BACKGROUND_MODES = ("class", "last", "ignore", "drop")
+
+
 class SegmentationDataset:
-    """Reader for one split of a prepared dataset; optional "VOC20" view without background."""
+    """Reader for one split of a prepared dataset, in one of the views of ``BACKGROUND_MODES``."""
 
     def __init__(
         self,
         root: str | Path,
         split: str = "val",
         *,
-        drop_background: bool = False,
+        background: str = "class",
         limit: int | None = None,
     ) -> None:
         self.root = Path(root)
@@ -288,12 +312,15 @@ class SegmentationDataset:
         self.ignore_index: int = classes["ignore_index"]
         self._raw_names: list[str] = classes["names"]
         self._raw_background: int | None = classes["background_index"]
-        if drop_background and self._raw_background is None:
+        if background not in BACKGROUND_MODES:
+            raise ValueError(f"background={background!r} for {self.root}: use one of {list(BACKGROUND_MODES)}")
+        if background != "class" and self._raw_background is None:
             raise ValueError(
-                f"drop_background=True was asked of {self.root}, but its {CLASSES_FILE} has "
-                "background_index null (no background class to drop); use drop_background=False"
+                f"background={background!r} was asked of {self.root}, but its {CLASSES_FILE} has "
+                "background_index null (no background class); use background='class', or re-run the dataset's "
+                "prepare target if this dataset should have one (PC59 keeps its background since this version)"
             )
-        self.drop_background = drop_background
+        self.background = background
 
         self.split_file = self.root / SPLIT_DIR / f"{split}.txt"
         if not self.split_file.is_file():
@@ -307,7 +334,7 @@ class SegmentationDataset:
                 raise ValueError(f"limit must be a positive int or None, got {limit!r}")
             ids = ids[:limit]
         if not ids:
-            raise ValueError(f"split file {self.split_file} lists no image ids; re-run the dataset's prepare target")
+            raise ValueError(f"split file {self.split_file} lists no image ids. {_hint(self.root)}")
         # Check every file up front so a broken dataset fails before hours of model inference.
         for image_id in ids:
             for path in (self._image_path(image_id), self._label_path(image_id)):
@@ -327,15 +354,31 @@ class SegmentationDataset:
 
     @property
     def class_names(self) -> list[str]:
-        """Class names of this view (background removed when ``drop_background``)."""
-        if self.drop_background:
-            return [n for i, n in enumerate(self._raw_names) if i != self._raw_background]
+        """Class names of this view: background removed (``drop``) or moved to the end (``last``)."""
+        others = [n for i, n in enumerate(self._raw_names) if i != self._raw_background]
+        if self.background == "drop":
+            return others
+        if self.background == "last":
+            return [*others, self._raw_names[self._raw_background]]
         return list(self._raw_names)
 
     @property
     def background_index(self) -> int | None:
         """Background class index of this view (None when dropped or absent)."""
-        return None if self.drop_background else self._raw_background
+        if self.background == "drop":
+            return None
+        if self.background == "last":
+            return len(self._raw_names) - 1
+        return self._raw_background
+
+    def label_for_scoring(self, label: np.ndarray) -> np.ndarray:
+        """``label`` with the pixels that scoring ignores set to ``ignore_index`` (background under ``ignore``).
+
+        The prompt is built from the label itself, so that under ``ignore`` background is a prompt word.
+        """
+        if self.background != "ignore":
+            return label
+        return np.where(label == self._raw_background, self.ignore_index, label)
 
     def _image_path(self, image_id: str) -> Path:
         return self.root / IMAGE_DIR / f"{image_id}.jpg"
@@ -353,9 +396,9 @@ class SegmentationDataset:
     def __getitem__(self, index: int) -> Sample:
         image_id = self.ids[index]
         image_path, label_path = self._image_path(image_id), self._label_path(image_id)
-        with Image.open(image_path) as im:
+        with _decoding(image_path, self.root), Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        with Image.open(label_path) as im:
+        with _decoding(label_path, self.root), Image.open(label_path) as im:
             if im.mode not in ("L", "P"):
                 raise ValueError(
                     f"{label_path} has PIL mode {im.mode!r}; label maps must be single-channel 'L' or 'P' PNGs"
@@ -374,9 +417,9 @@ class SegmentationDataset:
                 f"(0..{num_classes - 1}, see {self.root / CLASSES_FILE}) nor ignore_index {self.ignore_index}"
             )
         label = raw.astype(np.int64)
-        if self.drop_background:
+        if self.background in ("drop", "last"):
             bg = self._raw_background
             is_class = label != self.ignore_index
             label = np.where(is_class & (label > bg), label - 1, label)
-            label[raw == bg] = self.ignore_index
+            label[raw == bg] = self.ignore_index if self.background == "drop" else num_classes - 1
         return Sample(image_id=image_id, image=image, label=label, caption=self._captions.get(image_id))

@@ -360,9 +360,9 @@ def _pc59_one(img: dict, by_image: dict, lut: np.ndarray, json_path: Path, paths
 def _pc59_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
     json_path: Path = paths["json"]
     data = paths.get("detail") or _load_detail_json(json_path)
-    n = len(classes["names"])
-    lut = np.full(460, IGNORE, dtype=np.int64)  # Detail ids 1..459, 0 = unlabelled
-    lut[np.asarray(classes["context_category_ids"])] = np.arange(n)
+    # Detail ids 1..459 (0 = unannotated): the 59 classes -> 1..59, every other pixel -> background 0.
+    lut = np.full(460, classes["background_index"], dtype=np.int64)
+    lut[np.asarray(classes["context_category_ids"])] = np.arange(1, len(classes["names"]))
     by_image: dict[int, list[dict]] = {}
     for ann in data["annos_segmentation"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -376,10 +376,15 @@ def _pc59_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Resul
         {
             "label_source": (
                 "PASCAL-Context trainval_merged.json (Detail API, 459 classes, phase 'val'); the 59 ids of "
-                "data/classes/pc59.json -> 0..58 in ascending id order, background and other classes -> 255 "
-                "(the detectron2 / mmseg PC59 convention)"
+                "data/classes/pc59.json -> 1..59 in ascending id order, every other pixel -> background 0 (the "
+                "PASCAL-Context-60 convention); the background: drop view is the detectron2 / official PC59 "
+                "(0..58, background -> 255)"
             ),
-            "assumptions": ["[assumption] overlapping annotations: painted in json order, later ones win"],
+            "assumptions": [
+                "[assumption] overlapping annotations: painted in json order, later ones win",
+                "[assumption] background = the other 400 classes and unannotated pixels (the official "
+                "background GT generator is not released)",
+            ],
         },
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: Prepared-dataset names handled here (``toy_shapes`` is generated, not downloaded; ``voc20`` is a view of
-#: ``voc21``: the reader's ``drop_background=True``).
+#: ``voc21``: the reader's ``background="drop"``).
 DATASET_NAMES = ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
 #: Target aliases: ``prepare_<alias>`` builds the dataset it points to.
 ALIASES = {"voc20": "voc21"}
@@ -161,7 +161,7 @@ DATASETS: dict[str, DatasetSource] = {
     for d in (
         DatasetSource(
             name="voc21",
-            title="PASCAL VOC 2012 val, 21 classes (background = 0); VOC20 is its drop_background view",
+            title="PASCAL VOC 2012 val, 21 classes (background = 0); VOC20 is its background: drop view",
             archives=("voc2012_trainval",),
             split="val",
             expected_count=1449,

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from ..atomic import replace_folder_atomically
 from .layout import (
+    CLASSES_FILE,
     IMAGE_DIR,
     LABEL_DIR,
     MANIFEST_FILE,
@@ -195,18 +196,26 @@ def _check_args(n_train: int, n_val: int, image_size: int, min_shapes: int, max_
         )
 
 
+def _is_toy_shapes_folder(root: Path) -> bool:
+    """An earlier toy-shapes output: its manifest names the generator, or, when the manifest is gone (Snakemake
+    deletes a rule's declared output, manifest.json, before it re-runs the rule), its classes.json is ours."""
+    manifest, classes = root / MANIFEST_FILE, root / CLASSES_FILE
+    try:
+        if manifest.is_file():
+            return json.loads(manifest.read_text()).get("extra", {}).get("generator") == GENERATOR_NAME
+        return classes.is_file() and tuple(json.loads(classes.read_text()).get("names", ())) == TOY_CLASS_NAMES
+    except (ValueError, AttributeError):  # unreadable JSON, or JSON that is not an object: not ours
+        return False
+
+
 def _refuse_foreign_folder(root: Path) -> None:
     """Raise unless ``root`` is absent, empty or an earlier toy-shapes output, which alone may be replaced."""
     if not root.exists():
         return
-    manifest = root / MANIFEST_FILE
-    is_toy = manifest.is_file() and json.loads(manifest.read_text()).get("extra", {}).get("generator") == (
-        GENERATOR_NAME
-    )
-    if any(root.iterdir()) and not is_toy:
+    if any(root.iterdir()) and not _is_toy_shapes_folder(root):
         raise FileExistsError(
-            f"{root} exists and is not a complete toy-shapes dataset; refusing to overwrite it. "
-            "Delete it or choose another output folder."
+            f"{root} exists and is not a toy-shapes dataset (no toy-shapes manifest.json or classes.json); "
+            "refusing to overwrite it. Delete it or choose another output folder."
         )
 
 
@@ -227,6 +236,7 @@ def generate_toy_shapes(
     """
     _check_args(n_train, n_val, image_size, min_shapes, max_shapes)
     root = Path(root)
+    _refuse_foreign_folder(root)  # before the work; checked again before the swap
     with replace_folder_atomically(root) as tmp:
         captions: dict[str, str] = {}
         for split, count in (("train", n_train), ("val", n_val)):

@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from seg4diff_repro.figures import save_figure  # noqa: E402
+from seg4diff_repro.figures import save_figure, wrap_title  # noqa: E402
 from seg4diff_repro.tables.fidelity import METRIC_NAMES, METRICS  # noqa: E402
 
 __all__ = ["plot_fidelity_curves", "plot_layer_grid"]
@@ -31,7 +32,8 @@ def plot_fidelity_curves(table: pd.DataFrame, title: str, footer: str, png_path:
     perturbed = table[table["layer"].notna()]
     reference = table[table["layer"].isna()]
     sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.0 * len(METRICS), 3.5))
+    width = 4.0 * len(METRICS)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(width, 4.2))
     layers = perturbed["layer"].astype(int).to_numpy()
     for ax, metric, colour in zip(axes, METRICS, sns.color_palette(n_colors=len(METRICS))):
         std = np.nan_to_num(perturbed[f"{metric}_std"].to_numpy(float))  # one prompt: no std
@@ -44,11 +46,20 @@ def plot_fidelity_curves(table: pd.DataFrame, title: str, footer: str, png_path:
         ax.set_xlabel("perturbed joint layer (0-based)")
         ax.set_xticks(layers)
         ax.tick_params(axis="x", labelsize=7 if len(layers) > 12 else 9)
+        # Plain values on the y axis: no "1e-3 + 0.99" offset for a reader to add back.
+        ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
     axes[0].set_ylabel("cosine similarity")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.text(0.5, 0.01, footer, ha="center", va="bottom", fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    # One legend for all panels, between the title and the axes, where it hides no curve.
+    handles, labels = axes[0].get_legend_handles_labels()
+    height = fig.get_figheight()
+    title_text, footer_text = wrap_title(title, width, 10), wrap_title(footer, width, 7)
+    title_inches = 0.08 + 10 * 1.2 / 72 * (title_text.count("\n") + 1)  # margin + lines of 10 pt
+    fig.suptitle(title_text, fontsize=10)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1 - title_inches / height))
+    fig.text(0.5, 0.01, footer_text, ha="center", va="bottom", fontsize=7)
+    footer_inches = 0.05 + 7 * 1.2 / 72 * (footer_text.count("\n") + 1)
+    fig.tight_layout(rect=(0, footer_inches / height, 1, 1 - (title_inches + 0.12) / height))
     save_figure(fig, png_path, pdf_path)
 
 
@@ -89,6 +100,6 @@ def plot_layer_grid(
             ax = axes[top + i // columns, 1 + i % columns]
             ax.imshow(by_layer[layer][p])
             ax.set_title(f"Layer {layer}", fontsize=7)
-    fig.suptitle(title, fontsize=9, wrap=True)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
     fig.tight_layout()
     save_figure(fig, png_path, pdf_path)

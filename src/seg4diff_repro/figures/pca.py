@@ -1,6 +1,6 @@
 """Appendix Fig. 16: PCA of the image-token query, key and value features of every layer, shown as RGB.
 
-The recipe of the official (unused) helper `visualize_pca_and_kmeans` (method_spec §H): PCA with 3
+The recipe of the official (unused) helper `visualize_pca_and_kmeans` (docs/method.md#pca-of-q-k-and-v): PCA with 3
 components over the image tokens, each component min-max scaled to [0, 1] on its own, reshaped to the
 token grid and used as RGB. Computed in float64 with an SVD of the centred features (scikit-learn's PCA
 does the same); each component's sign is fixed so that its largest-magnitude loading is positive, so
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from seg4diff_repro.figures import save_figure  # noqa: E402
+from seg4diff_repro.figures import save_figure, wrap_title  # noqa: E402
 
 QKV = ("q", "k", "v")
 
@@ -68,6 +68,6 @@ def plot_pca_qkv(
                 ax.set_ylabel(name, fontsize=9)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("generated", fontsize=7)
-    fig.suptitle(title, fontsize=8, wrap=True)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
     save_figure(fig, png, pdf)

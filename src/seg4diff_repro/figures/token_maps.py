@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # rules run without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from seg4diff_repro.figures import save_figure  # noqa: E402
+from seg4diff_repro.figures import save_figure, wrap_title  # noqa: E402
 
 CMAP = "viridis"
 
@@ -71,7 +71,7 @@ def plot_direction_maps(entries: Sequence[PromptMaps], title: str, png: Path, pd
                     if column == 1:
                         ax.set_ylabel(direction, fontsize=8)
                 row += 1
-    fig.suptitle(title, fontsize=8, wrap=True)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
     save_figure(fig, png, pdf)
 
@@ -103,7 +103,7 @@ def plot_head_maps(
             axes[row, 1].set_title("mean", fontsize=7)
             for head in range(heads):
                 axes[row, head + 2].set_title(f"head {head}", fontsize=6)
-    fig.suptitle(title, fontsize=8, wrap=True)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
     save_figure(fig, png, pdf)
 
@@ -123,6 +123,6 @@ def plot_token_grid(
         for column, token in enumerate(line, start=1):
             axes[row, column].set_axis_on()
             _map(axes[row, column], maps[token], f"{token}: {labels[token]}")
-    fig.suptitle(title, fontsize=8, wrap=True)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
     save_figure(fig, png, pdf)

@@ -4,7 +4,7 @@
 * CLIP-T: cosine similarity of the CLIP image embedding and the CLIP text embedding of the prompt;
 * DINO: cosine similarity of the DINO ViT CLS embeddings of a generated image and its reference.
 
-The reference of an image is the unperturbed image of the same prompt and seed (method_spec §F
+The reference of an image is the unperturbed image of the same prompt and seed (docs/method.md#fidelity-scores
 [assumption]). The paper does not name its backbones; the defaults are DreamBooth's: open_clip
 ViT-B-32 with OpenAI's weights and DINO ViT-S/16 (``facebook/dino-vits16``) [assumption]. Every score
 row records the backbones and weights it came from.

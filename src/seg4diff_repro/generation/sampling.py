@@ -5,7 +5,7 @@ call (tested), plus:
 
 - ``perturb_layers``: generate with the I2T block of those layers blurred (appendix A.3, Figs. 5, 18);
 - ``guidance_layers`` with scale ``s``: ε̃ = ε_u + w(ε_c − ε_u) + s(ε_c − ε̂_c), where ε̂_c is the
-  conditional prediction with those layers blurred (PAG/SEG convention, method_spec §E; Fig. 19).
+  conditional prediction with those layers blurred (PAG/SEG convention, docs/method.md#perturbed-i2t-guidance; Fig. 19).
 
 Flux (`generate_flux`): the stock `FluxPipeline` call (guidance-distilled, no classifier-free guidance)
 inside an `I2TPerturbation` context; perturbation only (Fig. 10).

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from seg4diff_repro.config import looks_like_local_path
 
 HF_LOGIN_HELP = (
     "Accept the model licence at https://huggingface.co/{repo} while logged in, then log in here with "
@@ -84,12 +87,14 @@ def _error_chain(error: BaseException) -> list[BaseException]:
 def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch.float32, **components):
     """``pipeline_class.from_pretrained`` from a Hugging Face id or a local folder, with errors that say what to do."""
     source = str(source)
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
-    if looks_like_path and not Path(source).exists():
-        raise ModelLoadError(
-            f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
-            "(for the toy models, run the rule that builds them, e.g. `snakemake build_tiny_model`)."
-        )
+    if looks_like_local_path(source):
+        # Never a hub id: a missing folder must not send the hub a request for "models/..." or "./...".
+        source = str(Path(source).expanduser())
+        if not Path(source).exists():
+            raise ModelLoadError(
+                f"{source} does not exist and is not a Hugging Face id (owner/name): check the model's `source` "
+                f"(a model with `build` in the config is written by `snakemake {source}`)."
+            )
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise ModelLoadError(
             f"{source} has no model_index.json: point the model's `source` at a folder written by "
@@ -153,6 +158,40 @@ def with_hub_errors(source: str, call: Callable[[], object]):
         raise
 
 
+class FileHashes:
+    """sha256 of files, remembered by (path, size, modification time) in the user's cache folder.
+
+    A real model folder holds tens of GB (34 for FLUX.1-dev with T5-XXL): hashing it for every job's
+    cache key would cost a minute each time. Jobs of the workflow keep this file in the project's
+    .cache/ (XDG_CACHE_HOME); a lost or damaged memo only means hashing again.
+    """
+
+    def __init__(self) -> None:
+        self.path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "seg4diff" / "file_sha256.json"
+        try:
+            self.known: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.changed = False
+
+    def sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.known:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            self.known[key], self.changed = digest.hexdigest(), True
+        return self.known[key]
+
+    def save(self) -> None:
+        if self.changed:
+            from seg4diff_repro.atomic import atomic_write_json
+
+            atomic_write_json(self.path, self.known)  # concurrent jobs: the last writer wins, nothing breaks
+
+
 def model_fingerprint(source: str | Path) -> str:
     """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
     ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled.
@@ -162,14 +201,12 @@ def model_fingerprint(source: str | Path) -> str:
     """
     folder = Path(source).expanduser()
     if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        hashes = FileHashes()
         digest = hashlib.sha256()
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            file_digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    file_digest.update(chunk)
-            digest.update(file_digest.digest())
+        for path in files:
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + bytes.fromhex(hashes.sha256(path)))
+        hashes.save()
         return f"sha256:{digest.hexdigest()}"
     from huggingface_hub import try_to_load_from_cache
 

@@ -1,6 +1,6 @@
 """Flux adapter: the Seg4Diff zero-shot forward pass on a `FluxPipeline` (FLUX.1-dev or the tiny Flux model).
 
-It follows the official Flux path (method_spec §A, B.2.5, K.8):
+It follows the official Flux path (docs/method.md#flux-specifics):
 
 * text: 77 T5 tokens (``max_sequence_length = 77``) as the sequence, CLIP-L's pooled output as
   ``pooled_projections``; the joint sequence is ``[77 text ; image]`` (text first) and a class's T5
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from seg4diff_repro.models.common import (
+    ModelLoadError,
     Noising,
     encode_normalised_latents,
     load_pipeline,
@@ -40,6 +41,7 @@ __all__ = [
     "FLUX_NUM_STEPS",
     "FLUX_TEXT_TOKENS",
     "FluxAdapter",
+    "flux_double_stream_blocks",
     "flux_mu",
     "flux_noising",
     "load_flux_pipeline",
@@ -58,6 +60,22 @@ FLUX_DEV_SCHEDULER_CONFIG = {
     "shift": 3.0,
     "use_dynamic_shifting": True,
 }
+
+
+def flux_double_stream_blocks(source: str | Path) -> int:
+    """How many double-stream (MM-DiT) blocks the Flux transformer at ``source`` has (19 for FLUX.1-dev): its
+    layers from this index on are single-stream blocks. Reads only ``transformer/config.json`` (local folder or hub
+    cache)."""
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        config = FluxTransformer2DModel.load_config(str(source), subfolder="transformer")
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot read transformer/config.json of the Flux model {source}: {error}. Point the model's `source` "
+            "at a folder written by `save_pretrained` or at a hub id this machine has downloaded."
+        ) from error
+    return int(config["num_layers"])
 
 
 def flux_mu(scheduler_config, image_seq_len: int, latent_channels: int, mu_from_channels: bool = True) -> float:

@@ -28,8 +28,9 @@ def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int,
     """(height, width) after detectron2's test mapper scales the shorter side to ``short_side``."""
     if short_side is None:
         return height, width
+    # ResizeShortestEdge.get_output_shape: int(x + 0.5), which rounds halves up (round() would go to even).
     factor = short_side / min(height, width)
-    return int(round(height * factor)), int(round(width * factor))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def prepare_image(
@@ -42,7 +43,8 @@ def prepare_image(
     code's non-aspect-preserving resize, ``center_crop`` the paper's text. The returned box, in
     original pixel coordinates, tells the scorer which part of the label map the prediction covers.
     ``pad_multiple`` zero-pads the bottom and right to a multiple of it before the stretch, as the
-    official unsupervised model does (method_spec D.1); the box then still names the unpadded image.
+    official unsupervised model does (docs/method.md#unsupervised-protocol); the box then still names the
+    unpadded image.
     """
     height, width = image.shape[:2]
     box = (0, 0, height, width)

@@ -1,6 +1,7 @@
 """SD3 / SD3.5 adapter: the Seg4Diff zero-shot forward pass on a `StableDiffusion3Pipeline`.
 
-What it does follows method_spec §A–B (the official code): VAE posterior mean with the model's shift
+What it does follows the official code (docs/method.md#image-preprocessing, docs/method.md#noising-and-timesteps,
+docs/method.md#prompts-and-token-spans): VAE posterior mean with the model's shift
 and scale, noise to a scheduler index ("t = k of N" is ``timesteps[-k]``), CLIP-only text with T5
 off (77 zero T5 positions, 154 text tokens), one transformer forward, no classifier-free guidance.
 Unlike the official code the noise is seeded per image.

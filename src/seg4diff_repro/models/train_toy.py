@@ -92,8 +92,8 @@ TOY_TRAINED_CONFIG = replace(TinySD3Config(), text_num_layers=1)
 def class_name_prompt(caption: str) -> str:
     """The toy classes named in ``caption``, ascending by class id, joined by spaces ("circle square").
 
-    This is the analysis' oracle prompt format (method_spec §B.2.7). A caption naming no toy class is
-    returned unchanged.
+    This is the analysis' oracle prompt format (docs/method.md#prompts-and-token-spans). A caption naming no toy
+    class is returned unchanged.
     """
     names = [c.name for c in sorted(TOY_CLASSES, key=lambda c: c.index) if re.search(rf"\b{c.name}\b", caption)]
     return " ".join(names) if names else caption

@@ -1,4 +1,4 @@
-"""From cached token maps to class maps to a label map (method_spec §B.3)."""
+"""From cached token maps to class maps to a label map (docs/method.md#label-prediction)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,20 @@ def class_score_maps(
     grid: tuple[int, int],
     norm_before_merge: bool = False,
     norm_after_merge: bool = False,
+    overflow: str = "official",
 ) -> np.ndarray:
     """[n_image_tokens, n_text] maps → [C, h, w]: each class the mean of its token columns.
 
-    A class whose span is empty (truncated out of the prompt) gets a huge negative score, so it is
-    never predicted (-inf would turn into NaN under bilinear interpolation).
+    ``spans`` are already cut to the text window (`prompts.window_spans`). A class whose span is empty
+    (past the window) gets, by the ``overflow`` rule, the official NaN map (the mean of an empty slice,
+    which then wins every pixel's argmax) or, ``corrected``, a huge negative score that is never predicted
+    (-inf would turn into NaN under bilinear interpolation).
     """
     maps = token_maps.astype(np.float32).T  # [n_text, n_image_tokens]
     if norm_before_merge:
         maps = _min_max(maps)
-    scores = np.full((len(spans), maps.shape[1]), NEVER, dtype=np.float32)
+    empty_score = np.nan if overflow == "official" else NEVER
+    scores = np.full((len(spans), maps.shape[1]), empty_score, dtype=np.float32)
     kept = np.array([end > start for start, end in spans], dtype=bool)
     for i, (start, end) in enumerate(spans):
         if kept[i]:
@@ -59,7 +63,8 @@ def predict_labels_batch(
     """[M, C, h, w] scores of the prompt's classes → [M, *out_shape] int64 labels, on the scores' device.
 
     As in the official code the vocabulary tensor is zero for classes missing from the prompt; the
-    result equals ``argmax`` of that full tensor (first maximum wins) without materialising it.
+    result equals torch's ``argmax`` of that full tensor (first maximum wins; a NaN, the official map of a
+    class past the text window, beats any number) without materialising it.
     """
     class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
     if class_ids.size == 0:
@@ -72,7 +77,7 @@ def predict_labels_batch(
         scores[:, torch.from_numpy(order).to(scores.device)].float(), size=tuple(out_shape), mode="bilinear",
         align_corners=False,
     )
-    best_value, best_index = upsampled.max(dim=1)
+    best_value, best_index = upsampled.max(dim=1)  # NaN propagates: the first NaN channel, as torch's argmax
     prediction = ids[best_index]
     absent = np.setdiff1d(np.arange(num_classes), class_ids)
     if absent.size:

@@ -18,6 +18,7 @@ from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.models.preprocess import crop_to_box, resized_shape
 from seg4diff_repro.segmentation.maps import class_score_maps, predict_labels
 from seg4diff_repro.segmentation.metrics import ConfusionMatrix, RunningMean
+from seg4diff_repro.segmentation.prompts import PROMPT_OVERFLOW, overflowing_classes, window_spans
 from seg4diff_repro.segmentation.shards import accumulate_in_shards
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,13 @@ class ScoringSettings:
     softmax: bool = True  # post-softmax maps (the paper's default) or the pre-softmax logits (appendix Table 1)
     norm_before_merge: bool = False
     norm_after_merge: bool = False
+    # Classes past the 77-token window: the official NaN maps / <eos> averaging, or corrected (prompts.PROMPT_OVERFLOW).
+    # Both are scored; this one gives the headline pACC, mACC and mIoU.
+    prompt_overflow: str = "official"
+
+    def __post_init__(self) -> None:
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ValueError(f"segmentation.prompt_overflow={self.prompt_overflow!r}: use one of {list(PROMPT_OVERFLOW)}")
 
     @property
     def attention(self) -> str:
@@ -61,7 +69,7 @@ def score_layers(
     manifest = load_manifest(cache_manifest)
     extraction = manifest["settings"]
     dataset = SegmentationDataset(
-        dataset_root, extraction["split"], drop_background=extraction["drop_background"], limit=extraction["limit"]
+        dataset_root, extraction["split"], background=extraction["background"], limit=extraction["limit"]
     )
     if dataset.ids != manifest["image_ids"]:
         raise ValueError(
@@ -71,34 +79,46 @@ def score_layers(
     num_classes = len(dataset.class_names)
     layers = manifest["layers"]
     cache_dir = Path(cache_manifest).parent
+    text_tokens = manifest["text_tokens"]
+    other_rule = next(rule for rule in PROMPT_OVERFLOW if rule != settings.prompt_overflow)
 
-    def add_images(confusion: dict[str, ConfusionMatrix], positions: range) -> None:
+    def add_images(accumulators: dict, positions: range) -> None:
         for position in positions:
             sample = dataset[position]
             cached = read_cached_image(cache_dir, sample.image_id)
-            label = crop_to_box(sample.label, cached.box)
-            spans = cached.local_spans()
+            label = dataset.label_for_scoring(crop_to_box(sample.label, cached.box))
             maps = cached.i2t if settings.softmax else cached.logits
             if maps is None:
                 raise ValueError(
                     f"{cache_dir} holds no pre-softmax logits (written by an older version): re-run its extraction rule"
                 )
+            overflowing = overflowing_classes(cached.spans, text_tokens)
+            accumulators["overflow_images"].update(overflowing > 0)
+            accumulators["overflow_classes"].update(overflowing)
+            # The other rule's prediction differs only where some class reaches the window's last position.
+            rules = (settings.prompt_overflow, other_rule) if overflowing else (settings.prompt_overflow,)
             for index, layer in enumerate(cached.layers.tolist()):
-                scores = class_score_maps(
-                    maps[index], spans, cached.token_grid,
-                    settings.norm_before_merge, settings.norm_after_merge,
-                )
-                confusion[_layer_name(layer)].update(
-                    predict_labels(cached.class_ids, scores, num_classes, label.shape), label
-                )
+                for rule in rules:
+                    spans = cached.local_spans(window_spans(cached.spans, text_tokens, rule))
+                    scores = class_score_maps(
+                        maps[index], spans, cached.token_grid,
+                        settings.norm_before_merge, settings.norm_after_merge, rule,
+                    )
+                    prediction = predict_labels(cached.class_ids, scores, num_classes, label.shape)
+                    accumulators[f"{rule}_{_layer_name(layer)}"].update(prediction, label)
+                if not overflowing:
+                    accumulators[f"{other_rule}_{_layer_name(layer)}"].update(prediction, label)
 
     merged = accumulate_in_shards(
         dataset.ids, shard_root,
         _scoring_key(cache_manifest, asdict(settings)), shard_size,
-        lambda: {_layer_name(layer): ConfusionMatrix(num_classes, dataset.ignore_index) for layer in layers},
+        lambda: {
+            **{f"{rule}_{_layer_name(layer)}": ConfusionMatrix(num_classes, dataset.ignore_index)
+               for rule in PROMPT_OVERFLOW for layer in layers},
+            "overflow_images": RunningMean(), "overflow_classes": RunningMean(),
+        },
         add_images, "score layers",
     )
-    confusion = {layer: merged[_layer_name(layer)] for layer in layers}
 
     noising = manifest["noising"]
     rows = [
@@ -106,12 +126,18 @@ def score_layers(
             "model": extraction["model"],
             "dataset": extraction["dataset"],
             "layer": layer,
-            **confusion[layer].compute(),
+            **merged[f"{settings.prompt_overflow}_{_layer_name(layer)}"].compute(),
+            **{f"mIoU_overflow_{rule}": merged[f"{rule}_{_layer_name(layer)}"].compute()["mIoU"]
+               for rule in PROMPT_OVERFLOW},
+            "overflow_images": int(merged["overflow_images"].total),
+            "overflow_classes": int(merged["overflow_classes"].total),
             "images": len(dataset),
             "timestep_k": noising["k"],
             "num_steps": noising["num_steps"],
             "sigma": noising["sigma"],
             "prompt": extraction["prompt"],
+            "prompt_classes_from": extraction["prompt_classes_from"],
+            "background": extraction["background"],
             "resize": extraction["resize"],
             "attention": settings.attention,
             **asdict(settings),
@@ -125,7 +151,7 @@ def score_layers(
 
 UNSUPERVISED_GEOMETRIES = {
     # The official route: input zero-padded to a multiple of 32, scored at the 640-short-side resized
-    # label, with the top-left-crop quirk for images larger than that (method_spec D.1, K.4).
+    # label, with the top-left-crop quirk for images larger than that (docs/method.md#unsupervised-protocol).
     "official": 32,
     # Ours: no padding, scored at the original label resolution like the open-vocabulary protocol.
     "aligned": None,
@@ -134,14 +160,19 @@ UNSUPERVISED_GEOMETRIES = {
 
 def score_unsupervised(
     cache_manifest: Path, dataset_root: Path, shard_root: Path, kl_threshold: float = 0.1,
-    geometry: str = "official", shard_size: int = DEFAULT_SHARD_SIZE,
+    geometry: str = "official", shard_size: int = DEFAULT_SHARD_SIZE, matching: str = "per_row",
+    scored_classes: int | None = None,
 ) -> pd.DataFrame:
-    """Unsupervised segmentation (method_spec §D) of each cached layer: empty-prompt token maps → KL-merged
-    proposals → clusters, scored with per-image Hungarian matching; one row per layer.
+    """Unsupervised segmentation (docs/method.md#unsupervised-protocol) of each cached layer: empty-prompt token maps → KL-merged
+    proposals → clusters, scored with Hungarian matching; one row per layer.
 
+    Both matchings are scored (``mIoU_per_row``: the official trainer's, ``mIoU_per_image``: the corrected);
+    ``matching`` picks the headline ``mIoU`` and ``pACC``. ``scored_classes`` is the official N_CLASS (the
+    entries of the test json) where it differs from the view's class count: labels from it on are dropped.
     ``geometry`` "official" needs a cache extracted with ``pad_multiple`` 32, "aligned" one without padding.
     """
     from seg4diff_repro.segmentation.unsupervised import (
+        MATCHING,
         HungarianAccumulator,
         cluster_labels,
         official_cluster_labels,
@@ -150,6 +181,8 @@ def score_unsupervised(
 
     if geometry not in UNSUPERVISED_GEOMETRIES:
         raise ValueError(f"geometry={geometry!r}: use one of {sorted(UNSUPERVISED_GEOMETRIES)}")
+    if matching not in MATCHING:
+        raise ValueError(f"matching={matching!r}: use one of {list(MATCHING)}")
     manifest = load_manifest(cache_manifest)
     extraction = manifest["settings"]
     if extraction["prompt"] != "null":
@@ -161,8 +194,12 @@ def score_unsupervised(
             f"{geometry!r} needs {UNSUPERVISED_GEOMETRIES[geometry]!r}: re-run its extraction rule"
         )
     dataset = SegmentationDataset(
-        dataset_root, extraction["split"], drop_background=extraction["drop_background"], limit=extraction["limit"]
+        dataset_root, extraction["split"], background=extraction["background"], limit=extraction["limit"]
     )
+    num_classes = len(dataset.class_names) if scored_classes is None else scored_classes
+    if not 1 <= num_classes <= len(dataset.class_names):
+        raise ValueError(f"scored_classes={scored_classes} for {extraction['dataset']}: use 1..{len(dataset.class_names)} "
+                         "(the view's class count) or null")
     layers = manifest["layers"]
     cache_dir = Path(cache_manifest).parent
 
@@ -170,7 +207,7 @@ def score_unsupervised(
         for position in positions:
             sample = dataset[position]
             cached = read_cached_image(cache_dir, sample.image_id)
-            label = crop_to_box(sample.label, cached.box)
+            label = dataset.label_for_scoring(crop_to_box(sample.label, cached.box))
             if geometry == "official":
                 resized = resized_shape(*label.shape, extraction["short_side"])
                 # detectron2's mapper resizes the (uint8) label with PIL's nearest neighbour.
@@ -182,14 +219,17 @@ def score_unsupervised(
                     clusters = official_cluster_labels(proposals, sample.label.shape, label.shape)
                 else:
                     clusters = cluster_labels(proposals, label.shape)
-                accumulators[_layer_name(layer)].update(clusters, label)
+                for rule in MATCHING:
+                    accumulators[f"{rule}_{_layer_name(layer)}"].update(clusters, label)
                 accumulators[f"proposals_{_layer_name(layer)}"].update(len(proposals))
 
     merged = accumulate_in_shards(
         dataset.ids, shard_root,
-        _scoring_key(cache_manifest, {"kl_threshold": kl_threshold, "geometry": geometry}), shard_size,
+        _scoring_key(cache_manifest, {"kl_threshold": kl_threshold, "geometry": geometry, "scored_classes": num_classes}),
+        shard_size,
         lambda: {
-            **{_layer_name(layer): HungarianAccumulator(len(dataset.class_names), dataset.ignore_index) for layer in layers},
+            **{f"{rule}_{_layer_name(layer)}": HungarianAccumulator(num_classes, dataset.ignore_index, rule)
+               for rule in MATCHING for layer in layers},
             **{f"proposals_{_layer_name(layer)}": RunningMean() for layer in layers},
         },
         add_images, "score unsupervised",
@@ -197,14 +237,18 @@ def score_unsupervised(
     noising = manifest["noising"]
     rows = []
     for layer in layers:
-        result = merged[_layer_name(layer)].compute()
+        results = {rule: merged[f"{rule}_{_layer_name(layer)}"].compute() for rule in MATCHING}
         rows.append({
             "model": extraction["model"], "dataset": extraction["dataset"], "layer": layer,
-            "mIoU": result["mIoU"], "pACC": result["pACC"],
+            "mIoU": results[matching]["mIoU"], "pACC": results[matching]["pACC"],
+            **{f"{metric}_{rule}": results[rule][metric] for rule in MATCHING for metric in ("mIoU", "pACC")},
+            "matching": matching,
             "mean_proposals": merged[f"proposals_{_layer_name(layer)}"].compute(),
             "images": len(dataset), "timestep_k": noising["k"], "num_steps": noising["num_steps"],
             "sigma": noising["sigma"], "prompt": "empty (null)", "resize": extraction["resize"],
             "geometry": geometry, "attention": "post-softmax, head mean", "kl_threshold": kl_threshold,
+            "background": extraction["background"], "scored_classes": num_classes,
+            "out_of_range_pixels": results[matching]["n_out_of_range"],
             "seed": extraction["seed"], "code_version": provenance_label(provenance("scoring")),
         })
     return pd.DataFrame(rows)

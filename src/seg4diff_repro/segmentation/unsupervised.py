@@ -1,4 +1,5 @@
-"""Unsupervised segmentation from null-prompt token maps, and its Hungarian scoring (method_spec §D).
+"""Unsupervised segmentation from null-prompt token maps, and its Hungarian scoring
+(docs/method.md#unsupervised-protocol).
 
 Follows the official code: ``att2mask`` and ``mask_merge`` in ``seg4diff/seg4diff_model_unsup.py``
 (lines 431-503) for the proposals, and ``_fast_hist`` / ``hungarian_matching`` / ``test_unsupervised``
@@ -119,7 +120,8 @@ def cluster_labels(proposals: np.ndarray, out_shape: tuple[int, int]) -> np.ndar
 def official_cluster_labels(
     proposals: np.ndarray, original_shape: tuple[int, int], resized: tuple[int, int]
 ) -> np.ndarray:
-    """Cluster ids at the test mapper's resized size, by the official code's route (method_spec D.1 6-7).
+    """Cluster ids at the test mapper's resized size, by the official code's route
+    (docs/method.md#unsupervised-protocol, step 6).
 
     Proposals are upsampled to the original image size; ``sem_seg_postprocess`` then keeps the top-left
     ``resized`` region and resizes it to ``resized``. Where the original is larger than the resized
@@ -148,19 +150,27 @@ def hungarian_match(hist: np.ndarray) -> np.ndarray:
 
 _STATE_KEYS = ("tp", "fp", "fn", "n_pixels", "n_ignored", "n_out_of_range", "n_images")
 
+#: ``per_row``: the official trainer passes one [H, W] map to ``hungarian_matching``, whose loop runs over the
+#: first axis, so each image ROW gets its own histogram and assignment (train_net.py:69-85, 287): the protocol
+#: behind the paper's Table 2, and a bug. ``per_image``: one matching per image, as PiCIE/DiffSeg intend.
+MATCHING = ("per_row", "per_image")
+
 
 class HungarianAccumulator:
-    """Per-image Hungarian matching of cluster ids to classes, with TP/FP/FN summed over a dataset.
+    """Hungarian matching of cluster ids to classes (per image row or per image), TP/FP/FN summed over a dataset.
 
     Pixels whose label is outside [0, num_classes) are dropped, as in ``_fast_hist``; those equal to
     ``ignore_index`` are counted as ``n_ignored`` and any others as ``n_out_of_range`` so that
     unexpected labels (e.g. ≥ 59 on PC59) are visible rather than silently lost.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, matching: str = "per_row") -> None:
         check_class_indices(num_classes, ignore_index)
+        if matching not in MATCHING:
+            raise ValueError(f"matching={matching!r}: use one of {list(MATCHING)}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.matching = matching
         self.tp = np.zeros(num_classes, dtype=np.int64)
         self.fp = np.zeros(num_classes, dtype=np.int64)
         self.fn = np.zeros(num_classes, dtype=np.int64)
@@ -193,10 +203,7 @@ class HungarianAccumulator:
         idx = n_cols * gt[keep].astype(np.int64) + pred[keep].astype(np.int64)
         return np.bincount(idx, minlength=self.num_classes * n_cols).reshape(self.num_classes, n_cols)
 
-    def update(self, clusters: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> None:
-        """Match one image's cluster map [H, W] to its label map [H, W] and add its TP/FP/FN."""
-        pred, gt = self._checked(clusters, label)
-        hist = self._histogram(pred, gt)
+    def _add_matched(self, hist: np.ndarray) -> None:
         cols = hungarian_match(hist)
         matched = hist[np.arange(self.num_classes), cols]
         self.tp += matched
@@ -204,18 +211,29 @@ class HungarianAccumulator:
         self.fn += hist.sum(axis=1) - matched
         self.fp += hist.sum(axis=0)[cols] - matched
         self.n_pixels += int(hist.sum())
+
+    def update(self, clusters: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> None:
+        """Match one image's cluster map [H, W] to its label map [H, W] and add its TP/FP/FN."""
+        pred, gt = self._checked(clusters, label)
+        n_counted = self.n_pixels
+        if self.matching == "per_image":
+            self._add_matched(self._histogram(pred, gt))
+        else:
+            for pred_row, gt_row in zip(pred, gt):  # official: `for i in range(pred.shape[0])` over rows
+                self._add_matched(self._histogram(pred_row, gt_row))
+        n_counted = self.n_pixels - n_counted
         n_ignored = int(np.count_nonzero(gt == self.ignore_index))
         self.n_ignored += n_ignored
-        self.n_out_of_range += gt.size - int(hist.sum()) - n_ignored
+        self.n_out_of_range += gt.size - n_counted - n_ignored
         self.n_images += 1
 
     def merge(self, other: HungarianAccumulator) -> None:
         """Add the counts of another accumulator with the same classes and ignore index."""
-        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
+        if (other.num_classes, other.ignore_index, other.matching) != (self.num_classes, self.ignore_index, self.matching):
             raise ValueError(
                 f"cannot merge an accumulator with num_classes={other.num_classes}, ignore_index="
-                f"{other.ignore_index} into one with num_classes={self.num_classes}, "
-                f"ignore_index={self.ignore_index}"
+                f"{other.ignore_index}, matching={other.matching} into one with num_classes={self.num_classes}, "
+                f"ignore_index={self.ignore_index}, matching={self.matching}"
             )
         for key in _STATE_KEYS:
             setattr(self, key, getattr(self, key) + getattr(other, key))
@@ -246,7 +264,8 @@ class HungarianAccumulator:
         """Atomically store the counts as .npz so shards can be merged or resumed."""
         state = {key: np.asarray(getattr(self, key), dtype=np.int64) for key in _STATE_KEYS}
         save_npz_atomically(
-            path, num_classes=np.int64(self.num_classes), ignore_index=np.int64(self.ignore_index), **state
+            path, num_classes=np.int64(self.num_classes), ignore_index=np.int64(self.ignore_index),
+            per_row=np.int64(self.matching == "per_row"), **state,
         )
 
     @classmethod
@@ -254,11 +273,12 @@ class HungarianAccumulator:
         """Load an accumulator written by :meth:`save`."""
         arrays = load_npz_arrays(
             path,
-            ("num_classes", "ignore_index", *_STATE_KEYS),
+            ("num_classes", "ignore_index", "per_row", *_STATE_KEYS),
             file_kind="Hungarian accumulator",
             written_by="an .npz written by HungarianAccumulator.save",
         )
-        out = cls(int(arrays["num_classes"]), int(arrays["ignore_index"]))
+        matching = "per_row" if int(arrays["per_row"]) else "per_image"
+        out = cls(int(arrays["num_classes"]), int(arrays["ignore_index"]), matching)
         for key in _STATE_KEYS:
             value = arrays[key]
             expected = (out.num_classes,) if key in ("tp", "fp", "fn") else ()

@@ -11,6 +11,20 @@ import pandas as pd
 from seg4diff_repro.datasets.layout import atomic_write_bytes
 
 METRICS = ["pACC", "mACC", "mIoU"]
+# Prompts past the 77-token window (issue 11 item 5): both rules' mIoU, labelled, beside the headline one.
+OVERFLOW_COLUMNS = {
+    "mIoU_overflow_official": "mIoU (official, >75-token prompts: NaN maps win)",
+    "mIoU_overflow_corrected": "mIoU (corrected, >75-token prompts)",
+}
+# The protocol choices every segmentation table records (scores CSV columns).
+PROTOCOL = ("prompt", "prompt_classes_from", "background", "prompt_overflow", "overflow_images", "overflow_classes")
+
+
+def overflow_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """Both overflow rules' mIoU under their labels, where some image's prompt passed the window; else no column."""
+    if int(rows["overflow_images"].max()) == 0:
+        return pd.DataFrame(index=rows.index)
+    return rows[list(OVERFLOW_COLUMNS)].rename(columns=OVERFLOW_COLUMNS)
 
 
 def paper_ovss_miou(paper_model: str | None, paper_dataset: str | None, layer: int, timestep_k: int) -> float | None:
@@ -25,7 +39,7 @@ def paper_ovss_miou(paper_model: str | None, paper_dataset: str | None, layer: i
 
 
 def per_layer_table(scores: pd.DataFrame, paper_model: str | None, paper_dataset: str | None) -> pd.DataFrame:
-    table = scores[["model", "dataset", "layer", *METRICS]].copy()
+    table = pd.concat([scores[["model", "dataset", "layer", *METRICS]], overflow_columns(scores)], axis=1)
     table["paper_mIoU"] = [
         paper_ovss_miou(paper_model, paper_dataset, int(row.layer), int(row.timestep_k))
         for row in scores.itertuples()
@@ -43,7 +57,7 @@ def write_per_layer_table(
     first = scores.iloc[0]
     provenance = ", ".join(
         f"{key} = {first[key]}"
-        for key in ("model", "dataset", "timestep_k", "num_steps", "sigma", "prompt", "resize", "attention",
+        for key in ("model", "dataset", "timestep_k", "num_steps", "sigma", *PROTOCOL, "resize", "attention",
                     "norm_before_merge", "norm_after_merge", "seed", "images", "code_version")
     )
     markdown = (

@@ -9,9 +9,17 @@ from pathlib import Path
 import pandas as pd
 
 from seg4diff_repro.datasets.layout import atomic_write_bytes
-from seg4diff_repro.tables.per_layer import METRICS, paper_ovss_miou
+from seg4diff_repro.tables.per_layer import METRICS, PROTOCOL, overflow_columns, paper_ovss_miou
 
-PROVENANCE = ("model", "dataset", "prompt", "resize", "attention", "seed", "images", "code_version")
+PROVENANCE = (
+    "model", "dataset", *PROTOCOL, "matching", "scored_classes", "resize", "attention", "seed", "images",
+    "code_version",
+)
+# Unsupervised Hungarian matching (issue 11 item 4): both, labelled, beside the headline `mIoU` (the config's).
+MATCHING_COLUMNS = {
+    "mIoU_per_row": "mIoU (official, per-row matching)",
+    "mIoU_per_image": "mIoU (corrected, per-image)",
+}
 
 
 def paper_numbers() -> dict:
@@ -32,6 +40,7 @@ def timestep_sweep_table(
         rows.append({
             "model": row["model"], "dataset": row["dataset"], "layer": layer, "timestep_k": int(row["timestep_k"]),
             "sigma": row["sigma"], **{m: row[m] for m in METRICS},
+            **overflow_columns(scores[scores["layer"] == layer]).iloc[0].to_dict(),
             "paper_mIoU": paper_ovss_miou(paper_model, paper_dataset, layer, int(row["timestep_k"])),
         })
     table = pd.DataFrame(rows).sort_values("timestep_k", ignore_index=True)
@@ -55,7 +64,8 @@ def normalisation_table(
                       if r["softmax"] == softmax and r["minmax"] == minmax), None)
         rows.append({
             "model": row["model"], "dataset": row["dataset"], "layer": layer, "timestep_k": int(row["timestep_k"]),
-            "post_softmax": softmax, "min_max": minmax, **{m: row[m] for m in METRICS}, "paper_mIoU": paper,
+            "post_softmax": softmax, "min_max": minmax, **{m: row[m] for m in METRICS},
+            **overflow_columns(scores[scores["layer"] == layer]).iloc[0].to_dict(), "paper_mIoU": paper,
         })
     table = pd.DataFrame(rows)
     table["diff_mIoU"] = table["mIoU"] - table["paper_mIoU"].astype(float)
@@ -75,7 +85,8 @@ def unsupervised_table(scores: pd.DataFrame, layer: int, paper_model: str | None
     row = scores[scores["layer"] == layer]
     if row.empty:
         raise ValueError(f"layer {layer} was not recorded: recorded layers {sorted(scores['layer'])}")
-    table = row[["model", "dataset", "layer", "timestep_k", "kl_threshold", "geometry", "mean_proposals", "pACC", "mIoU"]].copy()
+    table = row[["model", "dataset", "layer", "timestep_k", "kl_threshold", "geometry", "background", "scored_classes",
+                 "mean_proposals", "matching", "pACC", "mIoU", *MATCHING_COLUMNS]].rename(columns=MATCHING_COLUMNS)
     entry = paper_numbers()["unsupervised_miou"].get(paper_model or "")
     paper = None
     if entry is not None and entry["layer"] == layer and entry["timestep_k"] == int(table["timestep_k"].iloc[0]):

@@ -6,7 +6,7 @@ import pandas as pd
 
 from seg4diff_repro.attention.value_norms import GROUPS
 
-# What the paper says about the peaks (no numbers are given: the figures are plots only; method_spec §G, J).
+# What the paper says about the peaks (no numbers are given: the figures are plots only; docs/method.md#value-norms).
 PAPER_CLAIMS = {
     "sd3": "layer 9 has distinctly large text-token norms, more so for prompt tokens; "
     "specific heads of layers 7-8 have large image-token norms (Fig. 15)",
@@ -32,8 +32,9 @@ def value_norm_heads_table(per_head: pd.DataFrame) -> pd.DataFrame:
 
 
 def value_norm_layers_table(per_layer: pd.DataFrame) -> pd.DataFrame:
-    """One row per (timestep, layer): the mean norm of the whole value vector per token group."""
-    columns = ["timestep_k", "sigma", "layer", "block", *GROUPS, "n_prompts"]
+    """One row per (timestep, layer): the mean norm of the whole value vector per token group, with the
+    schedule index and σ that "t = k" landed on."""
+    columns = ["timestep_k", "step_index", "sigma", "layer", "block", *GROUPS, "n_prompts"]
     return per_layer[columns].sort_values(["timestep_k", "layer"], ascending=[False, True], ignore_index=True)
 
 

@@ -1,0 +1,255 @@
+"""The fault drill as tests: bad configs and damaged inputs fail naming the key or file, Snakemake's recovery
+commands run, preparation steps re-run, and a run killed (SIGKILL) during extraction, scoring or a figure job
+completes on the re-run with the results of an uninterrupted run, recomputing only what was missing.
+
+Damaged cache files, images and labels are covered next to their readers (test_attention_cache.py,
+test_layout.py), killed scoring shards in test_scoring_shards.py, bad configs at DAG build in test_workflow.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from seg4diff_repro.config import ConfigError, check_config, looks_like_local_path
+from seg4diff_repro.datasets import generate_toy_shapes
+from seg4diff_repro.models.common import ModelLoadError, load_pipeline
+from test_workflow import BIN, REPO, copy_workflow, edit_config, planned_jobs, snakemake
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+# --- the config check -------------------------------------------------------------------------------
+
+
+def toy_config() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def run_model(config: dict, source: str) -> dict:
+    """``config`` with a model ``mine`` of that source added to the run."""
+    config["models"]["mine"] = {"backbone": "sd3", "source": source}
+    config["run"]["models"].append("mine")
+    return config
+
+
+def set_key(config: dict, dotted_key: str, value) -> dict:
+    *parents, last = dotted_key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: set_key(c, "analyses.timestep_sweep.timesteps", [1, 40]),
+         r"analyses\.timestep_sweep\.timesteps contains \[40\].*model 'toy_sd3'.*allowed 1\.\.28"),
+        (lambda c: set_key(c, "analyses.attention_figures.timesteps", [8, 29]),
+         r"analyses\.attention_figures\.timesteps contains \[29\].*allowed 1\.\.28"),
+        (lambda c: set_key(c, "analyses.attention_figures.map_timestep", 30),
+         r"analyses\.attention_figures\.map_timestep = 30 is out of range for model 'toy_sd3'"),
+        (lambda c: set_key(c, "analyses.attention_figures.head_map_layers", [5, 6]),
+         r"analyses\.attention_figures\.head_map_layers contains \[6\].*allowed 0\.\.5"),
+        (lambda c: set_key(c, "models.toy_sd3.device", "gpu"), r"models\.toy_sd3\.device = 'gpu' is not a torch device"),
+        (lambda c: set_key(c, "toy_model.device", "gpu"), r"toy_model\.device = 'gpu' is not a torch device.*or auto"),
+        (lambda c: set_key(c, "analyses.generation.fidelity.device", "cuda:x"),
+         r"analyses\.generation\.fidelity\.device = 'cuda:x' is not a torch device"),
+        (lambda c: run_model(c, "./nowhere/sd3"), r"models\.mine\.source = './nowhere/sd3' is a local path.*does not exist"),
+        (lambda c: run_model(c, "models/sd3_copy"), r"models\.mine\.source = 'models/sd3_copy' is a local path"),
+        (lambda c: run_model(c, "~/nowhere_seg4diff/sd3"), r"models\.mine\.source = '~/nowhere_seg4diff/sd3'"),
+        (lambda c: set_key(c, "data.paths.voc21", "/nowhere/VOCdevkit"),
+         r"data\.paths\.voc21 = '/nowhere/VOCdevkit' is not a folder"),
+        (lambda c: set_key(c, "analyses.generation.prompts_file", "prompts_missing.txt"),
+         r"analyses\.generation\.prompts_file = 'prompts_missing\.txt' is not a file"),
+        (lambda c: set_key(set_key(c, "analyses.generation.fidelity.weights", "pretrained"),
+                           "analyses.generation.fidelity.dino_source", "./dino_missing"),
+         r"analyses\.generation\.fidelity\.dino_source = './dino_missing' is a local path and not a folder"),
+        (lambda c: set_key(set_key(c, "analyses.generation.fidelity.weights", "pretrained"),
+                           "analyses.generation.fidelity.clip_pretrained", "clip_missing.pt"),
+         r"analyses\.generation\.fidelity\.clip_pretrained = 'clip_missing\.pt' is a path but not a file"),
+    ],
+)
+def test_bad_value_fails_the_config_check_naming_the_key(edit, expected):
+    config = toy_config()
+    check_config(copy.deepcopy(config), SCHEMA)  # the default passes
+    with pytest.raises(ConfigError, match=expected):
+        check_config(edit(config), SCHEMA)
+
+
+def test_a_key_left_to_its_default_is_checked_at_the_default():
+    config = toy_config()
+    del config["models"]["toy_sd3"]["num_inference_steps"]  # default 28: a bare KeyError before
+    check_config(copy.deepcopy(config), SCHEMA)
+    config["attention"]["timestep"] = 29
+    with pytest.raises(ConfigError, match=r"attention\.timestep = 29 is out of range for model 'toy_sd3': allowed 1\.\.28"):
+        check_config(config, SCHEMA)
+
+
+def test_a_local_folder_without_model_index_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"models.mine.source = '{tmp_path}/model' has no model_index.json")):
+        check_config(run_model(toy_config(), f"{tmp_path}/model"), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("source", "local"),
+    [
+        ("/models/sd3", True), ("./sd3", True), ("../sd3", True), ("~/sd3", True), ("sd3", True),
+        ("models/toy_sd3", True), ("results/models/toy_sd3_random", True), ("a/b/c", True),
+        ("stabilityai/stable-diffusion-3-medium-diffusers", False), ("black-forest-labs/FLUX.1-dev", False),
+        ("facebook/dino-vits16", False),
+    ],
+)
+def test_local_paths_are_told_from_hub_ids(source, local):
+    assert looks_like_local_path(source) is local
+
+
+class NoHubPipeline:
+    """Fails the test if the loader asks for the source (which, for a missing folder, means the hub)."""
+
+    @classmethod
+    def from_pretrained(cls, source, **kwargs):
+        raise AssertionError(f"from_pretrained({source!r}) called: the hub would have been contacted")
+
+
+@pytest.mark.parametrize("source", ["models/not_there", "results/models/not_there"])
+def test_a_missing_local_source_is_not_sent_to_the_hub(source):
+    with pytest.raises(ModelLoadError, match=rf"{source} does not exist and is not a Hugging Face id"):
+        load_pipeline(NoHubPipeline, source)
+
+
+# --- the workflow: recovery commands, re-runs, kills --------------------------------------------------
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """The environment with an empty home folder and none of the cache variables set: the defaults at work."""
+    cache_variables = ("XDG_CACHE_HOME", "MPLCONFIGDIR", "HF_HOME", "TORCH_HOME", "HF_TOKEN_PATH", "HF_HUB_CACHE")
+    home.mkdir(exist_ok=True)
+    return {**{k: v for k, v in os.environ.items() if k not in cache_variables}, "HOME": str(home)}
+
+
+def small_world(workdir: Path, n_val: int = 4) -> Path:
+    workdir.mkdir()
+    copy_workflow(workdir)
+    edit_config(workdir, "toy_shapes", n_train=1, n_val=n_val)
+    edit_config(workdir, "attention", batch_size=1, layers=[0, 3])
+    return workdir
+
+
+@pytest.mark.slow
+def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them(tmp_path):
+    workdir, env = small_world(tmp_path / "work"), isolated_env(tmp_path / "home")
+    manifest = "data/prepared/toy_shapes/manifest.json"
+    snakemake(workdir, "prepare_toy_shapes", cores=None, env=env)  # no --cores: the workflow profile's default
+    for command in (["--unlock"], ["--cleanup-metadata", manifest], ["--summary"]):
+        result = snakemake(workdir, *command, cores=None, env=env, check=False)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    # Snakemake deletes manifest.json before it re-runs the rule; the generator then replaces its own folder.
+    snakemake(workdir, "prepare_toy_shapes", "--forcerun", "prepare_toy_shapes", cores=None, env=env)
+    reference = tmp_path / "reference"
+    generate_toy_shapes(reference / "seed0", n_train=1, n_val=4, image_size=64, seed=0)
+    assert files_of(workdir / "data/prepared/toy_shapes") == files_of(reference / "seed0")
+    # A changed toy_shapes key re-runs the rule too.
+    edit_config(workdir, "toy_shapes", seed=1)
+    assert planned_jobs(snakemake(workdir, "-n", "prepare_toy_shapes", env=env)) == {"prepare_toy_shapes"}
+    snakemake(workdir, "prepare_toy_shapes", env=env)
+    generate_toy_shapes(reference / "seed1", n_train=1, n_val=4, image_size=64, seed=1)
+    assert files_of(workdir / "data/prepared/toy_shapes") == files_of(reference / "seed1")
+    assert not list((workdir / "data/prepared").glob(".*"))  # no staging folder left
+    assert not list((tmp_path / "home").iterdir())  # nothing written under the home folder
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+TARGET = "figures/per_layer_toy_sd3_toy_shapes_t8.png"
+CACHE = "results/attention/toy_sd3/toy_shapes/t8"
+N_VAL = 12
+
+
+def run_until(workdir: Path, env: dict[str, str], pattern: str) -> None:
+    """Run Snakemake on TARGET and SIGKILL it (with its jobs: one process group) once ``pattern`` matches a path."""
+    env = {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(workdir / "killed_run.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", TARGET], cwd=workdir, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not list(workdir.glob(pattern)):
+            assert process.poll() is None, f"the run ended before {pattern} appeared"
+            assert time.monotonic() < deadline, f"{pattern} did not appear in 600 s"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def stamps(workdir: Path, *patterns: str) -> dict[str, int]:
+    """Modification times of the files matching ``patterns``: unchanged means not recomputed."""
+    return {p.relative_to(workdir).as_posix(): p.stat().st_mtime_ns
+            for pattern in patterns for p in workdir.glob(pattern) if p.is_file()}
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Temp and staging files and folders of killed writers."""
+    return [p.relative_to(workdir).as_posix() for folder in ("data", "results", "paper_tables", "figures")
+            for p in (workdir / folder).rglob(".*") if re.search(r"\.(tmp|partial|old|staging)$", p.name)]
+
+
+@pytest.mark.slow
+def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_identical_results(tmp_path):
+    env = isolated_env(tmp_path / "home")
+    reference = small_world(tmp_path / "reference", n_val=N_VAL)
+    snakemake(reference, TARGET, env=env)
+    workdir = small_world(tmp_path / "killed", n_val=N_VAL)
+
+    # 1. Killed during extraction, once its first images are cached. Each kill leaves Snakemake's lock behind,
+    # which --unlock removes (README, "After a crash").
+    run_until(workdir, env, f"{CACHE}/*.npz")
+    done = stamps(workdir, f"{CACHE}/*.npz")
+    assert 1 <= len(done) < N_VAL and not (workdir / CACHE / "manifest.json").exists()
+    snakemake(workdir, "--unlock", cores=None, env=env)
+
+    # 2. Killed during scoring: the re-run extracted only the images that were missing.
+    run_until(workdir, env, "logs/score_layers/toy_sd3_toy_shapes_t8.log")
+    log = (workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8.log").read_text()
+    assert f"{N_VAL - len(done)} of {N_VAL} images to extract" in log
+    assert {name: stamp for name, stamp in stamps(workdir, f"{CACHE}/*.npz").items() if name in done} == done
+    extracted = stamps(workdir, f"{CACHE}/*")
+    assert len(extracted) == N_VAL + 1  # and the manifest
+    snakemake(workdir, "--unlock", cores=None, env=env)
+
+    # 3. Killed in the figure job: the re-run scored without extracting again, and the last run only draws.
+    run_until(workdir, env, "logs/per_layer_figure/toy_sd3_toy_shapes_t8.log")
+    assert stamps(workdir, f"{CACHE}/*") == extracted
+    scored = stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/*")
+    assert len(scored) == 3
+    snakemake(workdir, "--unlock", cores=None, env=env)
+    snakemake(workdir, TARGET, env=env)
+    assert stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/*") == scored
+
+    # The same results as the uninterrupted run, nothing half-written left, nothing under the home folder.
+    for name in sorted(p.name for p in (reference / CACHE).glob("*.npz")):
+        with np.load(reference / CACHE / name) as expected, np.load(workdir / CACHE / name) as got:
+            assert expected.files == got.files
+            for field in expected.files:
+                np.testing.assert_array_equal(got[field], expected[field], err_msg=f"{name}: {field}")
+    for output in ("results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv",
+                   "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv", "paper_tables/per_layer_toy_sd3_toy_shapes_t8.md",
+                   TARGET):
+        assert (workdir / output).read_bytes() == (reference / output).read_bytes(), output
+    assert leftovers(workdir) == []
+    assert not list((tmp_path / "home").iterdir())
+    assert (workdir / ".cache/matplotlib").is_dir()  # the figure job's matplotlib cache, inside the project
