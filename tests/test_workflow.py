@@ -288,7 +288,7 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     table_code = src / "seg4diff_repro/tables/per_layer.py"
     table_code.write_text(table_code.read_text() + "\n# a change that no forward pass runs\n")
     assert plan() == set()
-    snakemake(workdir, target, "--forcerun", "extract_attention", env=env)  # same code: every image reused
+    snakemake(workdir, target, "--forcerun", "extract_attention_shard", env=env)  # same code: every image reused
     assert "0 of 2 images to extract" in log.read_text()
 
     recorder = src / "seg4diff_repro/attention/recorder.py"
