@@ -48,9 +48,9 @@ def test_toy_target_runs_as_slurm_jobs_with_the_slurm_profile(tmp_path):
     cluster_or_skip()
     workdir = copy_workflow(tmp_path, attention={"layers": [0, 1]})
     edit_config(workdir, "toy_shapes", n_val=4)
-    shutil.copytree(REPO / "profiles", workdir / "profiles")
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
-    env = {"SEG4DIFF_SLURM_ACCOUNT": "ci", "SEG4DIFF_SLURM_PARTITION": "cpu", "SEG4DIFF_SLURM_GPU_CPUS": "1"}
+    env = {**os.environ, "SEG4DIFF_SLURM_ACCOUNT": "ci", "SEG4DIFF_SLURM_PARTITION": "cpu",
+           "SEG4DIFF_SLURM_GPU_CPUS": "1"}
     result = snakemake(
         workdir, TARGET, "--workflow-profile", "profiles/slurm", "--set-scatter", "extraction=2",
         "--slurm-init-seconds-before-status-checks", "5", "--jobs", "4", env=env,

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=_build_tiny_model)
 
     command = commands.add_parser("download-model", help="fetch a Hugging Face model into the local hub cache")
-    command.add_argument("--backbone", choices=["sd3", "flux"], required=True)
+    command.add_argument("--backbone", choices=["sd3", "flux"], required=True,
+                         help="sd3 (SD3, SD3.5: its T5 is not fetched) or flux")
     command.add_argument("--source", required=True, help="Hugging Face id, e.g. stabilityai/stable-diffusion-3-medium-diffusers")
     command.add_argument("--out", required=True, help="JSON record of the download (snapshot folder, commit, size)")
     command.set_defaults(handler=_download_model)
