@@ -48,6 +48,7 @@ def test_toy_target_runs_as_slurm_jobs_with_the_slurm_profile(tmp_path):
     cluster_or_skip()
     workdir = copy_workflow(tmp_path, attention={"layers": [0, 1]})
     edit_config(workdir, "toy_shapes", n_val=4)
+    edit_config(workdir, "analyses", timestep_sweep={"timesteps": []})  # t = 8 in a job of its own
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
     env = {**os.environ, "SEG4DIFF_SLURM_ACCOUNT": "ci", "SEG4DIFF_SLURM_PARTITION": "cpu",
            "SEG4DIFF_SLURM_GPU_CPUS": "1"}
