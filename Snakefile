@@ -10,6 +10,7 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/toy_model.smk"
@@ -43,25 +44,41 @@ localrules:
     generation_grid,
     value_norm_heads_figure,
     value_norm_layers_figure,
+    fig01_drawbench_prompts,
+
+
+report: "workflow/report/workflow.rst"
+
+
+ALL_TARGETS = [
+    *run_targets(),
+    *toy_world_targets(),
+    *segmentation_appendix_targets(),
+    *generation_targets(),
+    *attention_figure_targets(),
+]
 
 
 rule all:
     input:
-        per_layer_targets(),
-        toy_world_targets(),
-        timestep_sweep_targets(),
-        normalisation_targets(),
-        unsupervised_targets(),
-        segmentation_appendix_targets(),
-        generation_targets(),
-        attention_figure_targets(),
+        ALL_TARGETS,
+        table_pages(ALL_TARGETS),  # for `snakemake --report`
     default_target: True
+
+
+# The analyses of the models and datasets in `run` only (no appendix roles, no toy world): what a run on one
+# real model needs, e.g. `snakemake all_run --config run='{models: [sd3_medium], datasets: [voc20]}'`.
+rule all_run:
+    input:
+        run_targets(),
+        table_pages(run_targets()),
 
 
 rule all_generation:
     input:
         generation_targets(),
         attention_figure_targets(),
+        table_pages(generation_targets() + attention_figure_targets()),
 
 
 # After `rule all`, whose targets the bundle packs.

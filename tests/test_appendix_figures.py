@@ -244,7 +244,7 @@ def test_fig01_is_a_target_of_all_generation(tmp_path):
     workdir = copy_workflow(tmp_path)
     dry_run = snakemake(workdir, "-n", "-p", "all_generation")
     assert "fig01_drawbench_prompts" in planned_jobs(dry_run)
-    for path in ("figures/fig01_drawbench_prompts.png", "paper_tables/fig01_drawbench_prompts.md"):
+    for path in ("figures/toy/fig01_drawbench_prompts.png", "paper_tables/toy/fig01_drawbench_prompts.md"):
         assert path in dry_run.stdout
     # The toy config uses the first 4 prompts for both analyses, and the figure says so.
     assert '"fidelity (Figs. 5, 7, 10)": 4' in dry_run.stdout

@@ -20,9 +20,9 @@ from test_workflow import copy_workflow, planned_jobs, snakemake
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "toy_sd3" / "tokenizer"
 TARGETS = [
-    *(f"paper_tables/{stem}.{ext}" for stem in ("fig15_value_norms_heads_sd3", "fig06_value_norms_sd35",
+    *(f"paper_tables/toy/{stem}.{ext}" for stem in ("fig15_value_norms_heads_sd3", "fig06_value_norms_sd35",
                                                  "fig09_value_norms_flux") for ext in ("csv", "md")),
-    *(f"figures/{stem}.{ext}" for stem in (
+    *(f"figures/toy/{stem}.{ext}" for stem in (
         "fig15_value_norms_heads_sd3", "fig06_value_norms_sd35", "fig09_value_norms_flux", "fig16_pca_qkv_sd3",
         "fig03_i2t_t2i_sd3", "fig12_token_maps_sd3", "fig13_head_maps_sd3", "fig14_head_maps_sd3",
         "fig17_null_token_maps_sd3") for ext in ("png", "pdf")),
@@ -158,15 +158,15 @@ def test_toy_world_builds_every_attention_figure(tmp_path):
     magic = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF-", ".csv": b"timestep_k,", ".md": b"# Appendix Fig."}
     for target in TARGETS:
         assert (workdir / target).read_bytes().startswith(magic[Path(target).suffix]), target
-    heads = pd.read_csv(workdir / "paper_tables/fig15_value_norms_heads_sd3.csv")
+    heads = pd.read_csv(workdir / "paper_tables/toy/fig15_value_norms_heads_sd3.csv")
     # toy_sd3: 6 layers x 4 heads, 3 token groups, t = 28 and t = 8.
     assert len(heads) == 2 * 3 * 6 and [f"head_{h}" for h in range(4)] == [c for c in heads if c.startswith("head_")]
-    layers = pd.read_csv(workdir / "paper_tables/fig09_value_norms_flux.csv")
+    layers = pd.read_csv(workdir / "paper_tables/toy/fig09_value_norms_flux.csv")
     assert layers["block"].tolist()[:4] == ["double", "double", "single", "single"]
     assert sorted(layers["timestep_k"].unique()) == [8, 28]
     # "prompt" excludes the padding: it differs from "text" (all 77 positions).
     assert not np.allclose(layers["prompt"], layers["text"])
-    markdown = (workdir / "paper_tables/fig06_value_norms_sd35.md").read_text()
+    markdown = (workdir / "paper_tables/toy/fig06_value_norms_sd35.md").read_text()
     assert "toy_sd35_random standing in for SD3.5-medium (toy scale" in markdown
     assert "the first 4 DrawBench prompts" in markdown
     for stem in ("token_maps_figure/fig17_null_token_maps_sd3", "value_norms/toy_sd3"):

@@ -176,7 +176,7 @@ def files_of(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-TARGET = "figures/per_layer_toy_sd3_toy_shapes_t8.png"
+TARGET = "figures/toy/per_layer_toy_sd3_toy_shapes_t8.png"
 CACHE = "results/attention/toy_sd3/toy_shapes/t8"
 N_VAL = 12
 
@@ -234,11 +234,11 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
     # 3. Killed in the figure job: the re-run scored without extracting again, and the last run only draws.
     run_until(workdir, env, "logs/per_layer_figure/toy_sd3_toy_shapes_t8.log")
     assert stamps(workdir, f"{CACHE}/*") == extracted
-    scored = stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/*")
+    scored = stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/toy/*")
     assert len(scored) == 3
     snakemake(workdir, "--unlock", cores=None, env=env)
     snakemake(workdir, TARGET, env=env)
-    assert stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/*") == scored
+    assert stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/toy/*") == scored
 
     # The same results as the uninterrupted run, nothing half-written left, nothing under the home folder.
     for name in sorted(p.name for p in (reference / CACHE).glob("*.npz")):
@@ -247,7 +247,7 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
             for field in expected.files:
                 np.testing.assert_array_equal(got[field], expected[field], err_msg=f"{name}: {field}")
     for output in ("results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv",
-                   "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv", "paper_tables/per_layer_toy_sd3_toy_shapes_t8.md",
+                   "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv", "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.md",
                    TARGET):
         assert (workdir / output).read_bytes() == (reference / output).read_bytes(), output
     assert leftovers(workdir) == []

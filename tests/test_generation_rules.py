@@ -28,8 +28,8 @@ APPENDIX = REPO / "tests/data/appendix_prompts.txt"
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 FIDELITY = ("fig05_fidelity_sd3", "fig07_fidelity_sd35", "fig10_fidelity_flux")
 GRIDS = ("fig18_perturbation_grid", "fig19_guidance_grid")
-TARGETS = [f"paper_tables/{n}.{e}" for n in FIDELITY for e in ("csv", "md")] + [
-    f"figures/{n}.{e}" for n in (*FIDELITY, *GRIDS) for e in ("png", "pdf")
+TARGETS = [f"paper_tables/toy/{n}.{e}" for n in FIDELITY for e in ("csv", "md")] + [
+    f"figures/toy/{n}.{e}" for n in (*FIDELITY, *GRIDS) for e in ("png", "pdf")
 ]
 
 
@@ -274,17 +274,17 @@ def test_fidelity_scores_are_one_exactly_where_the_image_is_unchanged(generation
     ("fig10_fidelity_flux", "toy_flux_random", "FLUX.1-dev", 1),
 ])
 def test_fidelity_tables_and_figures_state_model_and_scale(generation_run, name, model, stand_in, layer):
-    table = pd.read_csv(generation_run / f"paper_tables/{name}.csv")
+    table = pd.read_csv(generation_run / f"paper_tables/toy/{name}.csv")
     scores = pd.read_csv(generation_run / f"results/fidelity/{name}.csv")
     assert table["run"].tolist() == ["none", f"perturb_l{layer}"] and (table["n_prompts"] == 2).all()
     perturbed = scores[scores["run"] == f"perturb_l{layer}"]
     assert table["clip_i_mean"].iloc[1] == pytest.approx(perturbed["clip_i"].mean(), abs=1e-4)
     assert table["dino_std"].iloc[1] == pytest.approx(perturbed["dino"].std(), abs=1e-4)
-    markdown = (generation_run / f"paper_tables/{name}.md").read_text()
+    markdown = (generation_run / f"paper_tables/toy/{name}.md").read_text()
     assert f"{model} standing in for {stand_in}" in markdown
     assert "2 prompts x 1 seed (3), 64x64 px" in markdown and "random weights" in markdown
-    assert (generation_run / f"figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (generation_run / f"figures/{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (generation_run / f"figures/toy/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (generation_run / f"figures/toy/{name}.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 @pytest.mark.slow
@@ -294,9 +294,9 @@ def test_grids_use_the_caption_prompts_and_one_seed(generation_run):
         assert [e["prompt"] for e in manifest["images"]] == figure_prompts(prompt_set)
         assert {e["seed"] for e in manifest["images"]} == {0} and images.shape == (3, 64, 64, 3)
     for name in GRIDS:
-        png = Image.open(generation_run / f"figures/{name}.png")
+        png = Image.open(generation_run / f"figures/toy/{name}.png")
         assert png.size[0] > 300 and png.size[1] > 3 * 150  # three prompt rows of labelled tiles
-        assert (generation_run / f"figures/{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert (generation_run / f"figures/toy/{name}.pdf").read_bytes()[:5] == b"%PDF-"
     assert (generation_run / "logs/generate_run/toy_sd3_fig19_guidance_l0.log").is_file()
 
 

@@ -26,22 +26,22 @@ TABLE1 = {
     "FLUX.1-dev": [83.1, 50.6, 38.2, 23.9, 17.1],
 }
 TABLE2 = {
-    "columns": ["VOC21 (with background)", "PC59", "COCO-Object (with background)", "COCO-Stuff-27", "Cityscapes",
-                "ADE20K-150"],
+    "columns": ["VOC21 (with background)", "PC59 (with background)", "COCO-Object (with background)", "COCO-Stuff-27",
+                "Cityscapes", "ADE20K-150"],
     "SD3-medium": [54.9, 52.6, 38.5, 49.7, 24.2, 44.9],
     "SD3.5-medium": [52.3, 52.9, 36.8, 47.1, 24.2, 41.5],
 }
 KEYS = {"VOC20": "voc20", "COCO-Object": "coco_object", "PC59": "pc59", "ADE20K-150": "ade150",
         "Cityscapes": "cityscapes", "VOC21 (with background)": "voc21",
-        "COCO-Object (with background)": "coco_object", "COCO-Stuff-27": "coco_stuff27"}
+        "COCO-Object (with background)": "coco_object", "PC59 (with background)": "pc59", "COCO-Stuff-27": "coco_stuff27"}
 MODEL_KEYS = {"SD3-medium": "sd3_medium", "SD3.5-medium": "sd35_medium", "FLUX.1-dev": "flux_dev"}
 
 
-def planned_entries(dry_run_stdout: str, table: str) -> tuple[list[dict], str]:
-    """The --entries JSON and --title of the main-table job writing paper_tables/<table>.csv in a dry run."""
+def planned_entries(dry_run_stdout: str, table: str, namespace: str) -> tuple[list[dict], str]:
+    """The --entries JSON and --title of the main-table job writing paper_tables/<namespace>/<table>.csv."""
     for command in re.findall(r"seg4diff-repro main-table .*", dry_run_stdout):
         words = shlex.split(command)
-        if words[words.index("--csv") + 1] == f"paper_tables/{table}.csv":
+        if words[words.index("--csv") + 1] == f"paper_tables/{namespace}/{table}.csv":
             return json.loads(words[words.index("--entries") + 1]), words[words.index("--title") + 1]
     raise AssertionError(f"no main-table job for {table} in the dry run")
 
@@ -49,13 +49,15 @@ def planned_entries(dry_run_stdout: str, table: str) -> tuple[list[dict], str]:
 @pytest.mark.parametrize("paper_config", [False, True], ids=["toy world", "paper config"])
 def test_main_tables_carry_every_column_of_the_papers_tables(tmp_path, paper_config):
     workdir = copy_workflow(tmp_path)
-    arguments = ["-n", "-p", "paper_tables/main_table1_ovss.csv", "paper_tables/main_table2_unsupervised.csv"]
+    namespace = "paper" if paper_config else "toy"
+    arguments = ["-n", "-p", f"paper_tables/{namespace}/main_table1_ovss.csv",
+                 f"paper_tables/{namespace}/main_table2_unsupervised.csv"]
     if paper_config:
         shutil.copytree(REPO / "configs", workdir / "configs")
         arguments += ["--configfile", "config.yaml", "configs/paper.yaml"]
     stdout = snakemake(workdir, *arguments).stdout
     for table, paper in (("main_table1_ovss", TABLE1), ("main_table2_unsupervised", TABLE2)):
-        entries, title = planned_entries(stdout, table)
+        entries, title = planned_entries(stdout, table, namespace)
         models = [name for name in paper if name != "columns"]
         expected = [(model, column) for model in models for column in paper["columns"]]
         assert [(entry["role_model"], entry["role_dataset"]) for entry in entries] == expected
@@ -133,3 +135,15 @@ def test_main_table2_states_tau_per_row_and_in_the_title(tmp_path):
     stuff = table[table["paper_dataset"] == "COCO-Stuff-27"]
     assert stuff["paper_mIoU"].tolist() == [49.7, 47.1]
     assert "mACC" not in table  # the paper's Table 2 reports mIoU (and we add pACC)
+
+
+def test_main_table2_shows_the_official_per_row_and_the_corrected_per_image_mIoU(tmp_path):
+    def settings_of(m: int, c: int) -> dict:  # the headline mIoU (41 + c at layer 1) is the per-row one
+        return {"kl_threshold": 0.1, "matching": "per_row", "mIoU_per_row": 41.0 + c, "mIoU_per_image": 30.5 + c}
+
+    table, markdown = run_main_table(tmp_path, "unsupervised", TABLE2, settings_of)
+    assert table["mIoU_per_image"].tolist() == [30.5 + c for _ in range(2) for c in range(6)]
+    layout = markdown.split("## In the paper's layout")[1].split("##")[0]
+    assert "official per-row matching, corrected per-image matching" in layout
+    paper = TABLE2["SD3-medium"][0]
+    assert f"41.0 per row, 30.5 per image / {paper:.1f}" in layout  # SD3, the first column

@@ -21,10 +21,10 @@ from seg4diff_repro.verify.records import read_jobs
 from seg4diff_repro.verify.verify import Verification, verify_bundle
 from test_workflow import copy_workflow, snakemake
 
-TABLE = "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv"
-CONTROL_TABLE = "paper_tables/per_layer_toy_sd3_random_toy_shapes_t8.csv"
-UNSUPERVISED = "paper_tables/unsupervised_toy_sd3_toy_shapes_bg_t8.csv"
-FIGURE = "figures/per_layer_toy_sd3_toy_shapes_t8.png"
+TABLE = "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv"
+CONTROL_TABLE = "paper_tables/toy/per_layer_toy_sd3_random_toy_shapes_t8.csv"
+UNSUPERVISED = "paper_tables/toy/unsupervised_toy_sd3_toy_shapes_bg_t8.csv"
+FIGURE = "figures/toy/per_layer_toy_sd3_toy_shapes_t8.png"
 CACHE = "results/attention/toy_sd3/toy_shapes/t8"
 CONTROL_CACHE = "results/attention/toy_sd3_random/toy_shapes/t8"
 SHARD = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.shards/shard_00000/layer_000.npz"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -74,14 +75,14 @@ def toy_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("model", ["toy_sd3", "toy_sd3_random"])
 def test_default_run_leaves_table_and_figure(toy_run, model):
     stem = f"per_layer_{model}_toy_shapes_t8"
-    table = pd.read_csv(toy_run / "paper_tables" / f"{stem}.csv")
+    table = pd.read_csv(toy_run / "paper_tables/toy" / f"{stem}.csv")
     assert table["layer"].tolist() == list(range(6))
     assert table[["pACC", "mACC", "mIoU"]].apply(lambda column: column.between(0, 100)).all().all()
     assert "paper_mIoU" in table.columns and table["paper_mIoU"].isna().all()  # the paper has no toy numbers
-    markdown = (toy_run / "paper_tables" / f"{stem}.md").read_text()
+    markdown = (toy_run / "paper_tables/toy" / f"{stem}.md").read_text()
     assert "seed = 0" in markdown and "prompt = oracle" in markdown
-    assert (toy_run / "figures" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (toy_run / "figures" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (toy_run / "figures/toy" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (toy_run / "figures/toy" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
     for log in ("prepare_toy_shapes.log", f"extract_attention/{stem[len('per_layer_'):]}.log",
                 f"score_layers/{stem[len('per_layer_'):]}.log"):
         assert (toy_run / "logs" / log).is_file(), log
@@ -89,32 +90,32 @@ def test_default_run_leaves_table_and_figure(toy_run, model):
 
 @pytest.mark.slow
 def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
-    trained = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv")
-    control = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_random_toy_shapes_t8.csv")
-    summary = pd.read_csv(toy_run / "paper_tables/toy_world_grounding_t8.csv")
+    trained = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv")
+    control = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_random_toy_shapes_t8.csv")
+    summary = pd.read_csv(toy_run / "paper_tables/toy/toy_world_grounding_t8.csv")
     assert summary.loc[0, "best_mIoU"] == pytest.approx(trained["mIoU"].max(), abs=0.01)
     assert summary.loc[1, "best_mIoU"] == pytest.approx(control["mIoU"].max(), abs=0.01)
     # The committed toy model has a grounding layer: the toy-world acceptance, measured by the pipeline.
     assert trained["mIoU"].max() - control["mIoU"].max() >= 20
     assert trained["mIoU"].max() - trained["mIoU"].median() >= 10
-    assert (toy_run / "figures/toy_world_per_layer_t8.png").read_bytes()[:4] == b"\x89PNG"
-    assert (toy_run / "figures/toy_generations.png").read_bytes()[:4] == b"\x89PNG"
+    assert (toy_run / "figures/toy/toy_world_per_layer_t8.png").read_bytes()[:4] == b"\x89PNG"
+    assert (toy_run / "figures/toy/toy_generations.png").read_bytes()[:4] == b"\x89PNG"
     assert (toy_run / "logs/build_tiny_model/toy_sd3_random.log").is_file()
     assert not (toy_run / "logs/toy_model.log").exists()  # the committed model is used, not retrained
 
 
 @pytest.mark.slow
 def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_run):
-    sweep = pd.read_csv(toy_run / "paper_tables/timestep_sweep_toy_sd3_toy_shapes.csv")
+    sweep = pd.read_csv(toy_run / "paper_tables/toy/timestep_sweep_toy_sd3_toy_shapes.csv")
     assert sweep["timestep_k"].tolist() == [1, 4, 8, 14, 20, 28]
-    per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv")
+    per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv")
     at_k8 = sweep.set_index("timestep_k").loc[8]
     assert at_k8["mIoU"] == pytest.approx(per_layer.set_index("layer").loc[0, "mIoU"], abs=0.01)
-    normalisation = pd.read_csv(toy_run / "paper_tables/normalisation_toy_sd3_toy_shapes_t8.csv")
+    normalisation = pd.read_csv(toy_run / "paper_tables/toy/normalisation_toy_sd3_toy_shapes_t8.csv")
     assert len(normalisation) == 4
     post_raw = normalisation[(normalisation["post_softmax"]) & (~normalisation["min_max"])]
     assert post_raw["mIoU"].iloc[0] == pytest.approx(at_k8["mIoU"], abs=0.01)  # the default scoring
-    unsupervised = pd.read_csv(toy_run / "paper_tables/unsupervised_toy_sd3_toy_shapes_bg_t8.csv")
+    unsupervised = pd.read_csv(toy_run / "paper_tables/toy/unsupervised_toy_sd3_toy_shapes_bg_t8.csv")
     assert unsupervised["layer"].tolist() == [0] and unsupervised["mean_proposals"].iloc[0] >= 1
     assert 0 <= unsupervised["mIoU"].iloc[0] <= 100
     # Both Hungarian matchings, labelled; the headline one is the official per-row matching.
@@ -126,28 +127,28 @@ def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_
 
 @pytest.mark.slow
 def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
-    heads = pd.read_csv(toy_run / "paper_tables/fig04_head_miou.csv")
+    heads = pd.read_csv(toy_run / "paper_tables/toy/fig04_head_miou.csv")
     assert heads["layer"].tolist() == list(range(6))
     head_columns = [c for c in heads.columns if c.startswith("head_")]
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
-    assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/fig04_head_miou.md").read_text()
-    main1 = pd.read_csv(toy_run / "paper_tables/main_table1_ovss.csv")
+    assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/toy/fig04_head_miou.md").read_text()
+    main1 = pd.read_csv(toy_run / "paper_tables/toy/main_table1_ovss.csv")
     assert len(main1) == 3 * 5 and main1["paper_mIoU"].notna().all()  # 3 models x the paper's 5 columns
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
-    per_layer = pd.read_csv(toy_run / "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
+    per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
     assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
-    main2 = pd.read_csv(toy_run / "paper_tables/main_table2_unsupervised.csv")
+    main2 = pd.read_csv(toy_run / "paper_tables/toy/main_table2_unsupervised.csv")
     assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random"} and main2["paper_mIoU"].notna().all()
     assert len(main2) == 2 * 6 and (main2["kl_threshold"] == 0.01).all()  # the paper's 6 columns, tau per row
-    fig02 = pd.read_csv(toy_run / "paper_tables/fig02_timestep.csv")
+    fig02 = pd.read_csv(toy_run / "paper_tables/toy/fig02_timestep.csv")
     assert fig02["panel"].nunique() == 2
-    assert "seed = 0" in (toy_run / "paper_tables/tab01_normalisation.md").read_text()
+    assert "seed = 0" in (toy_run / "paper_tables/toy/tab01_normalisation.md").read_text()
     for stem in ("fig02_timestep", "fig04_head_miou", "main_fig08_per_layer_sd3", "fig08_per_layer_sd35",
                  "fig11_per_layer_flux", "fig21_ovss_coco_object", "fig22_ovss_pc59", "fig23_ovss_ade150",
                  "fig24_unsupervised_coco_object", "fig25_unsupervised_voc21", "fig26_unsupervised_ade150"):
-        assert (toy_run / "figures" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
-        assert (toy_run / "figures" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
-    flux = pd.read_csv(toy_run / "paper_tables/fig11_per_layer_flux.csv")
+        assert (toy_run / "figures/toy" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG", stem
+        assert (toy_run / "figures/toy" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
+    flux = pd.read_csv(toy_run / "paper_tables/toy/fig11_per_layer_flux.csv")
     assert len(flux) == 4  # the tiny Flux: 2 double-stream + 2 single-stream layers
 
 
@@ -230,6 +231,9 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
     shutil.copytree(REPO / "configs", workdir / "configs")
     dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml")
     counts = job_counts(dry_run.stdout)
+    # The README states the paper run's size as this dry run prints it.
+    stated = re.search(r"prints \*\*(\d+) jobs in all\*\*", (REPO / "README.md").read_text())
+    assert stated and int(stated.group(1)) == int(re.search(r"^total\s+(\d+)", dry_run.stdout, re.MULTILINE).group(1))
     # t = 8 for 3 models x 5 datasets, of which SD3 on VOC20 and on COCO-Object come from the two 28-step sweep
     # jobs of appendix Fig. 2 (one job per pair: VAE and text encoders once per image); 27 more scorings each.
     assert counts["extract_attention"] == 3 * 5 - 2
@@ -297,3 +301,50 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     snakemake(workdir, target, env=env)
     assert "2 of 2 images to extract" in log.read_text()
     assert json.loads((workdir / target).read_text())["inputs"]["code_fingerprint"] != manifest["inputs"]["code_fingerprint"]
+
+
+def test_committed_toy_outputs_cannot_stand_in_for_the_paper_runs(tmp_path):
+    """The paper config writes under its own folders: with the toy world's outputs present (as in a fresh
+    clone) its dry run schedules exactly the jobs it schedules without them, every output in paper/."""
+    workdir = copy_workflow(tmp_path)
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    for folder in ("figures", "paper_tables"):
+        shutil.copytree(REPO / folder, workdir / folder)
+    assert list((workdir / "figures/toy").glob("fig05_fidelity_sd3.*")), "the toy outputs are committed"
+    paper = ("--configfile", "config.yaml", "configs/paper.yaml")
+    with_toy = snakemake(workdir, "-n", "-p", *paper)
+    for folder in ("figures", "paper_tables"):
+        shutil.rmtree(workdir / folder)
+    without_toy = snakemake(workdir, "-n", *paper)
+    assert job_counts(with_toy.stdout) == job_counts(without_toy.stdout)
+    outputs = set(re.findall(r"(?<![\w/.])(?:figures|paper_tables)/[\w./-]+", with_toy.stdout))
+    assert "paper_tables/paper/fig05_fidelity_sd3.csv" in outputs and "figures/paper/fig02_timestep.png" in outputs
+    assert not [path for path in outputs if path.split("/")[1] not in ("paper", "<namespace>")]
+
+
+def test_report_opens_on_the_workflow_and_shows_each_table_with_its_provenance(tmp_path):
+    """A small run (two val images, two layers), then its report: the landing page describes the workflow and
+    its config, the table is a page carrying its settings-and-provenance line, and the run's commit is recorded."""
+    from seg4diff_repro.provenance import git_state
+
+    workdir = copy_workflow(tmp_path, attention={"layers": [0, 1]})
+    edit_config(workdir, "toy_shapes", n_val=2)
+    stem = "per_layer_toy_sd3_toy_shapes_t8"
+    targets = [f"results/report/toy/tables/{stem}.html", f"figures/toy/{stem}.png", "results/report/toy/run_info.html"]
+    snakemake(workdir, *targets)
+    snakemake(workdir, "--report", "report.html", *targets)
+    report = (workdir / "report.html").read_text(errors="replace")
+    assert "seg4diff-repro: the attention analyses of Seg4Diff" in report
+    assert "toy_sd3, toy_sd3_random" in report  # run.models, rendered from the config
+    for section in ("Per model and dataset", "Per-layer scores", "This run"):
+        assert section in report, section
+
+    markdown = (workdir / f"paper_tables/toy/{stem}.md").read_text()
+    settings_line = next(line for line in markdown.splitlines() if line.startswith("model = toy_sd3"))
+    page = (workdir / targets[0]).read_text()
+    assert html.escape(settings_line) in page
+    assert page.count("<tr>") == len(pd.read_csv(workdir / f"paper_tables/toy/{stem}.csv")) + 1
+    run_page = (workdir / "results/report/toy/run_info.html").read_text()
+    assert "toy_sd3_random" in run_page
+    if git_state()["commit"] is not None:
+        assert git_state()["commit"] in run_page

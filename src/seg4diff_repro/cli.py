@@ -17,7 +17,9 @@ from seg4diff_repro.cli_generation import add_generation_commands
 from seg4diff_repro.cli_help import MAIN_EPILOG, HelpFormatter, finish_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
+from seg4diff_repro.cli_report import add_report_commands
 from seg4diff_repro.cli_verify import add_verify_commands
+from seg4diff_repro.progress import quiet_library_progress_bars
 
 
 def _build_tiny_model(args: argparse.Namespace) -> None:
@@ -36,7 +38,7 @@ def _download_model(args: argparse.Namespace) -> None:
     from seg4diff_repro.datasets.layout import atomic_write_json
     from seg4diff_repro.models import download_model
 
-    atomic_write_json(Path(args.out), download_model(args.backbone, args.source))
+    atomic_write_json(Path(args.out), download_model(args.backbone, args.source, args.revision))
 
 
 def _make_toy_shapes(args: argparse.Namespace) -> None:
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--backbone", choices=["sd3", "flux"], required=True,
                          help="sd3 (SD3, SD3.5: its T5 is not fetched) or flux")
     command.add_argument("--source", required=True, help="Hugging Face id, e.g. stabilityai/stable-diffusion-3-medium-diffusers")
+    command.add_argument("--revision", default=None, help="hub commit (models.<name>.revision); none: the newest")
     command.add_argument("--out", required=True, help="JSON record of the download (snapshot folder, commit, size)")
     command.set_defaults(handler=_download_model)
 
@@ -325,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_toy_commands(commands)
+    add_report_commands(commands)
     add_generation_commands(commands)
     add_attention_figure_commands(commands)
     add_segmentation_appendix_commands(commands)
@@ -335,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    quiet_library_progress_bars()  # in a job's log: no loading and download bars of diffusers, transformers, hub
     args = build_parser().parse_args(argv)
     if getattr(args, "device", None):
         from seg4diff_repro.gpu_slots import claim_gpu

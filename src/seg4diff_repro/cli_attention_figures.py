@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+from seg4diff_repro.progress import progress
 
 from seg4diff_repro.steps import PAPER_STEPS, STEP_CONVENTIONS
 
@@ -36,7 +36,7 @@ def _load(settings: dict, device: str) -> SD3Adapter | FluxAdapter:
     from seg4diff_repro.models import load_adapter
 
     return load_adapter(settings["backbone"], settings["source"], settings["dtype"], device,
-                        **settings.get("options", {}))
+                        settings.get("revision"), **settings.get("options", {}))
 
 
 def _scale(settings: dict, adapter: SD3Adapter | FluxAdapter) -> str:
@@ -213,7 +213,7 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
     layers = [layer] if not per_head else (list(range(adapter.num_layers)) if args.layers is None else args.layers)
     record = ("i2t",) if figure in ("fig13", "fig14", "fig17") else ("i2t", "t2i")
     entries = []
-    for position, (prompt, seed) in enumerate(tqdm(list(zip(prompts, seeds)), desc=figure, unit="prompt")):
+    for position, (prompt, seed) in enumerate(progress(list(zip(prompts, seeds)), desc=figure, unit="prompt")):
         generated = generate_and_record(adapter, prompt, seed, [k], num_steps, cfg=args.cfg, layers=layers,
                                         record=record, heads=None if per_head else "mean",
                                         step_convention=args.step_convention)

@@ -56,9 +56,18 @@ def _explain(error: jsonschema.ValidationError, schema: dict) -> str:
         node = error.schema
         return (f"{where} = {error.instance!r} is out of range; allowed: "
                 f"{node.get('minimum', '-inf')}..{node.get('maximum', 'inf')}")
+    if error.validator == "pattern":
+        return (f"{where} = {error.instance!r} is not allowed; expected "
+                f"{error.schema.get('description', 'a match of ' + error.validator_value)}")
     if error.validator == "oneOf":
         return f"{where} = {error.instance!r} is invalid; expected: {error.schema.get('description', error.message)}"
     return f"{where}: {error.message}"
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether a model `source` is a folder rather than a Hugging Face id (owner/name)."""
+    source = str(source)
+    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).exists()
 
 
 def load_schema(schema_path: str | Path) -> dict:
@@ -129,6 +138,17 @@ def _check_generation(config: dict) -> None:
         raise ConfigError(
             f"analyses.generation.blur_kernel = {generation['blur_kernel']} must be odd (a centred kernel)"
         )
+    fidelity = generation["fidelity"]
+    if fidelity["dino_revision"] is not None and looks_like_local_path(fidelity["dino_source"]):
+        raise ConfigError(
+            f"analyses.generation.fidelity.dino_revision is set, but dino_source = {fidelity['dino_source']!r} "
+            "is a local folder, which has no hub revision: remove dino_revision"
+        )
+    if fidelity["clip_revision"] is not None and Path(fidelity["clip_pretrained"]).is_file():
+        raise ConfigError(
+            f"analyses.generation.fidelity.clip_revision is set, but clip_pretrained = "
+            f"{fidelity['clip_pretrained']!r} is a local file, which has no hub revision: remove clip_revision"
+        )
     if generation["fidelity"]["weights"] == "random":
         for role, name in roles.items():
             if not (config["models"][name].get("toy", False) or config["models"][name].get("random_weights", False)):
@@ -182,6 +202,14 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     for name in used_models:
         _check_model_source(name, config["models"][name], config["toy_model"]["source"])
     _check_timesteps(config, used_models)
+
+    for name, model in config["models"].items():
+        if model.get("revision") is not None and looks_like_local_path(model["source"]):
+            raise ConfigError(
+                f"models.{name}.revision = {model['revision']!r} is set, but models.{name}.source = "
+                f"{model['source']!r} is a local folder, which has no hub revision: remove the revision "
+                "(a local folder is identified by its contents)"
+            )
 
     attention = config["attention"]
     for name in used_models:

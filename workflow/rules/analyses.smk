@@ -13,19 +13,19 @@ rule timestep_sweep:
         ),
     output:
         csv=report(
-            "paper_tables/timestep_sweep_{model}_{dataset}.csv",
+            f"{TABLES}/timestep_sweep_{{model}}_{{dataset}}.csv",
             caption="../report/timestep_sweep.rst",
-            category="Segmentation",
-            subcategory="Timestep sweep",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/timestep_sweep_{model}_{dataset}.md",
+        markdown=f"{TABLES}/timestep_sweep_{{model}}_{{dataset}}.md",
         png=report(
-            "figures/timestep_sweep_{model}_{dataset}.png",
+            f"{FIGURES}/timestep_sweep_{{model}}_{{dataset}}.png",
             caption="../report/timestep_sweep.rst",
-            category="Segmentation",
-            subcategory="Timestep sweep",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/timestep_sweep_{model}_{dataset}.pdf",
+        pdf=f"{FIGURES}/timestep_sweep_{{model}}_{{dataset}}.pdf",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
@@ -67,6 +67,8 @@ rule score_normalisation_variant:
             config["segmentation"] | NORMALISATION_VARIANTS[wildcards.variant], sort_keys=True
         ),
         dataset_root=prepared_root,
+    message:
+        "Scoring {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}, normalisation {wildcards.variant}; progress in {log}"
     log:
         "logs/score_normalisation_variant/{model}_{dataset}_t{timestep}_{variant}.log",
     benchmark:
@@ -88,12 +90,12 @@ rule normalisation_table:
         ),
     output:
         csv=report(
-            "paper_tables/normalisation_{model}_{dataset}_t{timestep}.csv",
+            f"{TABLES}/normalisation_{{model}}_{{dataset}}_t{{timestep}}.csv",
             caption="../report/normalisation_table.rst",
-            category="Segmentation",
-            subcategory="Score normalisation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/normalisation_{model}_{dataset}_t{timestep}.md",
+        markdown=f"{TABLES}/normalisation_{{model}}_{{dataset}}_t{{timestep}}.md",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
@@ -122,6 +124,8 @@ rule extract_unsupervised_attention_shard:
         settings=unsupervised_extraction_settings,
         dataset_root=prepared_root,
         out_dir=lambda wildcards, output: Path(output[0]).parent.parent,
+    message:
+        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps), image shard {wildcards.scatteritem}; progress in {log}"
     log:
         "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}_{scatteritem}.log",
     benchmark:
@@ -173,6 +177,8 @@ rule score_unsupervised:
         geometry=config["analyses"]["unsupervised"]["geometry"],
         matching=config["analyses"]["unsupervised"]["matching"],
         scored_classes=lambda wildcards: config["datasets"][wildcards.dataset]["scored_classes"] or "none",
+    message:
+        "Unsupervised segmentation of {wildcards.dataset} with {wildcards.model}; progress in {log}"
     log:
         "logs/score_unsupervised/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -192,12 +198,12 @@ rule unsupervised_table:
         "results/unsupervised/{model}/{dataset}/t{timestep}/scores.csv",
     output:
         csv=report(
-            "paper_tables/unsupervised_{model}_{dataset}_t{timestep}.csv",
+            f"{TABLES}/unsupervised_{{model}}_{{dataset}}_t{{timestep}}.csv",
             caption="../report/unsupervised_table.rst",
-            category="Segmentation",
-            subcategory="Unsupervised",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md",
+        markdown=f"{TABLES}/unsupervised_{{model}}_{{dataset}}_t{{timestep}}.md",
     params:
         layer=lambda wildcards: model_config(wildcards)["analysis_layer"],
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),

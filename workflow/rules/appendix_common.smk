@@ -62,8 +62,8 @@ def segmentation_appendix_targets():
     figures = ["fig04_head_miou", *PER_LAYER_FIGURES]
     if config["analyses"]["timestep_sweep"]["timesteps"]:
         figures.append("fig02_timestep")
-    tables = [f"paper_tables/{stem}.{ext}" for stem in stems + figures for ext in ("csv", "md")]
-    images = [f"figures/{stem}.{ext}" for stem in figures + list(OVERLAY_FIGURES) for ext in ("png", "pdf")]
+    tables = [f"{TABLES}/{stem}.{ext}" for stem in stems + figures for ext in ("csv", "md")]
+    images = [f"{FIGURES}/{stem}.{ext}" for stem in figures + list(OVERLAY_FIGURES) for ext in ("png", "pdf")]
     return tables + images
 
 

@@ -23,6 +23,8 @@ rule extract_attention_shard:
         settings=extraction_settings,
         dataset_root=prepared_root,
         out_dir=lambda wildcards, output: Path(output[0]).parent.parent,
+    message:
+        "Forward passes of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}, image shard {wildcards.scatteritem}: attention maps into the cache; progress in {log}"
     log:
         "logs/extract_attention/{model}_{dataset}_t{timestep}_{scatteritem}.log",
     benchmark:

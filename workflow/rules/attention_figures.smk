@@ -19,6 +19,8 @@ rule value_norms:
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
+    message:
+        "Generating with {wildcards.model} and recording value norms; progress in {log}"
     log:
         "logs/value_norms/{model}.log",
     benchmark:
@@ -42,19 +44,19 @@ rule value_norm_heads_figure:
         f"results/value_norms/{appendix_model('sd3')}/per_head.csv",
     output:
         csv=report(
-            "paper_tables/fig15_value_norms_heads_sd3.csv",
+            f"{TABLES}/fig15_value_norms_heads_sd3.csv",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/fig15_value_norms_heads_sd3.md",
+        markdown=f"{TABLES}/fig15_value_norms_heads_sd3.md",
         png=report(
-            "figures/fig15_value_norms_heads_sd3.png",
+            f"{FIGURES}/fig15_value_norms_heads_sd3.png",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/fig15_value_norms_heads_sd3.pdf",
+        pdf=f"{FIGURES}/fig15_value_norms_heads_sd3.pdf",
     log:
         "logs/value_norm_heads_figure/fig15_value_norms_heads_sd3.log",
     benchmark:
@@ -73,19 +75,19 @@ rule value_norm_layers_figure:
         value_norm_layers_input,
     output:
         csv=report(
-            "paper_tables/{stem}.csv",
+            f"{TABLES}/{{stem}}.csv",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/{stem}.md",
+        markdown=f"{TABLES}/{{stem}}.md",
         png=report(
-            "figures/{stem}.png",
+            f"{FIGURES}/{{stem}}.png",
             caption="../report/value_norms.rst",
-            category="Attention during generation",
-            subcategory="Value norms",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/{stem}.pdf",
+        pdf=f"{FIGURES}/{{stem}}.pdf",
     wildcard_constraints:
         stem="|".join(VALUE_NORM_LAYER_FIGURES),
     params:
@@ -110,18 +112,20 @@ rule pca_qkv_figure:
         model=role_model_inputs("sd3"),
     output:
         png=report(
-            "figures/fig16_pca_qkv_sd3.png",
+            f"{FIGURES}/fig16_pca_qkv_sd3.png",
             caption="../report/pca_qkv.rst",
-            category="Attention during generation",
-            subcategory="PCA of q, k, v",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/fig16_pca_qkv_sd3.pdf",
+        pdf=f"{FIGURES}/fig16_pca_qkv_sd3.pdf",
     params:
         settings=generation_model_settings(appendix_model("sd3"), "sd3"),
         timestep=ATTENTION_FIGURES["map_timestep"],
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
+    message:
+        "Generating with the sd3 role's model and recording q, k, v for the PCA figure; progress in {log}"
     log:
         "logs/pca_qkv_figure/fig16_pca_qkv_sd3.log",
     benchmark:
@@ -144,12 +148,12 @@ rule token_maps_figure:
         model=role_model_inputs("sd3"),
     output:
         png=report(
-            "figures/{stem}.png",
+            f"{FIGURES}/{{stem}}.png",
             caption="../report/token_maps.rst",
-            category="Attention during generation",
-            subcategory="Token maps",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/{stem}.pdf",
+        pdf=f"{FIGURES}/{{stem}}.pdf",
     wildcard_constraints:
         stem="|".join(TOKEN_MAP_FIGURES),
     params:
@@ -167,6 +171,8 @@ rule token_maps_figure:
         cfg=ATTENTION_FIGURES["cfg"],
         seed=ATTENTION_FIGURES["seed"],
         step_convention=ATTENTION_FIGURES["step_convention"],
+    message:
+        "Generating with the sd3 role's model and recording token maps for {wildcards.stem}; progress in {log}"
     log:
         "logs/token_maps_figure/{stem}.log",
     benchmark:

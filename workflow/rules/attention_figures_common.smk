@@ -23,6 +23,7 @@ def generation_model_settings(name, role=None):
         "model": name,
         "backbone": model["backbone"],
         "source": model["source"],
+        "revision": model["revision"],
         "dtype": model["dtype"],
         "options": model["options"],
         "num_steps": model["num_inference_steps"],
@@ -56,6 +57,6 @@ def attention_figure_targets():
     """Every attention-figure target of the appendix (Figs. 3, 6, 9, 12-17)."""
     tables = ["fig15_value_norms_heads_sd3", *VALUE_NORM_LAYER_FIGURES]
     figures = [*tables, "fig16_pca_qkv_sd3", *TOKEN_MAP_FIGURES]
-    return [f"paper_tables/{stem}.{ext}" for stem in tables for ext in ("csv", "md")] + [
-        f"figures/{stem}.{ext}" for stem in figures for ext in ("png", "pdf")
+    return [f"{TABLES}/{stem}.{ext}" for stem in tables for ext in ("csv", "md")] + [
+        f"{FIGURES}/{stem}.{ext}" for stem in figures for ext in ("png", "pdf")
     ]

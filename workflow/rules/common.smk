@@ -3,10 +3,29 @@
 import json
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 
+# Jobs run this checkout's package, whichever environment runs them (the active one, or with `--sdm conda`
+# one built from envs/*.yaml, which hold third-party packages only: Snakemake builds a conda env from a copy of
+# its file under .snakemake/conda/, where no relative path reaches the checkout). workflow/bin/seg4diff-repro
+# runs `python -m seg4diff_repro.cli` with the job's Python; PYTHONPATH puts the checkout's src/ first.
+# The workflow process itself imports the same code, for the config checks and the code fingerprints.
+PACKAGE_SRC = Path(workflow.basedir) / "src"
+if (PACKAGE_SRC / "seg4diff_repro").is_dir():
+    sys.path.insert(0, str(PACKAGE_SRC))
+    _job_pythonpath = f"export PYTHONPATH={shlex.quote(str(PACKAGE_SRC))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+else:  # a copy of the workflow without the package (tests): the installed package
+    _job_pythonpath = ""
+# Snakemake's default prefix is `set -euo pipefail; `; a custom prefix replaces it, so it is repeated here.
+shell.prefix(
+    f"set -euo pipefail; export PATH={shlex.quote(str(Path(workflow.basedir) / 'workflow/bin'))}:$PATH; "
+    + _job_pythonpath
+)
+
 from seg4diff_repro.attention.cache import CACHE_FORMAT
-from seg4diff_repro.config import apply_defaults, check_config, load_schema
+from seg4diff_repro.config import apply_defaults, check_config, load_schema, looks_like_local_path
 from seg4diff_repro.provenance import command_fingerprint
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -30,6 +49,11 @@ validate(config, "../schemas/config.schema.yaml")
 apply_defaults(config, load_schema(SCHEMA))
 
 DATA_ROOT = Path(config["data"]["root"])
+# Each config writes its figures and tables under its own folder (outputs.namespace): the toy world, a
+# rehearsal and the paper run never write the same file, so none of them can pass for another's.
+FIGURES = f"figures/{config['outputs']['namespace']}"
+TABLES = f"paper_tables/{config['outputs']['namespace']}"
+REPORT_PAGES = f"results/report/{config['outputs']['namespace']}"
 
 
 # Only configured names match, so that file names joined with "_" parse unambiguously.
@@ -71,12 +95,6 @@ def model_mem_mb(wildcards):
     return gpu_job_scale(wildcards.model)["mem_mb"]
 
 
-def is_hub_id(source):
-    """A Hugging Face id (owner/name) rather than a local folder."""
-    path = Path(source)
-    return not path.exists() and not path.is_absolute() and len(path.parts) == 2 and not source.startswith((".", "~"))
-
-
 def model_inputs(wildcards):
     """The built model folder, the trained toy model's index file, or the record of a Hugging Face model's
     download (rule download_model), so that GPU jobs never download."""
@@ -85,7 +103,7 @@ def model_inputs(wildcards):
         return [model["source"]]
     if model["source"] == config["toy_model"]["source"]:
         return [f"{model['source']}/model_index.json"]  # so that retraining it re-runs its analyses
-    if is_hub_id(model["source"]):
+    if not looks_like_local_path(model["source"]):
         return [f"results/model_downloads/{wildcards.model}.json"]
     return []
 
@@ -127,6 +145,7 @@ def _extraction_settings(wildcards, overrides):
             "dataset": wildcards.dataset,
             "backbone": model["backbone"],
             "source": model["source"],
+            "revision": model["revision"],
             "model_options": model["options"],
             "dtype": model["dtype"],
             "timestep": int(wildcards.get("timestep", config["attention"]["timestep"])),
@@ -155,8 +174,8 @@ def per_layer_targets():
         for model in config["run"]["models"]
         for dataset in config["run"]["datasets"]
     ]
-    return [f"paper_tables/{stem}.{ext}" for stem in stems for ext in ("csv", "md")] + [
-        f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")
+    return [f"{TABLES}/{stem}.{ext}" for stem in stems for ext in ("csv", "md")] + [
+        f"{FIGURES}/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")
     ]
 
 
@@ -166,9 +185,9 @@ def toy_world_targets():
     if {"toy_sd3", "toy_sd3_random"} <= set(run["models"]) and "toy_shapes" in run["datasets"]:
         timestep = config["attention"]["timestep"]
         return [
-            f"paper_tables/toy_world_grounding_t{timestep}.md",
-            f"figures/toy_world_per_layer_t{timestep}.png",
-            "figures/toy_generations.png",
+            f"{TABLES}/toy_world_grounding_t{timestep}.md",
+            f"{FIGURES}/toy_world_per_layer_t{timestep}.png",
+            f"{FIGURES}/toy_generations.png",
         ]
     return []
 
@@ -223,7 +242,7 @@ def sweep_caches(wildcards):
 
 def timestep_sweep_targets():
     return [
-        f"paper_tables/timestep_sweep_{model}_{dataset}.{ext}"
+        f"{TABLES}/timestep_sweep_{model}_{dataset}.{ext}"
         for model, dataset in sweep_pairs()
         for ext in ("csv", "md")
     ]
@@ -232,7 +251,7 @@ def timestep_sweep_targets():
 def normalisation_targets():
     timestep = config["attention"]["timestep"]
     return [
-        f"paper_tables/normalisation_{model}_{dataset}_t{timestep}.md"
+        f"{TABLES}/normalisation_{model}_{dataset}_t{timestep}.md"
         for model in config["run"]["models"]
         for dataset in config["run"]["datasets"]
     ]
@@ -242,10 +261,15 @@ def unsupervised_targets():
     timestep = config["attention"]["timestep"]
     models = config["analyses"]["unsupervised"]["models"] or config["run"]["models"]
     return [
-        f"paper_tables/unsupervised_{model}_{dataset}_t{timestep}.md"
+        f"{TABLES}/unsupervised_{model}_{dataset}_t{timestep}.md"
         for model in models
         for dataset in config["analyses"]["unsupervised"]["datasets"]
     ]
+
+
+def run_targets():
+    """The analyses of every model x dataset in `run`: per-layer, timestep sweep, normalisation, unsupervised."""
+    return per_layer_targets() + timestep_sweep_targets() + normalisation_targets() + unsupervised_targets()
 
 
 def appendix_model(role):

@@ -31,6 +31,8 @@ rule download_dataset_archive:
         DS_ROOT / "downloads" / "{archive_file}",
     params:
         args=lambda wildcards: DS_SOURCES.rule_download_args(wildcards.archive_file, DS_OVERRIDES),
+    message:
+        "Downloading {wildcards.archive_file} (resumable, checksum-verified); progress in {log}"
     log:
         "logs/datasets/download_{archive_file}.log",
     benchmark:
@@ -53,6 +55,8 @@ rule prepare_voc21:
     params:
         out=DS_ROOT / "prepared" / "voc21",
         source=DS_SOURCE_ARGS["voc21"],
+    message:
+        "Preparing voc21 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_voc21.log",
     benchmark:
@@ -74,6 +78,8 @@ rule prepare_coco_object:
     params:
         out=DS_ROOT / "prepared" / "coco_object",
         source=DS_SOURCE_ARGS["coco_object"],
+    message:
+        "Preparing coco_object in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_coco_object.log",
     benchmark:
@@ -95,6 +101,8 @@ rule prepare_pc59:
     params:
         out=DS_ROOT / "prepared" / "pc59",
         source=DS_SOURCE_ARGS["pc59"],
+    message:
+        "Preparing pc59 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_pc59.log",
     benchmark:
@@ -116,6 +124,8 @@ rule prepare_ade150:
     params:
         out=DS_ROOT / "prepared" / "ade150",
         source=DS_SOURCE_ARGS["ade150"],
+    message:
+        "Preparing ade150 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_ade150.log",
     benchmark:
@@ -137,6 +147,8 @@ rule prepare_coco_stuff27:
     params:
         out=DS_ROOT / "prepared" / "coco_stuff27",
         source=DS_SOURCE_ARGS["coco_stuff27"],
+    message:
+        "Preparing coco_stuff27 in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_coco_stuff27.log",
     benchmark:
@@ -158,6 +170,8 @@ rule prepare_cityscapes:
     params:
         out=DS_ROOT / "prepared" / "cityscapes",
         source=DS_SOURCE_ARGS["cityscapes"],
+    message:
+        "Preparing cityscapes in the common layout (images, labels, splits, manifest); progress in {log}"
     log:
         "logs/datasets/prepare_cityscapes.log",
     benchmark:

@@ -28,6 +28,8 @@ rule generate_run:
         run=RUN_PATTERN,
     params:
         settings=generation_run_settings,
+    message:
+        "Generating the {wildcards.prompt_set} images of {wildcards.model}, run {wildcards.run}; progress in {log}"
     log:
         "logs/generate_run/{model}_{prompt_set}_{run}.log",
     benchmark:
@@ -58,6 +60,8 @@ rule score_fidelity:
         model=lambda wildcards: appendix_model(FIDELITY_FIGURES[wildcards.name]),
         # Only a toy model may be scored with random-weight backbones (the scorer refuses otherwise).
         toy=lambda wildcards: "--toy-model" if fidelity_model_is_toy(wildcards) else "",
+    message:
+        "Scoring CLIP-I, CLIP-T and DINO fidelity for {wildcards.name}; progress in {log}"
     log:
         "logs/score_fidelity/{name}.log",
     benchmark:
@@ -80,19 +84,19 @@ rule fidelity_figure:
         reference=fidelity_reference,
     output:
         csv=report(
-            "paper_tables/{name}.csv",
+            f"{TABLES}/{{name}}.csv",
             caption="../report/fidelity_figure.rst",
-            category="Generation",
-            subcategory="Fidelity under perturbation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/{name}.md",
+        markdown=f"{TABLES}/{{name}}.md",
         png=report(
-            "figures/{name}.png",
+            f"{FIGURES}/{{name}}.png",
             caption="../report/fidelity_figure.rst",
-            category="Generation",
-            subcategory="Fidelity under perturbation",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/{name}.pdf",
+        pdf=f"{FIGURES}/{{name}}.pdf",
     wildcard_constraints:
         name="|".join(FIDELITY_FIGURES),
     params:
@@ -121,12 +125,12 @@ rule generation_grid:
         runs=grid_runs,
     output:
         png=report(
-            "figures/{name}.png",
+            f"{FIGURES}/{{name}}.png",
             caption="../report/generation_grid.rst",
-            category="Generation",
-            subcategory="Per-layer grids",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/{name}.pdf",
+        pdf=f"{FIGURES}/{{name}}.pdf",
     wildcard_constraints:
         name="|".join(GRID_FIGURES),
     params:
@@ -149,15 +153,15 @@ rule generation_grid:
 
 rule fig01_drawbench_prompts:
     output:
-        csv="paper_tables/fig01_drawbench_prompts.csv",
-        markdown="paper_tables/fig01_drawbench_prompts.md",
+        csv=f"{TABLES}/fig01_drawbench_prompts.csv",
+        markdown=f"{TABLES}/fig01_drawbench_prompts.md",
         png=report(
-            "figures/fig01_drawbench_prompts.png",
+            f"{FIGURES}/fig01_drawbench_prompts.png",
             caption="../report/fig01_drawbench_prompts.rst",
             category="Generation",
             subcategory="Analysis prompts",
         ),
-        pdf="figures/fig01_drawbench_prompts.pdf",
+        pdf=f"{FIGURES}/fig01_drawbench_prompts.pdf",
     params:
         usage=drawbench_usage(),
         title="Appendix Fig. 1: the 50 DrawBench prompts selected for the analyses",

@@ -38,6 +38,7 @@ def generation_run_settings(wildcards):
         "model": wildcards.model,
         "backbone": model["backbone"],
         "source": model["source"],
+        "revision": model["revision"],
         "dtype": model["dtype"],
         "run": wildcards.run,
         "figure": None if fidelity else wildcards.prompt_set,
@@ -97,6 +98,6 @@ def generation_targets():
     """Every generation-side appendix figure and table (Figs. 1, 5, 7, 10, 18, 19)."""
     tables = [*FIDELITY_FIGURES, "fig01_drawbench_prompts"]
     return (
-        [f"paper_tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
-        + [f"figures/{name}.{ext}" for name in [*tables, *GRID_FIGURES] for ext in ("png", "pdf")]
+        [f"{TABLES}/{name}.{ext}" for name in tables for ext in ("csv", "md")]
+        + [f"{FIGURES}/{name}.{ext}" for name in [*tables, *GRID_FIGURES] for ext in ("png", "pdf")]
     )

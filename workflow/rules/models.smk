@@ -28,6 +28,9 @@ rule download_model:
     params:
         source=lambda wildcards: model_config(wildcards)["source"],
         backbone=lambda wildcards: model_config(wildcards)["backbone"],
+        revision=lambda wildcards: (
+            f"--revision {model_config(wildcards)['revision']}" if model_config(wildcards)["revision"] else ""
+        ),
     log:
         "logs/download_model/{model}.log",
     localrule: True
@@ -37,4 +40,5 @@ rule download_model:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro download-model --backbone {params.backbone} --source {params.source:q} --out {output:q} 2> {log:q}"
+        "seg4diff-repro download-model --backbone {params.backbone} --source {params.source:q} {params.revision}"
+        " --out {output:q} 2> {log:q}"

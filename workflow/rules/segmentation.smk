@@ -10,6 +10,8 @@ rule score_layers:
     params:
         settings=json.dumps(config["segmentation"], sort_keys=True),
         dataset_root=prepared_root,
+    message:
+        "Scoring every layer of {wildcards.model} on {wildcards.dataset} at t = {wildcards.timestep}; progress in {log}"
     log:
         "logs/score_layers/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -28,12 +30,12 @@ rule per_layer_table:
         "results/segmentation/{model}/{dataset}/t{timestep}/per_layer.csv",
     output:
         csv=report(
-            "paper_tables/per_layer_{model}_{dataset}_t{timestep}.csv",
+            f"{TABLES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.csv",
             caption="../report/per_layer_table.rst",
-            category="Segmentation",
-            subcategory="Per-layer tables",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        markdown="paper_tables/per_layer_{model}_{dataset}_t{timestep}.md",
+        markdown=f"{TABLES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.md",
     params:
         paper_model=lambda wildcards: model_config(wildcards).get("paper_name", "none"),
         paper_dataset=lambda wildcards: config["datasets"][wildcards.dataset].get("paper_name", "none"),
@@ -52,15 +54,15 @@ rule per_layer_table:
 
 rule per_layer_figure:
     input:
-        "paper_tables/per_layer_{model}_{dataset}_t{timestep}.csv",
+        f"{TABLES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.csv",
     output:
         png=report(
-            "figures/per_layer_{model}_{dataset}_t{timestep}.png",
+            f"{FIGURES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.png",
             caption="../report/per_layer_figure.rst",
-            category="Segmentation",
-            subcategory="Per-layer figures",
+            category=report_category,
+            subcategory=report_subcategory,
         ),
-        pdf="figures/per_layer_{model}_{dataset}_t{timestep}.pdf",
+        pdf=f"{FIGURES}/per_layer_{{model}}_{{dataset}}_t{{timestep}}.pdf",
     log:
         "logs/per_layer_figure/{model}_{dataset}_t{timestep}.log",
     benchmark:

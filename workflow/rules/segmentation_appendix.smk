@@ -5,6 +5,7 @@
 rule all_segmentation:
     input:
         segmentation_appendix_targets(),
+        table_pages(segmentation_appendix_targets()),
 
 
 rule score_heads:
@@ -16,6 +17,8 @@ rule score_heads:
     params:
         settings=extraction_settings,
         dataset_root=prepared_root,
+    message:
+        "Forward passes of {wildcards.model} on {wildcards.dataset} scoring every head (Fig. 4); progress in {log}"
     log:
         "logs/score_heads/{model}_{dataset}_t{timestep}.log",
     benchmark:
@@ -37,10 +40,10 @@ rule fig04_head_miou:
     input:
         f"results/segmentation_heads/{appendix_model('sd3')}/{appendix_dataset('voc21')}/t{TIMESTEP}/per_head.csv",
     output:
-        csv="paper_tables/fig04_head_miou.csv",
-        markdown="paper_tables/fig04_head_miou.md",
-        png=report("figures/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category="Appendix figures"),
-        pdf="figures/fig04_head_miou.pdf",
+        csv=f"{TABLES}/fig04_head_miou.csv",
+        markdown=f"{TABLES}/fig04_head_miou.md",
+        png=report(f"{FIGURES}/fig04_head_miou.png", caption="../report/fig04_head_miou.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/fig04_head_miou.pdf",
     params:
         title=f"Appendix Fig. 4: mIoU per (layer, head), {stand_in('sd3', 'voc21')}",
     log:
@@ -59,15 +62,15 @@ rule fig04_head_miou:
 rule fig02_timestep:
     input:
         tables=[
-            f"paper_tables/timestep_sweep_{appendix_model('sd3')}_{appendix_dataset(role)}.csv"
+            f"{TABLES}/timestep_sweep_{appendix_model('sd3')}_{appendix_dataset(role)}.csv"
             for role in ("voc20", "coco_object")
         ],
         provenance=provenance_scores(),
     output:
-        csv="paper_tables/fig02_timestep.csv",
-        markdown="paper_tables/fig02_timestep.md",
-        png=report("figures/fig02_timestep.png", caption="../report/fig02_timestep.rst", category="Appendix figures"),
-        pdf="figures/fig02_timestep.pdf",
+        csv=f"{TABLES}/fig02_timestep.csv",
+        markdown=f"{TABLES}/fig02_timestep.md",
+        png=report(f"{FIGURES}/fig02_timestep.png", caption="../report/fig02_timestep.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/fig02_timestep.pdf",
     params:
         labels=[f"({panel}) {stand_in(None, role)}" for panel, role in (("a", "voc20"), ("b", "coco_object"))],
         title=f"Appendix Fig. 2: segmentation vs timestep, {stand_in('sd3')}, layer {config['models'][appendix_model('sd3')]['analysis_layer']}",
@@ -87,14 +90,14 @@ rule fig02_timestep:
 rule tab01_normalisation:
     input:
         tables=[
-            f"paper_tables/normalisation_{appendix_model('sd3')}_{appendix_dataset(role)}_t{TIMESTEP}.csv"
+            f"{TABLES}/normalisation_{appendix_model('sd3')}_{appendix_dataset(role)}_t{TIMESTEP}.csv"
             for role in ("voc20", "coco_object")
         ],
         provenance=provenance_scores(),
     output:
-        csv=report("paper_tables/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
-                   category="Appendix tables"),
-        markdown="paper_tables/tab01_normalisation.md",
+        csv=report(f"{TABLES}/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
+                   category=report_category, subcategory=report_subcategory),
+        markdown=f"{TABLES}/tab01_normalisation.md",
     params:
         labels=[stand_in(None, role) for role in ("voc20", "coco_object")],
         title=f"Appendix Table 1: score normalisation, {stand_in('sd3')}, t = {TIMESTEP}",
@@ -119,10 +122,10 @@ rule appendix_per_layer:
             timestep=TIMESTEP,
         ),
     output:
-        csv="paper_tables/{figure}.csv",
-        markdown="paper_tables/{figure}.md",
-        png=report("figures/{figure}.png", caption="../report/appendix_per_layer.rst", category="Appendix figures"),
-        pdf="figures/{figure}.pdf",
+        csv=f"{TABLES}/{{figure}}.csv",
+        markdown=f"{TABLES}/{{figure}}.md",
+        png=report(f"{FIGURES}/{{figure}}.png", caption="../report/appendix_per_layer.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/{{figure}}.pdf",
     wildcard_constraints:
         figure="|".join(PER_LAYER_FIGURES),
     params:
@@ -153,8 +156,8 @@ rule appendix_overlays:
         cache=overlay_cache,
         dataset=lambda wildcards: overlay_dataset_root(wildcards) / "manifest.json",
     output:
-        png=report("figures/{figure}.png", caption="../report/appendix_overlays.rst", category="Appendix figures"),
-        pdf="figures/{figure}.pdf",
+        png=report(f"{FIGURES}/{{figure}}.png", caption="../report/appendix_overlays.rst", category=report_category, subcategory=report_subcategory),
+        pdf=f"{FIGURES}/{{figure}}.pdf",
     wildcard_constraints:
         figure="|".join(OVERLAY_FIGURES),
     params:
@@ -169,6 +172,8 @@ rule appendix_overlays:
             stand_in("sd3", OVERLAY_FIGURES[wildcards.figure][1]),
             config["models"][appendix_model("sd3")]["analysis_layer"],
         ),
+    message:
+        "Forward passes for the overlays of {wildcards.figure}; progress in {log}"
     log:
         "logs/appendix_overlays/{figure}.log",
     benchmark:
@@ -187,8 +192,8 @@ rule main_table:
     input:
         lambda wildcards: [entry["path"] for entry in main_table_entries(wildcards.table)],
     output:
-        csv=report("paper_tables/{table}.csv", caption="../report/main_tables.rst", category="Appendix tables"),
-        markdown="paper_tables/{table}.md",
+        csv=report(f"{TABLES}/{{table}}.csv", caption="../report/main_tables.rst", category=report_category, subcategory=report_subcategory),
+        markdown=f"{TABLES}/{{table}}.md",
     wildcard_constraints:
         table="|".join(MAIN_TABLES),
     params:

@@ -86,11 +86,11 @@ rule toy_generations:
         dataset=DATA_ROOT / "prepared" / "toy_shapes" / "manifest.json",
     output:
         png=report(
-            "figures/toy_generations.png",
+            f"{FIGURES}/toy_generations.png",
             caption="../report/toy_generations.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
-        pdf="figures/toy_generations.pdf",
+        pdf=f"{FIGURES}/toy_generations.pdf",
         csv="results/toy_generations/toy_generations.csv",
     params:
         model=lambda wildcards, input: Path(input.model).parent,
@@ -99,6 +99,8 @@ rule toy_generations:
         seed=config["toy_generations"]["seed"],
         steps=config["toy_generations"]["steps"],
         guidance_scale=config["toy_generations"]["guidance_scale"],
+    message:
+        "Generating images with the toy model; progress in {log}"
     log:
         "logs/toy_generations.log",
     benchmark:
@@ -118,21 +120,21 @@ rule toy_generations:
 
 rule toy_world_summary:
     input:
-        trained="paper_tables/per_layer_toy_sd3_toy_shapes_t{timestep}.csv",
-        control="paper_tables/per_layer_toy_sd3_random_toy_shapes_t{timestep}.csv",
+        trained=f"{TABLES}/per_layer_toy_sd3_toy_shapes_t{{timestep}}.csv",
+        control=f"{TABLES}/per_layer_toy_sd3_random_toy_shapes_t{{timestep}}.csv",
     output:
         csv=report(
-            "paper_tables/toy_world_grounding_t{timestep}.csv",
+            f"{TABLES}/toy_world_grounding_t{{timestep}}.csv",
             caption="../report/toy_world_summary.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
-        markdown="paper_tables/toy_world_grounding_t{timestep}.md",
+        markdown=f"{TABLES}/toy_world_grounding_t{{timestep}}.md",
         png=report(
-            "figures/toy_world_per_layer_t{timestep}.png",
+            f"{FIGURES}/toy_world_per_layer_t{{timestep}}.png",
             caption="../report/toy_world_summary.rst",
-            category="Toy world",
+            category=report_category, subcategory=report_subcategory,
         ),
-        pdf="figures/toy_world_per_layer_t{timestep}.pdf",
+        pdf=f"{FIGURES}/toy_world_per_layer_t{{timestep}}.pdf",
     log:
         "logs/toy_world_summary_t{timestep}.log",
     benchmark:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from seg4diff_repro.atomic import remove_leftover_temp_files
 from seg4diff_repro.attention.cache import (
@@ -27,6 +26,7 @@ from seg4diff_repro.datasets.layout import atomic_write_json, dataset_fingerprin
 from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
 from seg4diff_repro.models import load_adapter
 from seg4diff_repro.models.common import describe_model_source, model_fingerprint
+from seg4diff_repro.progress import progress
 from seg4diff_repro.provenance import code_fingerprint, provenance
 from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids, prompt_label, window_spans
 
@@ -62,6 +62,7 @@ class ExtractionSettings:
     cache_format: int = CACHE_FORMAT
     pad_multiple: int | None = None  # zero-pad to a multiple before the stretch (the unsupervised model's input)
     prompt_classes_from: str = "resized"  # the oracle class set: from the short-side resized label (official)
+    revision: str | None = None  # the hub commit of `source` (None: a local folder, or the newest)
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -84,7 +85,7 @@ def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
     weights and the prepared dataset's files, each by content, so that a change to any of them recomputes."""
     return {
         "code_fingerprint": code_fingerprint("extraction"),
-        "model_fingerprint": model_fingerprint(settings.source),
+        "model_fingerprint": model_fingerprint(settings.source, settings.revision),
         "dataset_fingerprint": dataset_fingerprint(dataset_root),
     }
 
@@ -244,7 +245,7 @@ def extract_attention_timesteps(
             log.info("%s: removed %d temp files of a killed run", cache.out_dir, removed)
     dataset = SegmentationDataset(dataset_root, base.split, background=base.background, limit=base.limit)
     if adapter is None:
-        adapter = load_adapter(base.backbone, base.source, base.dtype, device, **dict(base.model_options))
+        adapter = load_adapter(base.backbone, base.source, base.dtype, device, base.revision, **dict(base.model_options))
     inputs = extraction_inputs(base, dataset_root)
     positions = range(len(dataset)) if image_ids is None else _positions(dataset.ids, image_ids, dataset_root)
     if shard is not None:
@@ -269,7 +270,7 @@ def extract_attention_timesteps(
             log.info("batch size %d (auto)", batch_size)
         loader = _prefetching_loader(adapter, dataset, indices, base, int(batch_size), device, num_workers)
         with CacheWriter(writer_threads) as writer:
-            for batch in tqdm(loader, desc="extract attention", unit="batch"):
+            for batch in progress(loader, desc="extract attention", unit="batch"):
                 _extract_prepared_batch(adapter, batch, dataset.class_names, base, plans, writer)
     manifests = []
     for plan in plans:

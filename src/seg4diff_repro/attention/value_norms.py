@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
-from tqdm import tqdm
+from seg4diff_repro.progress import progress
 
 from seg4diff_repro.attention.during_generation import block_kind, generate_and_record
 
@@ -47,7 +47,7 @@ def value_norm_statistics(
     with the schedule index and σ.
     """
     head_rows, layer_rows = [], []
-    for prompt, seed in tqdm(list(zip(prompts, seeds, strict=True)), desc="value norms", unit="prompt"):
+    for prompt, seed in progress(list(zip(prompts, seeds, strict=True)), desc="value norms", unit="prompt"):
         generated = generate_and_record(
             adapter, prompt, seed, timesteps, num_steps, cfg=cfg, layers=None, record=("value_norms",), decode=False,
             step_convention=step_convention,

@@ -21,7 +21,6 @@ import posixpath
 import re
 import shutil
 import stat
-import sys
 import tarfile
 import time
 import urllib.error
@@ -164,20 +163,12 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 
 def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from seg4diff_repro.progress import progress
 
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not enabled,
-        # In a Snakemake log (not a terminal) print a line every half minute, not a spinner.
-        mininterval=0.5 if interactive else 30.0,
-        file=sys.stderr,
+    # In a Snakemake log (not a terminal): a line every half minute.
+    return progress(
+        total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+        disable=not enabled, interval=30.0,
     )
 
 

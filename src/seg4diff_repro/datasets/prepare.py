@@ -111,9 +111,9 @@ class _Writer:
         save_label_png(self.out / "SegmentationClass" / f"{image_id}.png", label.astype(np.uint8))
 
     def iterate(self, items, desc: str):
-        from tqdm.auto import tqdm
+        from seg4diff_repro.progress import progress
 
-        return tqdm(items, desc=desc, disable=not self.progress, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        return progress(items, desc=desc, disable=not self.progress, interval=30.0)
 
 
 def _read_index_png(path: Path) -> np.ndarray:

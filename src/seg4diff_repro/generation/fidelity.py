@@ -16,6 +16,7 @@ its scores only show that the pipeline runs, so it is refused for any model that
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ class FidelitySettings:
     weights: str = "pretrained"  # "pretrained" (the weights below) or "random" (toy models only)
     clip_arch: str = "ViT-B-32"  # an open_clip architecture name
     clip_pretrained: str = "openai"  # an open_clip pretrained tag, or a local checkpoint file
+    clip_revision: str | None = None  # hub commit of the tag's weights (None: the newest)
     dino_source: str = DEFAULT_DINO  # a Hugging Face id, or a local save_pretrained folder of a ViTModel
+    dino_revision: str | None = None  # hub commit of dino_source (None: the newest)
     seed: int = 0  # initialisation seed of random weights
     batch_size: int = 16
 
@@ -117,10 +120,21 @@ class FidelityScorer:
                 f"fidelity.clip_pretrained = {pretrained!r} is neither an open_clip tag of {s.clip_arch} "
                 f"(tags: {open_clip.list_pretrained_tags_by_model(s.clip_arch)}) nor a checkpoint file"
             )
+        preprocessing = {}
+        if pretrained is not None and tag and s.clip_revision is not None:
+            # open_clip downloads a tag's weights from the newest hub commit; fetch the pinned one, and keep the
+            # tag's preprocessing, which a checkpoint file would not carry.
+            repo, filename = os.path.split(tag["hf_hub"])
+            from open_clip.pretrained import download_pretrained_from_hf
+
+            pretrained = download_pretrained_from_hf(repo, filename or None, revision=s.clip_revision)
+            names = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+                     "resize_mode": "image_resize_mode"}
+            preprocessing = {argument: tag[key] for key, argument in names.items() if key in tag}
         try:
             with _seeded(s.seed):
                 model, _, self.clip_preprocess = open_clip.create_model_and_transforms(
-                    s.clip_arch, pretrained=pretrained, force_quick_gelu=quick_gelu
+                    s.clip_arch, pretrained=pretrained, force_quick_gelu=quick_gelu, **preprocessing
                 )
         except RuntimeError as error:
             raise RuntimeError(
@@ -129,7 +143,9 @@ class FidelityScorer:
             ) from error
         self.clip = model.to(self.device).eval()
         self.clip_tokenizer = open_clip.get_tokenizer(s.clip_arch)
-        weights = "random weights" if pretrained is None else f"'{pretrained}'"
+        weights = "random weights" if pretrained is None else f"'{s.clip_pretrained}'"
+        if pretrained is not None and s.clip_revision is not None:
+            weights += f" at {tag['hf_hub'].rstrip('/')}@{s.clip_revision}"
         self.clip_name = f"open_clip {s.clip_arch}{' (QuickGELU)' if quick_gelu else ''}, {weights}"
 
     def _load_dino(self) -> None:
@@ -154,15 +170,16 @@ class FidelityScorer:
             self.dino_name = f"{source} architecture, random weights"
         else:
             try:
-                model = ViTModel.from_pretrained(source, add_pooling_layer=False)
-                self.dino_processor = AutoImageProcessor.from_pretrained(source)
+                revision = {} if self.settings.dino_revision is None else {"revision": self.settings.dino_revision}
+                model = ViTModel.from_pretrained(source, add_pooling_layer=False, **revision)
+                self.dino_processor = AutoImageProcessor.from_pretrained(source, **revision)
             except OSError as error:
                 raise OSError(
                     f"could not load DINO {source!r}: {error}. Without network access, save it elsewhere with "
                     "save_pretrained (model and image processor) and set analyses.generation.fidelity.dino_source "
                     "to that folder."
                 ) from error
-            self.dino_name = str(source)
+            self.dino_name = str(source) + (f"@{self.settings.dino_revision}" if self.settings.dino_revision else "")
         self.dino = model.to(self.device).eval()
 
     @property

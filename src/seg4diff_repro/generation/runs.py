@@ -67,6 +67,7 @@ class GenerationRun:
     max_sequence_length: int = 77
     distilled_guidance: float = 3.5
     batch_size: int = 4
+    revision: str | None = None  # the hub commit of `source` (None: a local folder, or the newest)
 
     @classmethod
     def from_json(cls, text: str) -> GenerationRun:
@@ -97,7 +98,7 @@ def _load_pipeline(run: GenerationRun):
     from seg4diff_repro.models.sd3 import load_sd3_pipeline
 
     load = load_flux_pipeline if run.backbone == "flux" else load_sd3_pipeline
-    pipe = load(run.source, getattr(torch, run.dtype)).to(run.device)
+    pipe = load(run.source, getattr(torch, run.dtype), run.revision).to(run.device)
     pipe.transformer.eval().requires_grad_(False)
     return pipe
 
@@ -134,7 +135,7 @@ def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
         "width": width,
         "n_prompts": len(prompts),
         "truncated_prompts": truncated,
-        "model_fingerprint": model_fingerprint(run.source),
+        "model_fingerprint": model_fingerprint(run.source, run.revision),
         "provenance": provenance("generation"),
         "images": [
             {"file": f"p{index:03d}_s{seed}.png", "prompt_index": index, "prompt": prompt, "seed": seed}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from seg4diff_repro.progress import progress
 
 from seg4diff_repro.attention.perturb import I2TPerturbation
 
@@ -182,7 +182,7 @@ def sample_images(
     run = generate_flux if is_flux_pipeline(pipe) else generate
     pipe.set_progress_bar_config(disable=True)  # our bar counts images; the pipeline's would count steps
     images: list[np.ndarray] = []
-    with tqdm(total=len(prompts), desc="images", unit="image") as bar:
+    with progress(total=len(prompts), desc="images", unit="image") as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
             images += list(run(pipe, list(prompts[chunk]), [int(s) for s in seeds[chunk]], settings))

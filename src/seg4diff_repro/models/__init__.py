@@ -14,22 +14,26 @@ __all__ = [
 ]
 
 
-def load_adapter(backbone: str, source: str, dtype: str = "float32", device: str = "cpu", **options):
-    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source``."""
+def load_adapter(
+    backbone: str, source: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None, **options
+):
+    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source`` (at ``revision``)."""
     import torch
 
     if backbone == "sd3":
         from seg4diff_repro.models.sd3 import SD3Adapter
 
-        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, **options)
+        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, revision=revision, **options)
     if backbone == "flux":
         from seg4diff_repro.models.flux import FluxAdapter
 
-        return FluxAdapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, **options)
+        return FluxAdapter.from_pretrained(
+            source, dtype=getattr(torch, dtype), device=device, revision=revision, **options
+        )
     raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")
 
 
-def download_model(backbone: str, source: str) -> dict:
+def download_model(backbone: str, source: str, revision: str | None = None) -> dict:
     """Fetch Hugging Face model ``source`` into the local hub cache without loading it, so that the GPU jobs
     read it from disk (a separate job, on a node with internet); return what was fetched."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
@@ -37,17 +41,18 @@ def download_model(backbone: str, source: str) -> dict:
     from seg4diff_repro.models.common import download_pipeline, model_fingerprint
 
     if backbone == "sd3":  # the analysis never loads T5 (CLIP-only text, as the official code)
-        folder = download_pipeline(StableDiffusion3Pipeline, source, text_encoder_3=None, tokenizer_3=None)
+        folder = download_pipeline(StableDiffusion3Pipeline, source, revision, text_encoder_3=None, tokenizer_3=None)
     elif backbone == "flux":
-        folder = download_pipeline(FluxPipeline, source)
+        folder = download_pipeline(FluxPipeline, source, revision)
     else:
         raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")
     files = [path for path in folder.rglob("*") if path.is_file()]
     return {
         "source": source,
+        "revision": revision,
         "backbone": backbone,
         "snapshot": str(folder),
-        "model_fingerprint": model_fingerprint(source),
+        "model_fingerprint": model_fingerprint(source, revision),
         "files": len(files),
         "bytes": sum(path.stat().st_size for path in files),
     }

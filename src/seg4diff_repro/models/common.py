@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from seg4diff_repro.config import looks_like_local_path
+from seg4diff_repro.progress import quiet_library_progress_bars
 
 HF_LOGIN_HELP = (
     "Accept the model licence at https://huggingface.co/{repo} while logged in, then log in here with "
@@ -84,9 +85,26 @@ def _error_chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
-def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch.float32, **components):
-    """``pipeline_class.from_pretrained`` from a Hugging Face id or a local folder, with errors that say what to do."""
+def load_pipeline(
+    pipeline_class, source: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None, **components
+):
+    """``pipeline_class.from_pretrained`` from a Hugging Face id (at ``revision``, a commit, if given) or a local
+    folder, with errors that say what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     source = str(source)
+    if revision is not None and looks_like_local_path(source):
+        raise ModelLoadError(
+            f"revision {revision!r} was given for {source}, a local folder, which has no hub revision: "
+            "set the model's `revision` to null"
+        )
     if looks_like_local_path(source):
         # Never a hub id: a missing folder must not send the hub a request for "models/..." or "./...".
         source = str(Path(source).expanduser())
@@ -100,34 +118,14 @@ def load_pipeline(pipeline_class, source: str | Path, dtype: torch.dtype = torch
             f"{source} has no model_index.json: point the model's `source` at a folder written by "
             "`save_pretrained` (or a Hugging Face id)."
         )
-
-    def load():
+    quiet_library_progress_bars()  # diffusers is imported by now
+    try:
         with warnings.catch_warnings():
             # diffusers ≥ 0.42 renames torch_dtype to dtype; older releases know only torch_dtype.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            if revision is not None:
+                components["revision"] = revision
             return pipeline_class.from_pretrained(source, torch_dtype=dtype, **components)
-
-    return with_hub_errors(source, load)
-
-
-def download_pipeline(pipeline_class, source: str, **components) -> Path:
-    """Fetch the files ``load_pipeline`` would read into the local Hugging Face cache, loading nothing (the
-    components passed as None, e.g. SD3's T5, are skipped); return the snapshot folder."""
-    return Path(with_hub_errors(source, lambda: pipeline_class.download(source, **components)))
-
-
-def with_hub_errors(source: str, call: Callable[[], object]):
-    """``call()``, with the Hugging Face hub's errors (gated, not found, offline) told as what to do."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        return call()
     except OSError as error:
         # diffusers catches the hub's error on its metadata call, retries from the local cache and then
         # raises a plain OSError "from" the hub error, so look through the whole chain.
@@ -136,6 +134,11 @@ def with_hub_errors(source: str, call: Callable[[], object]):
         def find(kind):
             return next((e for e in chain if isinstance(e, kind)), None)
 
+        if (cause := find(RevisionNotFoundError)) is not None:
+            raise ModelLoadError(
+                f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's `revision` to a "
+                f"commit listed at https://huggingface.co/{source}/commits/main (or null for the newest)"
+            ) from cause
         if (cause := find(GatedRepoError)) is not None:
             raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
                                  + HF_LOGIN_HELP.format(repo=source)) from cause
@@ -155,6 +158,26 @@ def with_hub_errors(source: str, call: Callable[[], object]):
                 "not be reached. Connect to the network once (or set HF_HOME to a cache that has it), "
                 "or set the model's `source` to a local folder."
             ) from error
+        raise
+
+
+def download_pipeline(pipeline_class, source: str, revision: str | None = None, **components) -> Path:
+    """Fetch the files ``load_pipeline`` would read into the local Hugging Face cache, loading nothing (the
+    components passed as None, e.g. SD3's T5, are skipped); return the snapshot folder."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if revision is not None:
+        components["revision"] = revision
+    try:
+        return Path(pipeline_class.download(source, **components))
+    except OSError as error:
+        chain = _error_chain(error)
+        if any(isinstance(e, RevisionNotFoundError) for e in chain):
+            raise ModelLoadError(f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's "
+                                 f"`revision` to a commit listed at https://huggingface.co/{source}/commits/main") from error
+        if any(isinstance(e, (GatedRepoError, RepositoryNotFoundError)) for e in chain):
+            raise ModelLoadError(f"{source} is gated, needs a login or does not exist on the Hugging Face hub. "
+                                 + HF_LOGIN_HELP.format(repo=source)) from error
         raise
 
 
@@ -192,7 +215,7 @@ class FileHashes:
             atomic_write_json(self.path, self.known)  # concurrent jobs: the last writer wins, nothing breaks
 
 
-def model_fingerprint(source: str | Path) -> str:
+def model_fingerprint(source: str | Path, revision: str | None = None) -> str:
     """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
     ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled.
 
@@ -210,7 +233,7 @@ def model_fingerprint(source: str | Path) -> str:
         return f"sha256:{digest.hexdigest()}"
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(str(source), "model_index.json")
+    cached = try_to_load_from_cache(str(source), "model_index.json", revision=revision)
     if not isinstance(cached, str):
         raise ModelLoadError(
             f"{source} is neither a local folder nor in the local Hugging Face cache: load it once "

@@ -109,11 +109,11 @@ def flux_noising(scheduler, k: int, num_steps: int, mu: float) -> Noising:
     return noising_at_step(scheduler, k, num_steps, lambda: _set_flux_timesteps(scheduler, num_steps, mu))
 
 
-def load_flux_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
+def load_flux_pipeline(source: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """Load a `FluxPipeline` (both text encoders) from a Hugging Face id or a local folder."""
     from diffusers import FluxPipeline
 
-    return load_pipeline(FluxPipeline, source, dtype)
+    return load_pipeline(FluxPipeline, source, dtype, revision)
 
 
 class FluxAdapter:
@@ -157,9 +157,10 @@ class FluxAdapter:
         source: str | Path,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        revision: str | None = None,
         **options,
     ) -> FluxAdapter:
-        return cls(load_flux_pipeline(source, dtype), device, **options)
+        return cls(load_flux_pipeline(source, dtype, revision), device, **options)
 
     @property
     def tokenizer(self):

@@ -28,11 +28,11 @@ __all__ = ["CLIP_TOKENS", "ModelLoadError", "Noising", "SD3Adapter", "load_sd3_p
 CLIP_TOKENS = 77
 
 
-def load_sd3_pipeline(source: str | Path, dtype: torch.dtype = torch.float32):
+def load_sd3_pipeline(source: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """Load a `StableDiffusion3Pipeline` without T5 (the official setting) from a hub id or a local folder."""
     from diffusers import StableDiffusion3Pipeline
 
-    return load_pipeline(StableDiffusion3Pipeline, source, dtype, text_encoder_3=None, tokenizer_3=None)
+    return load_pipeline(StableDiffusion3Pipeline, source, dtype, revision, text_encoder_3=None, tokenizer_3=None)
 
 
 class SD3Adapter:
@@ -53,9 +53,13 @@ class SD3Adapter:
 
     @classmethod
     def from_pretrained(
-        cls, source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        source: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
     ) -> SD3Adapter:
-        return cls(load_sd3_pipeline(source, dtype), device)
+        return cls(load_sd3_pipeline(source, dtype, revision), device)
 
     @property
     def tokenizer(self):

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from seg4diff_repro.progress import progress
 
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.toy_shapes import TOY_CLASSES
@@ -125,7 +125,7 @@ def _load_images(dataset_root: Path, limit: int | None, image_size: int) -> tupl
     """All training images as uint8 [N, 3, H, W] and their captions."""
     dataset = SegmentationDataset(dataset_root, "train", limit=limit)
     images, captions = [], []
-    for sample in tqdm(dataset, total=len(dataset), desc="load images", unit="image"):
+    for sample in progress(dataset, total=len(dataset), desc="load images", unit="image"):
         if sample.image.shape[:2] != (image_size, image_size):
             raise ValueError(
                 f"{sample.image_id} is {sample.image.shape[1]}x{sample.image.shape[0]} but the tiny model takes "
@@ -195,7 +195,7 @@ def _train_vae(vae, images_u8, *, steps, batch_size, lr, kl_weight, seed, device
     warmup = max(1, min(200, steps // 10))
     vae.train()
     window, first, last, done = [], None, None, 0
-    bar = tqdm(range(steps), desc="train VAE", unit="step")
+    bar = progress(range(steps), desc="train VAE", unit="step")
     for step in bar:
         if _time_is_up(deadline, "VAE", step, steps):
             break
@@ -425,7 +425,7 @@ def train_toy_model(
     transformer.train()
     tr_first = tr_last = None
     tr_done, window = 0, []
-    bar = tqdm(range(transformer_steps), desc="train transformer", unit="step")
+    bar = progress(range(transformer_steps), desc="train transformer", unit="step")
     for step in bar:
         if _time_is_up(deadline, "transformer", step, transformer_steps):
             break

@@ -62,7 +62,7 @@ def score_heads(
         dataset_root, settings.split, background=settings.background, limit=settings.limit
     )
     if adapter is None:
-        adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device,
+        adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device, settings.revision,
                                **dict(settings.model_options))
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
@@ -91,7 +91,8 @@ def score_heads(
     merged = accumulate_in_shards(
         dataset.ids, shard_root, settings_key({**asdict(settings), **extraction_inputs(settings, dataset_root), "code_fingerprint": code_fingerprint("scoring")}), shard_size,
         lambda: {
-            **{f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index) for layer in layers},
+            **{f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index)
+               for layer in layers},
             "overflow_images": RunningMean(),
         },
         add_images, "score heads",

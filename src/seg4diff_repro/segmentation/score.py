@@ -39,7 +39,9 @@ class ScoringSettings:
 
     def __post_init__(self) -> None:
         if self.prompt_overflow not in PROMPT_OVERFLOW:
-            raise ValueError(f"segmentation.prompt_overflow={self.prompt_overflow!r}: use one of {list(PROMPT_OVERFLOW)}")
+            raise ValueError(
+                f"segmentation.prompt_overflow={self.prompt_overflow!r}: use one of {list(PROMPT_OVERFLOW)}"
+            )
 
     @property
     def attention(self) -> str:
@@ -198,8 +200,10 @@ def score_unsupervised(
     )
     num_classes = len(dataset.class_names) if scored_classes is None else scored_classes
     if not 1 <= num_classes <= len(dataset.class_names):
-        raise ValueError(f"scored_classes={scored_classes} for {extraction['dataset']}: use 1..{len(dataset.class_names)} "
-                         "(the view's class count) or null")
+        raise ValueError(
+            f"scored_classes={scored_classes} for {extraction['dataset']}: use 1..{len(dataset.class_names)} "
+            "(the view's class count) or null"
+        )
     layers = manifest["layers"]
     cache_dir = Path(cache_manifest).parent
 
@@ -225,7 +229,9 @@ def score_unsupervised(
 
     merged = accumulate_in_shards(
         dataset.ids, shard_root,
-        _scoring_key(cache_manifest, {"kl_threshold": kl_threshold, "geometry": geometry, "scored_classes": num_classes}),
+        _scoring_key(
+            cache_manifest, {"kl_threshold": kl_threshold, "geometry": geometry, "scored_classes": num_classes}
+        ),
         shard_size,
         lambda: {
             **{f"{rule}_{_layer_name(layer)}": HungarianAccumulator(num_classes, dataset.ignore_index, rule)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from tqdm import tqdm
+from seg4diff_repro.progress import progress
 
 from seg4diff_repro.atomic import atomic_write_json, replace_folder_atomically
 
@@ -87,7 +87,7 @@ def accumulate_in_shards(
     todo = [entry for entry in plan if not entry[3]]
     log.info("%s: %d of %d shards to compute (%d kept from an earlier run)",
              shard_root, len(todo), len(plan), len(plan) - len(todo))
-    for folder, key, positions, _ in tqdm(todo, desc=desc, unit="shard"):
+    for folder, key, positions, _ in progress(todo, desc=desc, unit="shard"):
         accumulators = new_accumulators()
         process(accumulators, positions)
         with replace_folder_atomically(folder, staging=shard_root / f".{folder.name}.staging") as staging:

@@ -229,7 +229,8 @@ class HungarianAccumulator:
 
     def merge(self, other: HungarianAccumulator) -> None:
         """Add the counts of another accumulator with the same classes and ignore index."""
-        if (other.num_classes, other.ignore_index, other.matching) != (self.num_classes, self.ignore_index, self.matching):
+        settings = (self.num_classes, self.ignore_index, self.matching)
+        if (other.num_classes, other.ignore_index, other.matching) != settings:
             raise ValueError(
                 f"cannot merge an accumulator with num_classes={other.num_classes}, ignore_index="
                 f"{other.ignore_index}, matching={other.matching} into one with num_classes={self.num_classes}, "
