@@ -30,10 +30,10 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/snakemake.log"; }
 
 "$PY" -c "import torch, diffusers, snakemake, open_clip; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'snakemake', snakemake.__version__, 'GPUs', torch.cuda.device_count())" \
     2>&1 | tee -a "$OUT/snakemake.log" || { echo "missing packages: see benchmarks/multi_gpu_wheels.sh" >&2; exit 1; }
-# `seg4diff-repro` on the PATH for the rules' shell commands, from this checkout.
+# The jobs run workflow/bin/seg4diff-repro, i.e. `python -m seg4diff_repro.cli` (this checkout's src/ is on
+# PYTHONPATH): a `python` that is the Python with torch, also where only python3 exists.
 mkdir -p "$WORK/bin"
-printf '#!/bin/sh\nexec %s -m seg4diff_repro.cli "$@"\n' "$(command -v "$PY")" > "$WORK/bin/seg4diff-repro"
-chmod +x "$WORK/bin/seg4diff-repro"
+ln -sf "$(command -v "$PY")" "$WORK/bin/python"
 export PATH="$WORK/bin:$PATH"
 
 # The workflow in a scratch folder, the toy models on cuda, a larger toy-shapes val split.
@@ -41,13 +41,12 @@ rm -rf "$WORK/run" && mkdir -p "$WORK/run"
 cp -r Snakefile workflow envs models profiles "$WORK/run/"
 "$PY" - "$WORK/run/config.yaml" "$IMAGES" "$TIMESTEPS" "$DEVICE" <<'EOF'
 import sys, yaml
-path, images, timesteps, device = sys.argv[1], int(sys.argv[2]), [int(k) for k in sys.argv[3].split()], sys.argv[4]
+path, images, device = sys.argv[1], int(sys.argv[2]), sys.argv[4]
 config = yaml.safe_load(open("config.yaml"))
 config["toy_shapes"]["n_val"] = images
 for name in ("toy_sd3", "toy_sd3_random"):
     config["models"][name]["device"] = device
 config["attention"]["batch_size"] = 64
-config["analyses"]["timestep_sweep"]["timesteps"] = timesteps
 yaml.safe_dump(config, open(path, "w"), sort_keys=False)
 EOF
 cd "$WORK/run"

@@ -71,7 +71,7 @@ def test_no_target_follows_an_option_that_takes_several_values():
 
 # Options of the README's commands and how many words follow them ("+": up to the next option).
 ARITY = {"-n": 0, "--lint": 0, "--cores": 1, "--report": 1, "--resources": "+", "--configfile": "+", "--config": "+",
-         "--forcerun": "+", "--sdm": "+", "--set-scatter": "+", "--workflow-profile": 1}
+         "--forcerun": "+", "--sdm": "+", "--unlock": 0, "--forceall": 0, "--set-scatter": "+", "--workflow-profile": 1}
 
 
 def split_command(command: str) -> tuple[list[str], list[str]]:

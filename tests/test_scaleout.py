@@ -60,7 +60,7 @@ def test_device_and_batch_size_are_recorded_but_plan_no_forward_pass(sharded):
 @pytest.mark.slow
 def test_a_killed_shard_reruns_alone_and_keeps_its_finished_images(sharded):
     shard = sharded / CACHE / "shards/2-of-2.json"
-    lost = yaml.safe_load(shard.read_text())["image_ids"][1]
+    lost = yaml.safe_load(shard.read_text())["caches"][0]["image_ids"][1]
     shard.unlink()  # the job was killed before writing its record ...
     (sharded / CACHE / f"{lost}.npz").unlink()  # ... and before caching its second image,
     for later in (CACHE + "/manifest.json", TARGET):  # so the jobs after it never ran

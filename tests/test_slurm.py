@@ -17,7 +17,7 @@ import pytest
 from test_workflow import REPO, copy_workflow, edit_config, snakemake
 
 SETUP_STATUS = Path(os.environ.get("SLURM_SETUP_STATUS", "/tmp/seg4diff_slurm_setup.txt"))
-TARGET = "paper_tables/per_layer_toy_sd3_toy_shapes_t8.csv"
+TARGET = "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv"
 
 
 def cluster_or_skip() -> None:
