@@ -24,6 +24,29 @@ include: "workflow/rules/generation.smk"
 include: "workflow/rules/attention_figures.smk"
 
 
+# On a cluster these run where Snakemake runs (the login node), not as jobs: the cheap tables and figures, and
+# the downloads, which need the internet that compute nodes may lack (the GPU jobs wait for them). The gathering
+# of extraction shards is local too (`localrule: True` in its rules).
+localrules:
+    download_dataset_archive,
+    per_layer_table,
+    per_layer_figure,
+    timestep_sweep,
+    normalisation_table,
+    unsupervised_table,
+    toy_world_summary,
+    fig04_head_miou,
+    fig02_timestep,
+    tab01_normalisation,
+    appendix_per_layer,
+    main_table,
+    fidelity_figure,
+    generation_grid,
+    value_norm_heads_figure,
+    value_norm_layers_figure,
+    fig01_drawbench_prompts,
+
+
 report: "workflow/report/workflow.rst"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -11,7 +12,9 @@ import pytest
 
 from seg4diff_repro.attention import AttentionRecorder
 from seg4diff_repro.attention.cache import cache_path, read_cached_image
-from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention, image_seed
+from seg4diff_repro.attention.extract import (
+    ExtractionSettings, extract_attention, extract_shard, gather_shards, image_seed, parse_shard, shard_positions,
+)
 from seg4diff_repro.datasets import SegmentationDataset, generate_toy_shapes
 from seg4diff_repro.models.preprocess import prepare_image
 from seg4diff_repro.models.sd3 import SD3Adapter
@@ -107,6 +110,58 @@ def test_cache_holds_the_recorders_maps_of_the_class_tokens(world, tmp_path):
     # The stored columns are exactly the class words' token positions, starting after <sos>.
     assert cached.columns[0] == 1
     assert cached.columns.tolist() == sorted({p for start, end in cached.spans for p in range(start, end)})
+
+
+def test_shards_partition_the_images_into_contiguous_near_equal_runs():
+    runs = [list(shard_positions(7, (i, 3))) for i in (1, 2, 3)]
+    assert runs == [[0, 1], [2, 3], [4, 5, 6]]  # by hand: floor(7 i / 3) for i = 0..3 gives 0, 2, 4, 7
+    assert [list(shard_positions(2, (i, 4))) for i in (1, 2, 3, 4)] == [[], [0], [], [1]]
+    assert parse_shard("3-of-8") == (3, 8)
+    for bad in ("0-of-2", "3-of-2", "1of2", "a-of-b"):
+        with pytest.raises(ValueError, match="use '<i>-of-<n>'"):
+            parse_shard(bad)
+
+
+def test_sharded_extraction_gathers_into_the_unsharded_caches(world, tmp_path, caplog):
+    """Two shards of a two-timestep run, run one after the other as two jobs would, give the manifests and maps
+    of one unsharded run; a shard re-run after a kill recomputes only its own missing image; gathering refuses
+    a gap."""
+    from seg4diff_repro.attention.extract import TimestepCache
+
+    def caches(root):
+        return [TimestepCache(settings_for(world), root / "t8"), TimestepCache(settings_for(world, timestep=4), root / "t4")]
+
+    whole = [extract_attention(c.settings, world / "data", c.out_dir, batch_size=4) for c in caches(tmp_path / "whole")]
+    out = caches(tmp_path / "sharded")
+    shards = [extract_shard(out, world / "data", (i, 2), batch_size=1, device="cpu") for i in (1, 2)]
+    assert [s["caches"][0]["image_ids"] for s in shards] == [whole[0]["image_ids"][:2], whole[0]["image_ids"][2:]]
+    manifests = gather_shards(shards[::-1], world / "data")  # the order of the inputs does not matter
+    for cache, manifest, reference in zip(out, manifests, whole):
+        assert json.loads((cache.out_dir / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+        assert manifest["image_ids"] == reference["image_ids"]
+        for name in ("settings", "noising", "layers", "token_grid", "class_names", "inputs"):
+            assert manifest[name] == reference[name], name
+        # Batch size is operational: recorded per shard, absent from the key; the maps agree to float16 rounding.
+        assert [(s["shard"], s["images"], s["batch_size"]) for s in manifest["shards"]] == [([1, 2], 2, 1), ([2, 2], 2, 1)]
+        for image_id in reference["image_ids"]:
+            a = read_cached_image(tmp_path / "whole" / cache.out_dir.name, image_id)
+            b = read_cached_image(cache.out_dir, image_id)
+            assert a.key == b.key
+            np.testing.assert_allclose(a.i2t.astype(np.float32), b.i2t.astype(np.float32), rtol=2e-3, atol=1e-5)
+
+    lost = whole[0]["image_ids"][3]
+    cache_path(out[1].out_dir, lost).unlink()  # shard 2 was killed before writing this image's t = 4 maps
+    with pytest.raises(ValueError, match=f"1 cache files are missing.*t4/{lost}"):
+        gather_shards(shards, world / "data")
+    with pytest.raises(ValueError, match=r"not 1\.\.n of one n"):
+        gather_shards(shards[:1], world / "data")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = extract_shard(out, world / "data", (2, 2), batch_size=1)
+    assert "t8 shard 2 of 2: 0 of 2 images to extract" in caplog.text
+    assert "t4 shard 2 of 2: 1 of 2 images to extract" in caplog.text
+    assert again["run"]["images_computed"] == 1
+    assert gather_shards([shards[0], again], world / "data")[1]["image_ids"] == whole[1]["image_ids"]
 
 
 def test_one_run_over_several_timesteps_caches_the_maps_of_one_run_per_timestep(world, tmp_path, monkeypatch):

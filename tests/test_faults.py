@@ -228,7 +228,7 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
 
     # 2. Killed during scoring: the re-run extracted only the images that were missing.
     run_until(workdir, env, "logs/score_layers/toy_sd3_toy_shapes_t8.log")
-    log = (workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8.log").read_text()
+    log = (workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8_1-of-1.log").read_text()  # the shard's
     assert f"{N_VAL - len(done)} of {N_VAL} images to extract" in log
     assert {name: stamp for name, stamp in stamps(workdir, f"{CACHE}/*.npz").items() if name in done} == done
     extracted = stamps(workdir, f"{CACHE}/*")

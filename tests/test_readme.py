@@ -71,7 +71,7 @@ def test_no_target_follows_an_option_that_takes_several_values():
 
 # Options of the README's commands and how many words follow them ("+": up to the next option).
 ARITY = {"-n": 0, "--lint": 0, "--cores": 1, "--report": 1, "--resources": "+", "--configfile": "+", "--config": "+",
-         "--forcerun": "+", "--sdm": "+", "--unlock": 0, "--forceall": 0}
+         "--forcerun": "+", "--sdm": "+", "--unlock": 0, "--forceall": 0, "--set-scatter": "+", "--workflow-profile": 1}
 
 
 def split_command(command: str) -> tuple[list[str], list[str]]:
@@ -114,7 +114,7 @@ GROUPS = command_groups()
 @pytest.fixture(scope="module")
 def workflow_copy(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("readme")
-    for name in ("Snakefile", "workflow", "envs", "models", "config.yaml", "configs"):
+    for name in ("Snakefile", "workflow", "envs", "models", "config.yaml", "configs", "profiles"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, workdir / name)
     return workdir
@@ -128,6 +128,8 @@ def test_the_readme_snakemake_commands_dry_run(workflow_copy, options):
         pytest.skip("a report needs built outputs: tests/test_workflow.py builds them and runs this command")
     if "--sdm" in options and not (shutil.which("conda") or shutil.which("mamba")):
         pytest.skip("conda is not installed here; the README's Environments section says what is tested instead")
+    if "profiles/slurm" in options:
+        pytest.importorskip("snakemake_executor_plugin_slurm", reason="the SLURM profile needs the executor plugin")
     # A command without targets builds the default target, `all`.
     targets = list(dict.fromkeys(t for command in commands for t in (split_command(command)[0] or ["all"])))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -282,7 +282,7 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     shutil.copytree(REPO / "src/seg4diff_repro", src / "seg4diff_repro", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(src)}
     target = "results/attention/toy_sd3/toy_shapes/t8/manifest.json"
-    log = workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8.log"
+    log = workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8_1-of-1.log"  # the one shard's
     snakemake(workdir, target, env=env)
     assert "2 of 2 images to extract" in log.read_text()
     manifest = json.loads((workdir / target).read_text())
@@ -296,12 +296,12 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     table_code = src / "seg4diff_repro/tables/per_layer.py"
     table_code.write_text(table_code.read_text() + "\n# a change that no forward pass runs\n")
     assert plan() == set()
-    snakemake(workdir, target, "--forcerun", "extract_attention", env=env)  # same code: every image reused
+    snakemake(workdir, target, "--forcerun", "extract_attention_shard", env=env)  # same code: every image reused
     assert "0 of 2 images to extract" in log.read_text()
 
     recorder = src / "seg4diff_repro/attention/recorder.py"
     recorder.write_text(recorder.read_text() + "\n# a change to the code that computes the maps\n")
-    assert plan() == {"extract_attention"}
+    assert plan() == {"extract_attention_shard", "extract_attention"}
     snakemake(workdir, target, env=env)
     assert "2 of 2 images to extract" in log.read_text()
     assert json.loads((workdir / target).read_text())["inputs"]["code_fingerprint"] != manifest["inputs"]["code_fingerprint"]

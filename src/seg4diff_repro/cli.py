@@ -34,6 +34,13 @@ def _build_tiny_model(args: argparse.Namespace) -> None:
         write_tiny_sd3_pipeline(Path(args.out), config=config, seed=args.seed)
 
 
+def _download_model(args: argparse.Namespace) -> None:
+    from seg4diff_repro.datasets.layout import atomic_write_json
+    from seg4diff_repro.models import download_model
+
+    atomic_write_json(Path(args.out), download_model(args.backbone, args.source, args.revision))
+
+
 def _make_toy_shapes(args: argparse.Namespace) -> None:
     from seg4diff_repro.datasets.toy_shapes import generate_toy_shapes
 
@@ -43,7 +50,10 @@ def _make_toy_shapes(args: argparse.Namespace) -> None:
 
 
 def _extract_attention(args: argparse.Namespace) -> None:
-    from seg4diff_repro.attention.extract import ExtractionSettings, TimestepCache, extract_attention_timesteps
+    from seg4diff_repro.attention.extract import (
+        ExtractionSettings, TimestepCache, extract_attention_timesteps, extract_shard, parse_shard,
+    )
+    from seg4diff_repro.datasets.layout import atomic_write_json
 
     spec = json.loads(args.settings)
     # --caches: several timesteps of the same images in one run (VAE and text encoders once per image).
@@ -54,7 +64,20 @@ def _extract_attention(args: argparse.Namespace) -> None:
         for each in overrides
     ]
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    extract_attention_timesteps(caches, Path(args.dataset_root), device=args.device, batch_size=batch_size)
+    if args.shard_record is None:
+        if args.shard != "1-of-1":
+            raise SystemExit(f"--shard {args.shard}: give --shard-record (gather-attention joins the shards)")
+        extract_attention_timesteps(caches, Path(args.dataset_root), device=args.device, batch_size=batch_size)
+        return
+    record = extract_shard(caches, Path(args.dataset_root), parse_shard(args.shard), device=args.device,
+                           batch_size=batch_size)
+    atomic_write_json(Path(args.shard_record), record)
+
+
+def _gather_attention(args: argparse.Namespace) -> None:
+    from seg4diff_repro.attention.extract import gather_shards
+
+    gather_shards([json.loads(Path(path).read_text()) for path in args.shards], Path(args.dataset_root))
 
 
 def _shard_root(out: str) -> Path:
@@ -207,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     command.set_defaults(handler=_build_tiny_model)
 
+    command = commands.add_parser("download-model", help="fetch a Hugging Face model into the local hub cache")
+    command.add_argument("--backbone", choices=["sd3", "flux"], required=True,
+                         help="sd3 (SD3, SD3.5: its T5 is not fetched) or flux")
+    command.add_argument("--source", required=True, help="Hugging Face id, e.g. stabilityai/stable-diffusion-3-medium-diffusers")
+    command.add_argument("--revision", default=None, help="hub commit (models.<name>.revision); none: the newest")
+    command.add_argument("--out", required=True, help="JSON record of the download (snapshot folder, commit, size)")
+    command.set_defaults(handler=_download_model)
+
     command = commands.add_parser("make-toy-shapes", help="generate the toy-shapes dataset (VOC layout)")
     command.add_argument("--root", required=True, help="dataset folder to write (images, labels, splits, classes.json)")
     command.add_argument("--n-train", type=int, default=512, help="images in the train split")
@@ -222,9 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument(
         "--caches", help='JSON list of {"timestep", "layers", "out_dir"}: several timesteps of the same images at once'
     )
-    command.add_argument("--device", default="cpu")
+    command.add_argument("--shard", default="1-of-1", help="<i>-of-<n>: the i-th of n contiguous runs of images")
+    command.add_argument("--shard-record", default=None,
+                         help="write the shard's record here (for gather-attention) instead of the caches' manifests")
+    command.add_argument("--device", default="cpu", help="cpu, cuda (a free GPU of this host), cuda:N")
     command.add_argument("--batch-size", default="8", help="images per forward pass, or auto (the largest that fits)")
     command.set_defaults(handler=_extract_attention)
+
+    command = commands.add_parser("gather-attention",
+                                  help="check the shards of attention caches, write each cache's manifest.json")
+    command.add_argument("--shards", nargs="+", required=True, help="shard records written by extract-attention")
+    command.add_argument("--dataset-root", required=True)
+    command.set_defaults(handler=_gather_attention)
 
     command = commands.add_parser("score-layers", help="per-layer segmentation scores from the cache")
     command.add_argument("--cache", required=True, help="manifest.json of the attention cache")
@@ -301,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     quiet_library_progress_bars()  # in a job's log: no loading and download bars of diffusers, transformers, hub
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", None):
+        from seg4diff_repro.gpu_slots import claim_gpu
+
+        # Before any torch import: a GPU command takes a free GPU of this host for itself (gpu_slots.py).
+        args.device = claim_gpu(args.device)
     args.handler(args)
 
 

@@ -32,10 +32,10 @@ PAPER_MODELS = {"sd3": "SD3-medium", "sd35": "SD3.5-medium", "flux": "FLUX.1-dev
 TOKEN_MAP_FIGURES = ("fig03", "fig12", "fig13", "fig14", "fig17")
 
 
-def _load(settings: dict) -> SD3Adapter | FluxAdapter:
+def _load(settings: dict, device: str) -> SD3Adapter | FluxAdapter:
     from seg4diff_repro.models import load_adapter
 
-    return load_adapter(settings["backbone"], settings["source"], settings["dtype"], settings["device"],
+    return load_adapter(settings["backbone"], settings["source"], settings["dtype"], device,
                         settings.get("revision"), **settings.get("options", {}))
 
 
@@ -62,7 +62,7 @@ def _value_norms(args: argparse.Namespace) -> None:
     from seg4diff_repro.generation.prompts import load_prompts
 
     settings = json.loads(args.model_settings)
-    adapter = _load(settings)
+    adapter = _load(settings, args.device)
     prompts = load_prompts(limit=args.prompts)  # the packaged DrawBench 50
     seeds = [args.seed + i for i in range(len(prompts))]
     per_head, per_layer = value_norm_statistics(
@@ -172,7 +172,7 @@ def _pca_qkv_figure(args: argparse.Namespace) -> None:
     from seg4diff_repro.generation.prompts import figure_prompts
 
     settings = json.loads(args.model_settings)
-    adapter = _load(settings)
+    adapter = _load(settings, args.device)
     prompt = figure_prompts("fig16")[0]
     generated = generate_and_record(
         adapter, prompt, args.seed, [args.timestep], settings["num_steps"], cfg=args.cfg, layers=None,
@@ -195,7 +195,7 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
     from seg4diff_repro.generation.prompts import figure_prompts
 
     settings = json.loads(args.model_settings)
-    adapter = _load(settings)
+    adapter = _load(settings, args.device)
     figure, k, num_steps = args.figure, args.timestep, settings["num_steps"]
     grid = adapter.token_grid
     layer = settings["analysis_layer"]
@@ -259,8 +259,9 @@ def add_attention_figure_commands(subparsers: argparse._SubParsersAction) -> Non
     def common(command: argparse.ArgumentParser, *, generation: bool, figure: bool = True, table: bool = False) -> None:
         if generation:
             command.add_argument("--model-settings", required=True,
-                                 help="JSON: model, role, backbone, source, dtype, device, options, num_steps, "
+                                 help="JSON: model, role, backbone, source, dtype, options, num_steps, "
                                  "analysis_layer, toy")
+            command.add_argument("--device", default="cpu", help="cpu, cuda (a free GPU of this host), cuda:N")
             command.add_argument("--seed", type=int, default=0, help="seed of the starting noise (prompt i: seed + i)")
             command.add_argument("--cfg", type=float, default=7.5, help="SD3/SD3.5 classifier-free guidance scale")
             command.add_argument("--step-convention", choices=STEP_CONVENTIONS, default="official",

@@ -26,9 +26,13 @@ def _figure_name(figure: str) -> str:
 
 
 def _generate_run(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from seg4diff_repro.generation.runs import GenerationRun, run_generation
 
-    run_generation(GenerationRun.from_json(args.settings), Path(args.out))
+    # Device and batch size are operational: separate arguments, recorded in the run's manifest.
+    run = replace(GenerationRun.from_json(args.settings), device=args.device, batch_size=args.batch_size)
+    run_generation(run, Path(args.out))
 
 
 def _score_fidelity(args: argparse.Namespace) -> None:
@@ -136,6 +140,8 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     """Register the generation subcommands on the main parser's subparsers."""
     command = commands.add_parser("generate-run", help="images of one model with one perturbed/guided layer (or none)")
     command.add_argument("--settings", required=True, help="JSON of GenerationRun (model, prompts, seeds, run, ...)")
+    command.add_argument("--device", default="cpu", help="cpu, cuda (a free GPU of this host), cuda:N")
+    command.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     command.add_argument("--out", required=True, help="run folder: PNG images and manifest.json (replaced atomically)")
     command.set_defaults(handler=_generate_run)
 

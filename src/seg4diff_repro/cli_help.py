@@ -15,7 +15,7 @@ import textwrap
 # Options that mean the same in every command that has them; a command's own help text wins.
 SHARED_OPTION_HELP = {
     "--dataset-root": "prepared dataset folder, <data.root>/prepared/<name> (images, labels, splits, classes.json)",
-    "--device": "torch device: cpu, cuda, cuda:1, ...",
+    "--device": "torch device: cpu, cuda (a free GPU of this host, see gpu_slots), cuda:1, ...",
     "--batch-size": "images per forward pass",
     "--layer": "0-based joint layer the output reports (the model's analysis_layer)",
     "--kl-threshold": "τ of the symmetric-KL merging of the unsupervised proposals (0.1 in the official code)",
@@ -56,7 +56,6 @@ _MODEL_SETTINGS_KEYS = {
     "source": "Hugging Face id or local save_pretrained folder",
     "revision": "hub commit of `source` (models.<model>.revision), or null",
     "dtype": "float32, float16 or bfloat16",
-    "device": "torch device",
     "options": "models.<model>.options",
     "num_steps": "sampling steps (models.<model>.num_inference_steps)",
     "analysis_layer": "0-based layer of the token maps",
@@ -98,7 +97,7 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "source": "Hugging Face id or local save_pretrained folder",
             "revision": "hub commit of `source` (models.<model>.revision), or null",
             "dtype": "float32, float16 or bfloat16",
-            "device": "torch device",
+            "device": "torch device; --device replaces it (operational: the rules leave it out of the JSON)",
             "run": "none, perturb_l<layer> or guidance_l<layer>",
             "figure": "caption prompts of this appendix figure (fig18, fig19), or null for the fidelity prompts",
             "prompts_file": "file of fidelity prompts, one per line, or null for the packaged DrawBench 50",
@@ -111,7 +110,7 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "blur_kernel": "size of the blur kernel (odd)",
             "max_sequence_length": "T5 tokens of a Flux prompt",
             "distilled_guidance": "Flux guidance embedding (models.<model>.options.guidance_scale)",
-            "batch_size": "images per pipeline call",
+            "batch_size": "images per pipeline call; --batch-size replaces it (operational, as the device)",
         },
     ),
     "score-fidelity": (
@@ -152,10 +151,10 @@ for _command in ("value-norms", "pca-qkv-figure", "token-maps-figure"):
 # The main help lists the commands by stage; a command missing here is listed under "Other".
 COMMAND_GROUPS = {
     "Data and models": [
-        "download", "prepare-dataset", "make-toy-shapes", "build-tiny-model", "train-toy-model",
+        "download", "download-model", "prepare-dataset", "make-toy-shapes", "build-tiny-model", "train-toy-model",
     ],
     "Attention maps and segmentation scores": [
-        "extract-attention", "score-layers", "score-unsupervised", "score-heads",
+        "extract-attention", "gather-attention", "score-layers", "score-unsupervised", "score-heads",
     ],
     "Segmentation tables and figures": [
         "per-layer-table", "per-layer-figure", "toy-world-summary", "timestep-sweep", "normalisation-table",

@@ -47,15 +47,16 @@ COMMAND_STAGES = {
     "prepare-dataset": "datasets",
     "build-tiny-model": "models",
     "extract-attention": "extraction",
+    "gather-attention": "extraction",  # joins the shards into the manifest the scoring reads
     "score-layers": "scoring",
     "score-unsupervised": "scoring",
     "score-heads": "scoring",
     "generate-run": "generation",
     "value-norms": "generation",
 }
-# Downloads are verified by checksum, and training the toy model is a GPU job that its own rule's
+# Downloads are verified by checksum (models: by commit, in the caches' keys), and training the toy model is a GPU job that its own rule's
 # settings and an explicit --forcerun decide: neither re-runs because the package changed.
-UNKEYED_COMMANDS = ("download", "train-toy-model")
+UNKEYED_COMMANDS = ("download", "download-model", "train-toy-model")
 
 
 def command_fingerprint(command: str) -> str | None:

@@ -114,32 +114,55 @@ rule normalisation_table:
         " --csv {output.csv:q} --markdown {output.markdown:q} 2> {log:q}"
 
 
-rule extract_unsupervised_attention:
+rule extract_unsupervised_attention_shard:
     input:
         dataset=prepared_manifest,
         model=model_inputs,
     output:
-        "results/attention_null/{model}/{dataset}/t{timestep}/manifest.json",
+        "results/attention_null/{model}/{dataset}/t{timestep}/shards/{scatteritem}.json",
     params:
         settings=unsupervised_extraction_settings,
         dataset_root=prepared_root,
-        out_dir=lambda wildcards, output: Path(output[0]).parent,
-        device=lambda wildcards: model_config(wildcards)["device"],
-        batch_size=forward_batch_size("extract-attention"),
+        out_dir=lambda wildcards, output: Path(output[0]).parent.parent,
     message:
-        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps); writes {output}; progress in {log}"
+        "Empty-prompt forward passes of {wildcards.model} on {wildcards.dataset} (unsupervised maps), image shard {wildcards.scatteritem}; writes {output}; progress in {log}"
     log:
-        "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
+        "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}_{scatteritem}.log",
     benchmark:
-        "results/benchmarks/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.tsv"
+        "results/benchmarks/extract_unsupervised_attention/{model}_{dataset}_t{timestep}_{scatteritem}.tsv"
     resources:
-        mem_mb=8000,
-        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=model_uses_gpu,
+        device=model_device,
+        batch_size=forward_batch_size("extract-attention"),
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro extract-attention --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
-        " --out-dir {params.out_dir:q} --device {params.device:q} --batch-size {params.batch_size} 2> {log:q}"
+        " --out-dir {params.out_dir:q} --shard {wildcards.scatteritem} --shard-record {output:q}"
+        " --device {resources.device:q} --batch-size {resources.batch_size} 2> {log:q}"
+
+
+rule extract_unsupervised_attention:
+    input:
+        shards=gather.extraction(
+            "results/attention_null/{{model}}/{{dataset}}/t{{timestep}}/shards/{scatteritem}.json"
+        ),
+        dataset=prepared_manifest,
+    output:
+        "results/attention_null/{model}/{dataset}/t{timestep}/manifest.json",
+    params:
+        dataset_root=prepared_root,
+    log:
+        "logs/extract_unsupervised_attention/{model}_{dataset}_t{timestep}.log",
+    localrule: True
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro gather-attention --shards {input.shards:q} --dataset-root {params.dataset_root:q} 2> {log:q}"
 
 
 rule score_unsupervised:

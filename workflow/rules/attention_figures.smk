@@ -26,12 +26,14 @@ rule value_norms:
     benchmark:
         "results/benchmarks/value_norms/{model}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
         gpu=lambda wildcards: uses_gpu(wildcards.model),
+        device=lambda wildcards: device_of(wildcards.model),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro value-norms --model-settings {params.settings:q} {params.prompts}"
+        "seg4diff-repro value-norms --model-settings {params.settings:q} --device {resources.device:q} {params.prompts}"
         " --timesteps {params.timesteps} --cfg {params.cfg} --seed {params.seed}"
         " --step-convention {params.step_convention}"
         " --per-head {output.per_head:q} --per-layer {output.per_layer:q} 2> {log:q}"
@@ -129,13 +131,15 @@ rule pca_qkv_figure:
     benchmark:
         "results/benchmarks/pca_qkv_figure/fig16_pca_qkv_sd3.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=gpu_job_scale(appendix_model("sd3"))["mem_mb"],
+        runtime=gpu_job_scale(appendix_model("sd3"))["runtime"],
         gpu=uses_gpu(appendix_model("sd3")),
+        device=device_of(appendix_model("sd3")),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --timestep {params.timestep}"
-        " --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
+        "seg4diff-repro pca-qkv-figure --model-settings {params.settings:q} --device {resources.device:q}"
+        " --timestep {params.timestep} --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
         " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
 
 
@@ -174,12 +178,14 @@ rule token_maps_figure:
     benchmark:
         "results/benchmarks/token_maps_figure/{stem}.tsv"
     resources:
-        mem_mb=8000,
+        mem_mb=gpu_job_scale(appendix_model("sd3"))["mem_mb"],
+        runtime=gpu_job_scale(appendix_model("sd3"))["runtime"],
         gpu=uses_gpu(appendix_model("sd3")),
+        device=device_of(appendix_model("sd3")),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro token-maps-figure --model-settings {params.settings:q} --figure {params.figure}"
+        "seg4diff-repro token-maps-figure --model-settings {params.settings:q} --device {resources.device:q} --figure {params.figure}"
         " --keywords {params.keywords:q} --layers {params.layers:q} --timestep {params.timestep}"
         " --cfg {params.cfg} --seed {params.seed} --step-convention {params.step_convention}"
         " --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"

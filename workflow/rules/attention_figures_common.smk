@@ -25,7 +25,6 @@ def generation_model_settings(name, role=None):
         "source": model["source"],
         "revision": model["revision"],
         "dtype": model["dtype"],
-        "device": model["device"],
         "options": model["options"],
         "num_steps": model["num_inference_steps"],
         "analysis_layer": model["analysis_layer"],
@@ -47,6 +46,11 @@ def value_norm_layers_input(wildcards):
 def uses_gpu(name):
     """1 if configured model `name` runs on CUDA: the `gpu` resource that keeps GPU jobs from overlapping."""
     return int(config["models"][name]["device"].startswith("cuda"))
+
+
+def device_of(name):
+    """The torch device of configured model `name`: a resource of the rule (operational, re-runs nothing)."""
+    return config["models"][name]["device"]
 
 
 def attention_figure_targets():

@@ -25,7 +25,7 @@ shell.prefix(
 )
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT
-from seg4diff_repro.config import apply_defaults, check_config, load_schema
+from seg4diff_repro.config import apply_defaults, check_config, load_schema, looks_like_local_path
 from seg4diff_repro.provenance import command_fingerprint
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -67,13 +67,44 @@ def model_config(wildcards):
     return config["models"][wildcards.model]
 
 
+def model_device(wildcards):
+    """The model's torch device. A resource, not a parameter: moving a run to another device (or batch size)
+    re-runs nothing, and the manifests record what was used. On a host with several GPUs, each job asking
+    for `cuda` gets a free GPU of its own (seg4diff_repro/gpu_slots.py)."""
+    return model_config(wildcards)["device"]
+
+
+def model_uses_gpu(wildcards):
+    """1 for a job on a GPU: `--resources gpu=N` runs N of them at once, the SLURM executor asks for one."""
+    return int(model_device(wildcards).startswith("cuda"))
+
+
+def gpu_job_scale(name):
+    """Runtime (minutes) and host memory (MB) of a GPU job on configured model `name`, for cluster executors:
+    a toy model takes a minute and little memory; a real one is sized for COCO-Object's 5000 images and Flux's
+    12B weights, which pass through host memory when loading. The SLURM profile can override both per rule."""
+    toy = config["models"][name]["toy"]
+    return {"runtime": 15 if toy else 240, "mem_mb": 4000 if toy else 48000}
+
+
+def model_runtime(wildcards):
+    return gpu_job_scale(wildcards.model)["runtime"]
+
+
+def model_mem_mb(wildcards):
+    return gpu_job_scale(wildcards.model)["mem_mb"]
+
+
 def model_inputs(wildcards):
-    """The built model folder, the trained toy model's index file, or nothing for a Hugging Face id."""
+    """The built model folder, the trained toy model's index file, or the record of a Hugging Face model's
+    download (rule download_model), so that GPU jobs never download."""
     model = model_config(wildcards)
     if "build" in model:
         return [model["source"]]
     if model["source"] == config["toy_model"]["source"]:
         return [f"{model['source']}/model_index.json"]  # so that retraining it re-runs its analyses
+    if not looks_like_local_path(model["source"]):
+        return [f"results/model_downloads/{wildcards.model}.json"]
     return []
 
 

@@ -36,11 +36,15 @@ rule generate_run:
         "results/benchmarks/generate_run/{model}_{prompt_set}_{run}.tsv"
     resources:
         mem_mb=lambda wildcards: 2000 if model_config(wildcards)["toy"] else 32000,
-        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+        runtime=model_runtime,
+        gpu=model_uses_gpu,
+        device=model_device,
+        batch_size=GENERATION["batch_size"],
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro generate-run --settings {params.settings:q} --out {output:q} 2> {log:q}"
+        "seg4diff-repro generate-run --settings {params.settings:q} --device {resources.device:q}"
+        " --batch-size {resources.batch_size} --out {output:q} 2> {log:q}"
 
 
 rule score_fidelity:
@@ -56,7 +60,6 @@ rule score_fidelity:
         model=lambda wildcards: appendix_model(FIDELITY_FIGURES[wildcards.name]),
         # Only a toy model may be scored with random-weight backbones (the scorer refuses otherwise).
         toy=lambda wildcards: "--toy-model" if fidelity_model_is_toy(wildcards) else "",
-        device=GENERATION["fidelity"]["device"],
     message:
         "Scoring CLIP-I, CLIP-T and DINO fidelity for {wildcards.name}; writes {output}; progress in {log}"
     log:
@@ -66,11 +69,12 @@ rule score_fidelity:
     resources:
         mem_mb=4000,
         gpu=int(GENERATION["fidelity"]["device"].startswith("cuda")),
+        device=GENERATION["fidelity"]["device"],
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro score-fidelity --runs {input.runs:q} --reference {input.reference:q}"
-        " --settings {params.settings:q} --model {params.model} {params.toy} --device {params.device:q}"
+        " --settings {params.settings:q} --model {params.model} {params.toy} --device {resources.device:q}"
         " --out {output:q} 2> {log:q}"
 
 

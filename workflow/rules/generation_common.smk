@@ -30,7 +30,8 @@ def generation_prompt_inputs(wildcards):
 
 
 def generation_run_settings(wildcards):
-    """JSON of everything that determines a run's images; a change re-runs it."""
+    """JSON of everything that determines a run's images; a change re-runs it. Device and batch size are
+    operational: the rule passes them as resources (recorded in the run's manifest, re-running nothing)."""
     model = model_config(wildcards)
     fidelity = wildcards.prompt_set == "fidelity"
     settings = {
@@ -39,7 +40,6 @@ def generation_run_settings(wildcards):
         "source": model["source"],
         "revision": model["revision"],
         "dtype": model["dtype"],
-        "device": model["device"],
         "run": wildcards.run,
         "figure": None if fidelity else wildcards.prompt_set,
         "prompts_file": GENERATION["prompts_file"] if fidelity else None,
@@ -51,7 +51,6 @@ def generation_run_settings(wildcards):
         "blur_sigma": GENERATION["blur_sigma"],
         "blur_kernel": GENERATION["blur_kernel"],
         "max_sequence_length": GENERATION["max_sequence_length"],
-        "batch_size": GENERATION["batch_size"],
     }
     if "guidance_scale" in model["options"]:
         settings["distilled_guidance"] = model["options"]["guidance_scale"]
@@ -59,7 +58,7 @@ def generation_run_settings(wildcards):
 
 
 def fidelity_settings():
-    """JSON of the scorers' FidelitySettings (the device is a separate argument)."""
+    """JSON of the scorers' FidelitySettings (the device is operational: a resource of the rule)."""
     return json.dumps({k: v for k, v in GENERATION["fidelity"].items() if k != "device"}, sort_keys=True)
 
 

@@ -1,4 +1,5 @@
-# Model folders built locally (the toy world's tiny pipelines).
+# Model folders built locally (the toy world's tiny pipelines), and Hugging Face models fetched into the local hub
+# cache as jobs of their own (local rules: on a cluster they run on the login node, which has internet).
 
 
 rule build_tiny_model:
@@ -19,3 +20,25 @@ rule build_tiny_model:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro build-tiny-model --backbone {params.backbone} --variant {params.variant} --out {output:q} --seed {params.seed} 2> {log:q}"
+
+
+rule download_model:
+    output:
+        "results/model_downloads/{model}.json",
+    params:
+        source=lambda wildcards: model_config(wildcards)["source"],
+        backbone=lambda wildcards: model_config(wildcards)["backbone"],
+        revision=lambda wildcards: (
+            f"--revision {model_config(wildcards)['revision']}" if model_config(wildcards)["revision"] else ""
+        ),
+    log:
+        "logs/download_model/{model}.log",
+    localrule: True
+    resources:
+        mem_mb=2000,
+        downloads=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "seg4diff-repro download-model --backbone {params.backbone} --source {params.source:q} {params.revision}"
+        " --out {output:q} 2> {log:q}"

@@ -17,8 +17,6 @@ rule score_heads:
     params:
         settings=extraction_settings,
         dataset_root=prepared_root,
-        device=lambda wildcards: model_config(wildcards)["device"],
-        batch_size=forward_batch_size("score-heads"),
     message:
         "Forward passes of {wildcards.model} on {wildcards.dataset} scoring every head (Fig. 4); writes {output}; progress in {log}"
     log:
@@ -26,13 +24,16 @@ rule score_heads:
     benchmark:
         "results/benchmarks/score_heads/{model}_{dataset}_t{timestep}.tsv"
     resources:
-        mem_mb=8000,
-        gpu=lambda wildcards: int(model_config(wildcards)["device"].startswith("cuda")),
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=model_uses_gpu,
+        device=model_device,
+        batch_size=forward_batch_size("score-heads"),
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro score-heads --settings {params.settings:q} --dataset-root {params.dataset_root:q}"
-        " --out {output:q} --device {params.device:q} --batch-size {params.batch_size} 2> {log:q}"
+        " --out {output:q} --device {resources.device:q} --batch-size {resources.batch_size} 2> {log:q}"
 
 
 rule fig04_head_miou:

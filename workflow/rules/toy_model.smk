@@ -99,7 +99,6 @@ rule toy_generations:
         seed=config["toy_generations"]["seed"],
         steps=config["toy_generations"]["steps"],
         guidance_scale=config["toy_generations"]["guidance_scale"],
-        device=config["toy_generations"]["device"],
     message:
         "Generating images with the toy model; writes {output}; progress in {log}"
     log:
@@ -108,12 +107,14 @@ rule toy_generations:
         "results/benchmarks/toy_generations.tsv"
     resources:
         mem_mb=2000,
+        gpu=int(config["toy_generations"]["device"].startswith("cuda")),
+        device=config["toy_generations"]["device"],
     conda:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro toy-generations --model {params.model:q} --dataset-root {params.dataset_root:q}"
         " --split val --n {params.n} --seed {params.seed} --steps {params.steps}"
-        " --guidance-scale {params.guidance_scale} --device {params.device:q}"
+        " --guidance-scale {params.guidance_scale} --device {resources.device:q}"
         " --png {output.png:q} --pdf {output.pdf:q} --csv {output.csv:q} 2> {log:q}"
 
 

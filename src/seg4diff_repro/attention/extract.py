@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 
 from seg4diff_repro.atomic import remove_leftover_temp_files
-from seg4diff_repro.attention.cache import CACHE_FORMAT, CachedImage, cached_key, settings_key, write_cached_image
+from seg4diff_repro.attention.cache import (
+    CACHE_FORMAT, CachedImage, cache_path, cached_key, settings_key, write_cached_image,
+)
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_json, dataset_fingerprint
@@ -27,6 +31,11 @@ from seg4diff_repro.provenance import code_fingerprint, provenance
 from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids, prompt_label, window_spans
 
 log = logging.getLogger(__name__)
+
+SEED_RULE = "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1"
+# What a cache's manifest takes from its shards' records (they agree on all of it; `gather_shards` checks).
+_SHARED_MANIFEST_FIELDS = ("settings", "noising", "layers", "token_grid", "text_tokens", "class_names",
+                           "ignore_index", "model", "inputs", "provenance", "seed_rule")
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,93 @@ def extract_attention(
     )[0]
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"2-of-8"`` (Snakemake's scatter item) → (2, 8); shards are numbered from 1."""
+    match = re.fullmatch(r"([0-9]+)-of-([0-9]+)", shard)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ValueError(f"shard {shard!r}: use '<i>-of-<n>' with 1 <= i <= n, e.g. 1-of-1 or 3-of-8")
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard_positions(n_images: int, shard: tuple[int, int]) -> range:
+    """The images of shard i of n: the i-th of n contiguous, near-equal runs of the dataset's order."""
+    index, count = shard
+    return range((index - 1) * n_images // count, index * n_images // count)
+
+
+def extract_shard(
+    caches: list[TimestepCache],
+    dataset_root: Path,
+    shard: tuple[int, int],
+    *,
+    device: str = "cpu",
+    batch_size: int | str = 8,
+    num_workers: int | None = None,
+) -> dict:
+    """Fill ``caches`` for one shard of the split's images (`shard_positions`); return the shard's record.
+
+    Shards of the same caches write disjoint files into the same folders and may run at once, on different
+    GPUs or machines; `gather_shards` checks them and writes each cache's manifest. The record holds, per
+    cache, what its manifest needs and the shard's images, and once the run's operational settings (device,
+    batch size, host, GPU, time): recorded, but not part of any key.
+    """
+    from seg4diff_repro.gpu_slots import run_record
+
+    started = time.time()
+    records, computed = extract_attention_timesteps(
+        caches, dataset_root, device=device, batch_size=batch_size, num_workers=num_workers, shard=shard
+    )
+    run = run_record(device, batch_size=batch_size, num_workers=num_workers, images_computed=computed,
+                     started_at=round(started, 3), wall_s=round(time.time() - started, 3))
+    return {"shard": list(shard), "caches": records, "run": run}
+
+
+def gather_shards(shards: list[dict], dataset_root: Path) -> list[dict]:
+    """Check that ``shards`` (records of `extract_shard`) cover the dataset once, with one key per cache, and
+    that every image's cache file carries that key; write and return each cache's manifest.
+
+    A manifest is what an unsharded run writes, plus each shard's images and operational record.
+    """
+    if not shards:
+        raise ValueError("no shards to gather")
+    counts = {shard["shard"][1] for shard in shards}
+    numbers = sorted(shard["shard"][0] for shard in shards)
+    folders = [record["out_dir"] for record in shards[0]["caches"]]
+    if len(counts) != 1 or numbers != list(range(1, counts.pop() + 1)):
+        raise ValueError(f"{folders}: shards {[s['shard'] for s in shards]} are not 1..n of one n; re-run the "
+                         "extraction rule so that every shard of the same scatter count is present")
+    ordered = sorted(shards, key=lambda shard: shard["shard"][0])
+    manifests = []
+    for position, folder in enumerate(folders):
+        records = [shard["caches"][position] for shard in ordered]
+        first = records[0]
+        stale = [shard["shard"] for shard, record in zip(ordered, records)
+                 if record["out_dir"] != folder or record["key"] != first["key"]]
+        if stale:
+            raise ValueError(f"{folder}: shards {stale} were extracted with other settings, code, model or data "
+                             f"than shard {ordered[0]['shard']}; re-run the extraction rule (they recompute)")
+        settings = ExtractionSettings.from_dict(first["settings"])
+        dataset = SegmentationDataset(dataset_root, settings.split, background=settings.background,
+                                      limit=settings.limit)
+        image_ids = [image_id for record in records for image_id in record["image_ids"]]
+        if image_ids != dataset.ids:
+            raise ValueError(f"{folder}: the shards hold {len(image_ids)} images, {dataset_root} split "
+                             f"{settings.split!r} has {len(dataset.ids)} (or another order); re-run the extraction rule")
+        key = settings_key({**asdict(settings), **first["inputs"]})
+        missing = [image_id for image_id in image_ids if cached_key(Path(folder), image_id) != key]
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} cache files are missing or hold other settings (first: "
+                             f"{cache_path(Path(folder), missing[0])}); re-run the extraction rule, which recomputes them")
+        manifest = {name: first[name] for name in _SHARED_MANIFEST_FIELDS} | {
+            "image_ids": image_ids,
+            "shards": [{"shard": shard["shard"], "images": len(record["image_ids"]), **shard["run"]}
+                       for shard, record in zip(ordered, records)],
+        }
+        atomic_write_json(Path(folder) / "manifest.json", manifest)
+        manifests.append(manifest)
+    return manifests
+
+
 def extract_attention_timesteps(
     caches: list[TimestepCache],
     dataset_root: Path,
@@ -126,7 +222,8 @@ def extract_attention_timesteps(
     writer_threads: int = 4,
     adapter=None,
     image_ids: list[str] | None = None,
-) -> list[dict]:
+    shard: tuple[int, int] | None = None,
+) -> list[dict] | tuple[list[dict], int]:
     """Fill several caches of the same images that differ only in timestep (and recorded layers).
 
     Per image the VAE and the text encoders run once, whatever the number of timesteps: each batch is
@@ -136,7 +233,9 @@ def extract_attention_timesteps(
     and written by a thread pool while the next forward pass runs. ``batch_size="auto"`` takes the
     largest batch that fits (`auto_batch_size`). ``adapter``: an already loaded model of the caches' settings
     (benchmarks time the loop without the load). ``image_ids``: only those images of the split, as in
-    ``extract_attention``. Returns the manifests, in the order of ``caches``.
+    ``extract_attention``. Returns the manifests, in the order of ``caches``. ``shard``: only that shard's images
+    (`shard_positions`); nothing is written but the cache files, and the result is the caches' shard records
+    (for `gather_shards`) with the number of images computed (`extract_shard` writes them).
     """
     if not caches:
         return []
@@ -149,6 +248,8 @@ def extract_attention_timesteps(
         adapter = load_adapter(base.backbone, base.source, base.dtype, device, base.revision, **dict(base.model_options))
     inputs = extraction_inputs(base, dataset_root)
     positions = range(len(dataset)) if image_ids is None else _positions(dataset.ids, image_ids, dataset_root)
+    if shard is not None:
+        positions = shard_positions(len(dataset), shard)
     plans = []
     for cache in caches:
         noising = adapter.noising(cache.settings.timestep, cache.settings.num_steps)
@@ -156,8 +257,9 @@ def extract_attention_timesteps(
         key = settings_key({**asdict(cache.settings), **inputs})
         todo = {i for i in positions if cached_key(cache.out_dir, dataset.ids[i]) != key}
         log.info(
-            "%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
-            cache.out_dir, len(todo), len(positions), noising.k, noising.num_steps, noising.index, noising.sigma,
+            "%s%s: %d of %d images to extract (t = %d of %d: index %d, sigma %.5f)",
+            cache.out_dir, "" if shard is None else " shard %d of %d" % shard, len(todo), len(positions),
+            noising.k, noising.num_steps, noising.index, noising.sigma,
         )
         plans.append(_CachePlan(cache, noising, layers, key, todo))
     indices = sorted(set().union(*(plan.todo for plan in plans)))
@@ -184,11 +286,14 @@ def extract_attention_timesteps(
             "model": describe_model_source(base.source),
             "inputs": inputs,
             "provenance": provenance("extraction"),
-            "seed_rule": "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1",
+            "seed_rule": SEED_RULE,
         }
-        atomic_write_json(plan.cache.out_dir / "manifest.json", manifest)
+        if shard is not None:  # a shard's record: gather_shards writes the manifest
+            manifest |= {"out_dir": str(plan.cache.out_dir), "key": hashlib.sha256(plan.key.encode()).hexdigest()}
+        else:
+            atomic_write_json(plan.cache.out_dir / "manifest.json", manifest)
         manifests.append(manifest)
-    return manifests
+    return (manifests, len(indices)) if shard is not None else manifests
 
 
 def _positions(ids: list[str], wanted: list[str], dataset_root: Path) -> list[int]:

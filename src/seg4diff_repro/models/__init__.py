@@ -4,6 +4,7 @@ from seg4diff_repro.models.clip_tokenizer import build_sd3_tokenizers, write_cli
 from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline, write_tiny_sd3_pipeline
 
 __all__ = [
+    "download_model",
     "load_adapter",
     "TinySD3Config",
     "build_sd3_tokenizers",
@@ -30,3 +31,28 @@ def load_adapter(
             source, dtype=getattr(torch, dtype), device=device, revision=revision, **options
         )
     raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")
+
+
+def download_model(backbone: str, source: str, revision: str | None = None) -> dict:
+    """Fetch Hugging Face model ``source`` into the local hub cache without loading it, so that the GPU jobs
+    read it from disk (a separate job, on a node with internet); return what was fetched."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from seg4diff_repro.models.common import download_pipeline, model_fingerprint
+
+    if backbone == "sd3":  # the analysis never loads T5 (CLIP-only text, as the official code)
+        folder = download_pipeline(StableDiffusion3Pipeline, source, revision, text_encoder_3=None, tokenizer_3=None)
+    elif backbone == "flux":
+        folder = download_pipeline(FluxPipeline, source, revision)
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return {
+        "source": source,
+        "revision": revision,
+        "backbone": backbone,
+        "snapshot": str(folder),
+        "model_fingerprint": model_fingerprint(source, revision),
+        "files": len(files),
+        "bytes": sum(path.stat().st_size for path in files),
+    }

@@ -161,6 +161,26 @@ def load_pipeline(
         raise
 
 
+def download_pipeline(pipeline_class, source: str, revision: str | None = None, **components) -> Path:
+    """Fetch the files ``load_pipeline`` would read into the local Hugging Face cache, loading nothing (the
+    components passed as None, e.g. SD3's T5, are skipped); return the snapshot folder."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if revision is not None:
+        components["revision"] = revision
+    try:
+        return Path(pipeline_class.download(source, **components))
+    except OSError as error:
+        chain = _error_chain(error)
+        if any(isinstance(e, RevisionNotFoundError) for e in chain):
+            raise ModelLoadError(f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's "
+                                 f"`revision` to a commit listed at https://huggingface.co/{source}/commits/main") from error
+        if any(isinstance(e, (GatedRepoError, RepositoryNotFoundError)) for e in chain):
+            raise ModelLoadError(f"{source} is gated, needs a login or does not exist on the Hugging Face hub. "
+                                 + HF_LOGIN_HELP.format(repo=source)) from error
+        raise
+
+
 class FileHashes:
     """sha256 of files, remembered by (path, size, modification time) in the user's cache folder.
 

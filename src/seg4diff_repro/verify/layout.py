@@ -32,15 +32,16 @@ REDERIVED_COMMANDS = frozenset({
 # GPU work (forward passes, generation, backbone scoring): its outputs are bundled and are the inputs of the
 # re-derivation; attention caches among them are spot-checked by re-extraction,
 GPU_COMMANDS = frozenset({
-    "extract-attention", "score-heads", "generate-run", "score-fidelity", "value-norms", "pca-qkv-figure",
-    "token-maps-figure", "toy-generations",
+    "extract-attention", "gather-attention", "score-heads", "generate-run", "score-fidelity", "value-norms",
+    "pca-qkv-figure", "token-maps-figure", "toy-generations",
 })
 # and the sources (models, datasets), recorded by content fingerprint rather than bundled file by file.
 SOURCE_COMMANDS = frozenset({
-    "make-toy-shapes", "prepare-dataset", "download", "build-tiny-model", "train-toy-model",
+    "make-toy-shapes", "prepare-dataset", "download", "download-model", "build-tiny-model", "train-toy-model",
 })
-# GPU commands whose output manifest.json stands for the folder of per-image cache files beside it.
-CACHE_COMMANDS = frozenset({"extract-attention"})
+# Commands whose output manifest.json stands for the folder of per-image cache files beside it: the gathering
+# of an extraction's image shards (the shards' own outputs are small records of the jobs).
+CACHE_COMMANDS = frozenset({"gather-attention"})
 # Commands that keep resumable scoring shards in <out without suffix>.shards/ beside their CSV.
 SHARDED_COMMANDS = frozenset({"score-layers", "score-unsupervised", "score-heads"})
 
