@@ -33,8 +33,10 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/snakemake.log"; }
 # The jobs run workflow/bin/seg4diff-repro, i.e. `python -m seg4diff_repro.cli` (this checkout's src/ is on
 # PYTHONPATH): a `python` that is the Python with torch, also where only python3 exists.
 mkdir -p "$WORK/bin"
-ln -sf "$(command -v "$PY")" "$WORK/bin/python"
+# A wrapper, not a link: a link to a virtual environment's python would not run in that environment.
+rm -f "$WORK/bin/python"; printf '#!/bin/sh\nexec "%s" "$@"\n' "$(command -v "$PY")" > "$WORK/bin/python" && chmod +x "$WORK/bin/python"
 export PATH="$WORK/bin:$PATH"
+snakemake() { "$PY" -m snakemake "$@"; }  # pip --target installs no console script on PATH
 
 # The workflow in a scratch folder, the toy models on cuda, a larger toy-shapes val split.
 rm -rf "$WORK/run" && mkdir -p "$WORK/run"
