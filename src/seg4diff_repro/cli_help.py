@@ -167,7 +167,7 @@ COMMAND_GROUPS = {
         "toy-generations", "prompts-figure",
     ],
     "Report pages": ["table-page", "run-info"],
-    "Reviewer verification": ["bundle", "verify"],
+    "Reviewer verification": ["bundle", "verify", "compare-outputs"],
 }
 
 MAIN_EPILOG = """\

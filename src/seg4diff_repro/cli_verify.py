@@ -1,4 +1,5 @@
-"""Subcommands of `seg4diff-repro` for reviewers: `bundle` packs a run, `verify` checks a bundle.
+"""Subcommands of `seg4diff-repro` for reviewers: `bundle` packs a run, `verify` checks a bundle,
+`compare-outputs` checks a fresh run's tables against committed ones.
 
 ``add_verify_commands(subparsers)`` registers them on the main parser.
 """
@@ -54,6 +55,22 @@ def _verify(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def _compare_outputs(args: argparse.Namespace) -> None:
+    from seg4diff_repro.atomic import atomic_write_text
+    from seg4diff_repro.verify.rerun import RERUN_TABLE_ABS_TOL, compare_table_folders, rerun_markdown, rerun_verdict
+
+    tolerance = RERUN_TABLE_ABS_TOL if args.tolerance is None else args.tolerance
+    checks = compare_table_folders(Path(args.committed), Path(args.fresh), tolerance)
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), rerun_markdown(Path(args.committed), Path(args.fresh), checks))
+    for check in [c for c in checks if not c.passed][: args.show_failures]:
+        log.error("%s: %s: committed %s, fresh %s, tolerance %s %s", check.file, check.item, check.bundled,
+                  check.rederived, check.tolerance, check.note)
+    print(rerun_verdict(checks))
+    if not all(check.passed for check in checks):
+        sys.exit(1)
+
+
 def add_verify_commands(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser("bundle", help="pack a run's outputs and what is needed to check them")
     command.add_argument("--targets", nargs="+", required=True, help="the run's tables and figures (paths in --workdir)")
@@ -79,3 +96,14 @@ def add_verify_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--model-root", default=".", help="folder that relative model sources resolve against")
     command.add_argument("--show-failures", type=int, default=20, help="failures to print to the log")
     command.set_defaults(handler=_verify)
+
+    command = commands.add_parser(
+        "compare-outputs", help="check a fresh run's tables against committed ones (e.g. paper_tables/toy)")
+    command.add_argument("--committed", required=True, help="folder of committed tables, e.g. paper_tables/toy")
+    command.add_argument("--fresh", required=True, help="the same folder of a fresh run")
+    command.add_argument("--tolerance", type=float, default=None,
+                         help="allowed difference of a float table cell (integers and text: exact); default: the "
+                              "measured re-run tolerance, 0.01 (docs/verification.md)")
+    command.add_argument("--markdown", help="report: verdict, failing cells, largest difference per table")
+    command.add_argument("--show-failures", type=int, default=20, help="failures to print to the log")
+    command.set_defaults(handler=_compare_outputs)
