@@ -160,9 +160,8 @@ def test_paper_config_plans_the_attention_figure_jobs(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_world_builds_every_attention_figure(tmp_path):
-    workdir = copy_workflow(tmp_path)
-    snakemake(workdir, *TARGETS)
+def test_toy_world_builds_every_attention_figure(toy_run):
+    workdir = toy_run  # the whole default DAG (tests/conftest.py)
     magic = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF-", ".csv": b"timestep_k,", ".md": b"# Appendix Fig."}
     for target in TARGETS:
         assert (workdir / target).read_bytes().startswith(magic[Path(target).suffix]), target

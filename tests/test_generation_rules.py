@@ -120,7 +120,7 @@ def test_random_fidelity_weights_are_refused_for_a_real_model_at_dag_build():
     check_config(copy.deepcopy(config), SCHEMA)  # the toy world: random weights allowed
     config["appendix"]["models"]["flux"] = "flux_dev"
     config["analyses"]["generation"]["fidelity_layers"]["flux"] = [0]
-    with pytest.raises(ConfigError, match=r"appendix\.models\.flux = 'flux_dev' is not one.*weights: pretrained"):
+    with pytest.raises(ConfigError, match=r"appendix\.models\.flux = 'flux_dev' is neither.*weights: pretrained"):
         check_config(config, SCHEMA)
     config["analyses"]["generation"]["fidelity"]["weights"] = "pretrained"
     check_config(config, SCHEMA)
@@ -183,7 +183,8 @@ def test_default_toy_dry_run_perturbs_every_layer_and_only_flux_double_stream_bl
 def test_paper_config_dry_run_lists_every_generation_job_for_the_real_models(tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(REPO / "configs", workdir / "configs")
-    dry_run = snakemake(workdir, "-n", *TARGETS, "--configfile", "config.yaml", "configs/paper.yaml")
+    paper_targets = [target.replace("/toy/", "/paper/") for target in TARGETS]  # the paper config's namespace
+    dry_run = snakemake(workdir, "-n", *paper_targets, "--configfile", "config.yaml", "configs/paper.yaml")
     counts = job_counts(dry_run)
     # SD3: 25 fidelity runs (unperturbed + 24 layers) + 25 Fig. 18 + 25 Fig. 19; SD3.5: 25; Flux: 1 + 19 double.
     assert counts["generate_run"] == 3 * 25 + 25 + 20
@@ -198,16 +199,11 @@ def test_paper_config_dry_run_lists_every_generation_job_for_the_real_models(tmp
 
 
 @pytest.fixture(scope="module")
-def generation_run(tmp_path_factory) -> Path:
-    """The generation targets on the toy world scaled down: 2 prompts, 1 seed, one perturbed layer per figure."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("generation_run"))
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["analyses"]["generation"].update(
-        n_prompts=2, seeds=[3], fidelity_layers={"sd3": [0], "sd35": [1], "flux": [1]}, grid_layers=[0]
-    )
-    write_config(workdir, config)
-    snakemake(workdir, *TARGETS)
-    return workdir
+def generation_run(toy_run) -> Path:
+    """The generation targets of the shared toy run (tests/conftest.py): 2 prompts, 1 seed, one perturbed layer
+    per fidelity figure."""
+    assert all((toy_run / target).is_file() for target in TARGETS)
+    return toy_run
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_a_cell_beyond_the_tolerance_fails_naming_table_row_and_column(tmp_path)
     assert [(c.file, c.item) for c in failing] == [(name, "row 4 (model=toy_sd3, dataset=toy_shapes, layer=3), mACC")]
     result = compare_outputs(committed, fresh)
     assert result.returncode == 1
-    assert result.stdout.startswith(f"FAIL: 1 of ") and "layer=3), mACC" in result.stdout
+    assert result.stdout.startswith("FAIL: 1 of ") and "layer=3), mACC" in result.stdout
 
 
 def test_a_table_missing_from_either_side_and_a_changed_integer_fail(tmp_path):

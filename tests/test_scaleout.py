@@ -92,8 +92,14 @@ def test_model_downloads_are_jobs_before_the_forward_passes_and_shards_follow_se
                         "--configfile", "config.yaml", "configs/paper.yaml")
     counts = job_counts(dry_run)
     assert counts["download_model"] == 1 and counts["extract_attention_shard"] == 3
-    shard_inputs = re.findall(r"rule extract_attention_shard:\n\s+input: (.+)", dry_run.stdout)
-    assert len(shard_inputs) == 3 and all("results/model_downloads/sd3_medium.json" in i for i in shard_inputs)
+    # Every shard job waits for the model's download job: edges of the job graph.
+    dag = snakemake(workdir, target, "--dag", "dot", "--set-scatter", "extraction=3",
+                    "--configfile", "config.yaml", "configs/paper.yaml").stdout
+    rules = {node: label for node, label in re.findall(r'^\s*(\d+)\[label = "(\w+)', dag, flags=re.MULTILINE)}
+    edges = re.findall(r"^\s*(\d+) -> (\d+)$", dag, flags=re.MULTILINE)
+    shards = {node for node, rule in rules.items() if rule == "extract_attention_shard"}
+    after_download = {child for parent, child in edges if rules[parent] == "download_model"}
+    assert len(shards) == 3 and shards <= after_download
     assert "extract-attention" not in (workdir / "workflow/rules/models.smk").read_text()
 
 

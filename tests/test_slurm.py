@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_workflow import REPO, copy_workflow, edit_config, snakemake
+from test_workflow import copy_workflow, edit_config, snakemake
 
 SETUP_STATUS = Path(os.environ.get("SLURM_SETUP_STATUS", "/tmp/seg4diff_slurm_setup.txt"))
 TARGET = "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv"

@@ -63,14 +63,6 @@ def edit_config(workdir: Path, section: str, **values) -> None:
     write_config(workdir, config)
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory) -> Path:
-    """The default pipeline on a small toy world, run once for the tests of this module."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("toy_run"))
-    snakemake(workdir)
-    return workdir
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy_sd3", "toy_sd3_random"])
 def test_default_run_leaves_table_and_figure(toy_run, model):

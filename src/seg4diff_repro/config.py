@@ -64,12 +64,6 @@ def _explain(error: jsonschema.ValidationError, schema: dict) -> str:
     return f"{where}: {error.message}"
 
 
-def looks_like_local_path(source: str) -> bool:
-    """Whether a model `source` is a folder rather than a Hugging Face id (owner/name)."""
-    source = str(source)
-    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).exists()
-
-
 def load_schema(schema_path: str | Path) -> dict:
     return yaml.safe_load(Path(schema_path).read_text())
 

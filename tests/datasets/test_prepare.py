@@ -200,7 +200,7 @@ def test_archive_changed_after_download_is_removed(server, tmp_path):
 
 
 def test_archive_with_dotdot_member_is_refused(server, tmp_path):
-    good = {f"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n"}
+    good = {"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n"}
     evil = tar_bytes({**good, "VOCdevkit/VOC2012/../../../evil.sh": b"echo pwned"})
     checksums = fetch(server, tmp_path, "voc21", {"VOCtrainval_11-May-2012.tar": evil})
     with pytest.raises(UnsafeArchiveError, match=r"VOCtrainval_11-May-2012\.tar: member 'VOCdevkit/VOC2012/\.\..*contains '\.\.'"):

@@ -54,7 +54,7 @@ def rerun_verdict(checks: list[Check]) -> str:
 
 def rerun_markdown(committed: Path, fresh: Path, checks: list[Check]) -> str:
     """The verdict, then each failing cell, then each table with its largest difference."""
-    lines = [f"# Fresh run against committed outputs\n", f"**{rerun_verdict(checks)}**\n",
+    lines = ["# Fresh run against committed outputs\n", f"**{rerun_verdict(checks)}**\n",
              f"Committed: `{committed}`; fresh: `{fresh}`.\n"]
     failures = [check for check in checks if not check.passed]
     if failures:

@@ -1,0 +1,28 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_workflow import copy_workflow, snakemake, write_config
+
+# The toy world's generation analyses scaled down for the shared run: 2 prompts, 1 seed, one perturbed layer per
+# fidelity figure and one grid layer (the default perturbs every layer: 31 generation jobs instead of 9).
+TEST_GENERATION = {"n_prompts": 2, "seeds": [3], "fidelity_layers": {"sd3": [0], "sd35": [1], "flux": [1]},
+                   "grid_layers": [0]}
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory) -> Path:
+    """The whole default DAG (`snakemake` with no target) on a small toy world, run once for every module that
+    checks its outputs: 6 validation images, and the generation analyses of TEST_GENERATION. Tests that change
+    its config put it back; a test that breaks something works on a copy."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("toy_run"))
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["analyses"]["generation"].update(TEST_GENERATION)
+    write_config(workdir, config)
+    snakemake(workdir)
+    return workdir
