@@ -57,25 +57,26 @@ def parse_apps(path: Path) -> dict[float, Counter]:
     return samples
 
 
-def parse_busy(path: Path) -> list[tuple[float, set[int]]]:
-    """The GPUs holding a job's memory at each sampling round (rounds of one row per GPU, in order)."""
+def parse_busy(path: Path) -> tuple[list[tuple[float, set[int]]], int]:
+    """The GPUs holding a job's memory at each sampling round (rounds of one row per GPU, in order), and the
+    number of GPUs sampled."""
     rounds: list[tuple[float, set[int]]] = []
+    gpus = 0
     with path.open() as handle:
         for row in csv.DictReader(handle, skipinitialspace=True):
             index, used = int(row["index"]), int(row["memory.used [MiB]"].split()[0])
+            gpus = max(gpus, index + 1)
             if index == 0:
                 rounds.append((day_seconds(row["timestamp"]), set()))
             if rounds and used > BUSY_MIB:
                 rounds[-1][1].add(index)
-    return rounds
+    return rounds, gpus
 
 
 def summarise(folder: Path) -> str:
     runs = parse_log(folder / "snakemake.log")
     apps = parse_apps(folder / "apps.csv")
-    busy = parse_busy(folder / "nvidia_smi.csv")
-    gpus = 1 + max(index for row in csv.DictReader((folder / "nvidia_smi.csv").open(), skipinitialspace=True)
-                   for index in [int(row["index"])])
+    busy, gpus = parse_busy(folder / "nvidia_smi.csv")
     lines = ["| run | wall s | forward-pass jobs per GPU | s with a GPU busy | s with every GPU busy at once "
              "| most processes on one GPU |", "|---|---:|---|---:|---:|---:|"]
     for name, run in runs.items():
