@@ -90,15 +90,6 @@ def load_pipeline(
 ):
     """``pipeline_class.from_pretrained`` from a Hugging Face id (at ``revision``, a commit, if given) or a local
     folder, with errors that say what to do."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     source = str(source)
     if revision is not None and looks_like_local_path(source):
         raise ModelLoadError(
@@ -127,57 +118,64 @@ def load_pipeline(
                 components["revision"] = revision
             return pipeline_class.from_pretrained(source, torch_dtype=dtype, **components)
     except OSError as error:
-        # diffusers catches the hub's error on its metadata call, retries from the local cache and then
-        # raises a plain OSError "from" the hub error, so look through the whole chain.
-        chain = _error_chain(error)
-
-        def find(kind):
-            return next((e for e in chain if isinstance(e, kind)), None)
-
-        if (cause := find(RevisionNotFoundError)) is not None:
-            raise ModelLoadError(
-                f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's `revision` to a "
-                f"commit listed at https://huggingface.co/{source}/commits/main (or null for the newest)"
-            ) from cause
-        if (cause := find(GatedRepoError)) is not None:
-            raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
-                                 + HF_LOGIN_HELP.format(repo=source)) from cause
-        if (cause := find(RepositoryNotFoundError)) is not None:
-            # The hub answers 401 "not found" for gated repositories when no token is sent.
-            raise ModelLoadError(f"{source} was not found on the Hugging Face hub or needs a login. "
-                                 + HF_LOGIN_HELP.format(repo=source)) from cause
-        if (cause := find(OfflineModeIsEnabled)) is not None:
-            raise ModelLoadError(
-                f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is "
-                "on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE and connect to the network once to download it, "
-                "set HF_HOME to a cache that has it, or set the model's `source` to a local folder."
-            ) from cause
-        if (cause := find(LocalEntryNotFoundError)) is not None:
-            raise ModelLoadError(
-                f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub could "
-                "not be reached. Connect to the network once (or set HF_HOME to a cache that has it), "
-                "or set the model's `source` to a local folder."
-            ) from error
+        _raise_hub_error(error, source, revision)
         raise
+
+
+def _raise_hub_error(error: OSError, source: str, revision: str | None) -> None:
+    """Raise a ModelLoadError that says what to do, when ``error`` (from fetching ``source``) comes from the hub
+    or the local cache; return otherwise, for the caller to re-raise ``error``."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # diffusers catches the hub's error on its metadata call, retries from the local cache and then
+    # raises a plain OSError "from" the hub error, so look through the whole chain.
+    chain = _error_chain(error)
+
+    def find(kind):
+        return next((e for e in chain if isinstance(e, kind)), None)
+
+    if (cause := find(RevisionNotFoundError)) is not None:
+        raise ModelLoadError(
+            f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's `revision` to a "
+            f"commit listed at https://huggingface.co/{source}/commits/main (or null for the newest)"
+        ) from cause
+    if (cause := find(GatedRepoError)) is not None:
+        raise ModelLoadError(f"{source} is a gated model and this machine has no access. "
+                             + HF_LOGIN_HELP.format(repo=source)) from cause
+    if (cause := find(RepositoryNotFoundError)) is not None:
+        # The hub answers 401 "not found" for gated repositories when no token is sent.
+        raise ModelLoadError(f"{source} was not found on the Hugging Face hub or needs a login. "
+                             + HF_LOGIN_HELP.format(repo=source)) from cause
+    if (cause := find(OfflineModeIsEnabled)) is not None:
+        raise ModelLoadError(
+            f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is "
+            "on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE and connect to the network once to download it, "
+            "set HF_HOME to a cache that has it, or set the model's `source` to a local folder."
+        ) from cause
+    if (cause := find(LocalEntryNotFoundError)) is not None:
+        raise ModelLoadError(
+            f"{source} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub could "
+            "not be reached. Connect to the network once (or set HF_HOME to a cache that has it), "
+            "or set the model's `source` to a local folder."
+        ) from error
 
 
 def download_pipeline(pipeline_class, source: str, revision: str | None = None, **components) -> Path:
     """Fetch the files ``load_pipeline`` would read into the local Hugging Face cache, loading nothing (the
     components passed as None, e.g. SD3's T5, are skipped); return the snapshot folder."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     if revision is not None:
         components["revision"] = revision
     try:
         return Path(pipeline_class.download(source, **components))
     except OSError as error:
-        chain = _error_chain(error)
-        if any(isinstance(e, RevisionNotFoundError) for e in chain):
-            raise ModelLoadError(f"{source} has no revision {revision!r} on the Hugging Face hub: set the model's "
-                                 f"`revision` to a commit listed at https://huggingface.co/{source}/commits/main") from error
-        if any(isinstance(e, (GatedRepoError, RepositoryNotFoundError)) for e in chain):
-            raise ModelLoadError(f"{source} is gated, needs a login or does not exist on the Hugging Face hub. "
-                                 + HF_LOGIN_HELP.format(repo=source)) from error
+        _raise_hub_error(error, source, revision)
         raise
 
 
