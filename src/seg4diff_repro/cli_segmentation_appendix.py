@@ -120,7 +120,7 @@ def _segmentation_step(scores_row) -> str:
 
 
 def _overlays(args: argparse.Namespace) -> None:
-    from seg4diff_repro.attention.extract import load_manifest
+    from seg4diff_repro.attention.cache import load_manifest
     from seg4diff_repro.figures import step_label
     from seg4diff_repro.figures.segmentation_appendix import drawn_colours, plot_overlays, view_palette
     from seg4diff_repro.segmentation.overlays import overlay_rows

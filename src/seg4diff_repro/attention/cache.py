@@ -132,3 +132,15 @@ def cached_key(folder: Path, image_id: str) -> str | None:
 
 def settings_key(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True)
+
+
+def load_manifest(path: Path) -> dict:
+    """An extraction manifest; one written in another cache format is refused (its keys and spans differ)."""
+    manifest = json.loads(Path(path).read_text())
+    found = manifest.get("settings", {}).get("cache_format")
+    if found != CACHE_FORMAT:
+        raise ValueError(
+            f"{path} was written in attention-cache format {found}, but this version reads format {CACHE_FORMAT}: "
+            "re-run its extraction rule"
+        )
+    return manifest

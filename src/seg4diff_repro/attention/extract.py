@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -557,13 +556,3 @@ def _extract_prepared_batch(adapter, batch: dict, class_names, settings, plans: 
             writer.submit(plan.cache.out_dir, entry, ready)
 
 
-def load_manifest(path: Path) -> dict:
-    """An extraction manifest; one written in another cache format is refused (its keys and spans differ)."""
-    manifest = json.loads(Path(path).read_text())
-    found = manifest.get("settings", {}).get("cache_format")
-    if found != CACHE_FORMAT:
-        raise ValueError(
-            f"{path} was written in attention-cache format {found}, but this version reads format {CACHE_FORMAT}: "
-            "re-run its extraction rule"
-        )
-    return manifest

@@ -1,17 +1,26 @@
-"""Backbone adapters (one per model family) and the builders of the tiny offline pipelines."""
+"""Backbone adapters (one per model family) and the builders of the tiny offline pipelines.
 
-from seg4diff_repro.models.clip_tokenizer import build_sd3_tokenizers, write_clip_tokenizer_files
-from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline, write_tiny_sd3_pipeline
+The builders are imported on first use: light modules of this package (image preprocessing) are read by
+scoring, table and figure jobs, which should not pay for importing diffusers (about 10 s on a small CPU).
+"""
 
-__all__ = [
-    "download_model",
-    "load_adapter",
-    "TinySD3Config",
-    "build_sd3_tokenizers",
-    "build_tiny_sd3_pipeline",
-    "write_clip_tokenizer_files",
-    "write_tiny_sd3_pipeline",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "TinySD3Config": "seg4diff_repro.models.tiny",
+    "build_tiny_sd3_pipeline": "seg4diff_repro.models.tiny",
+    "write_tiny_sd3_pipeline": "seg4diff_repro.models.tiny",
+    "build_sd3_tokenizers": "seg4diff_repro.models.clip_tokenizer",
+    "write_clip_tokenizer_files": "seg4diff_repro.models.clip_tokenizer",
+}
+
+__all__ = ["download_model", "load_adapter", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
 
 
 def load_adapter(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from seg4diff_repro.attention.cache import read_cached_image
-from seg4diff_repro.attention.extract import load_manifest
+from seg4diff_repro.attention.cache import load_manifest
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.models.preprocess import crop_to_box
 from seg4diff_repro.segmentation.maps import class_score_maps, predict_labels

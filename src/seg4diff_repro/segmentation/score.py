@@ -13,7 +13,7 @@ from PIL import Image
 
 from seg4diff_repro.provenance import code_fingerprint, provenance, provenance_label
 from seg4diff_repro.attention.cache import read_cached_image, settings_key
-from seg4diff_repro.attention.extract import load_manifest
+from seg4diff_repro.attention.cache import load_manifest
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.models.preprocess import crop_to_box, resized_shape
 from seg4diff_repro.segmentation.maps import class_score_maps, predict_labels
