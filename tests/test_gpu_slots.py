@@ -35,8 +35,8 @@ def no_claim_left():
     release_gpu()
 
 
-def holder(device: str, lock_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def holder(device: str, lock_dir: Path, **extra_env: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **extra_env}
     env.pop("SLURM_JOB_ID", None)
     return subprocess.Popen([sys.executable, "-c", HOLDER, device, str(lock_dir)], env=env, stdout=subprocess.PIPE,
                             text=True)
@@ -74,6 +74,26 @@ def test_two_jobs_get_two_gpus_and_a_third_waits_until_a_killed_one_frees_its_gp
         for process in processes:
             process.kill()
             process.wait()
+
+
+def test_jobs_per_gpu_fills_every_gpu_once_before_sharing_and_then_waits(tmp_path):
+    processes = []
+    try:
+        for expected in ["cuda 0", "cuda 1", "cuda 0", "cuda 1"]:
+            processes.append(holder("cuda", tmp_path, SEG4DIFF_JOBS_PER_GPU="2"))
+            assert first_line(processes[-1]) == expected
+        processes.append(holder("cuda", tmp_path, SEG4DIFF_JOBS_PER_GPU="2"))
+        assert first_line(processes[-1], timeout=3) == ""  # two jobs on each GPU: the fifth waits
+        processes[2].send_signal(signal.SIGKILL)  # GPU 0's second slot frees
+        processes[2].wait()
+        assert first_line(processes[-1]) == "cuda 0"
+        assert json.loads((tmp_path / "gpu0.slot1.lock").read_text())["pid"] == processes[-1].pid
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    with pytest.raises(ValueError, match="SEG4DIFF_JOBS_PER_GPU='0'"):
+        claim_gpu("cuda", environ={"SEG4DIFF_JOBS_PER_GPU": "0"}, lock_dir=tmp_path, gpus=["0"])
 
 
 def test_an_explicit_index_waits_for_that_gpu(tmp_path):

@@ -9,6 +9,10 @@ it ends (exit, exception, ``kill -9``), so a failed or killed job never leaves a
 GPU is taken the job waits for one, so that two jobs never share a GPU even when more GPU jobs run
 than there are GPUs (``--resources gpu`` above the GPU count, or no ``--resources`` at all).
 
+A GPU with room for several jobs (a small model on a large GPU, where each job spends most of its time
+loading and importing rather than computing) can take ``$SEG4DIFF_JOBS_PER_GPU`` jobs at once: each GPU
+then has that many slots, and every GPU's first slot is taken before any GPU's second.
+
 Under SLURM the scheduler has already given the job its GPUs (``CUDA_VISIBLE_DEVICES`` set in a job
 that has ``SLURM_JOB_ID``); nothing is claimed then. ``SEG4DIFF_GPU_SLOTS=off`` turns claiming off.
 """
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LOCK_DIR_VARIABLE = "SEG4DIFF_GPU_LOCK_DIR"
 SWITCH_VARIABLE = "SEG4DIFF_GPU_SLOTS"
+JOBS_PER_GPU_VARIABLE = "SEG4DIFF_JOBS_PER_GPU"
 
 # The lock of the GPU this process holds: open for as long as the process lives.
 _held: IO[str] | None = None
@@ -58,8 +63,17 @@ def visible_gpus(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     return [line.strip() for line in listed.splitlines() if line.strip()]
 
 
-def _lock_name(gpu: str) -> str:
-    return "gpu" + "".join(c if c.isalnum() or c in "-_" else "_" for c in gpu) + ".lock"
+def jobs_per_gpu(environ: MutableMapping[str, str] = os.environ) -> int:
+    """``$SEG4DIFF_JOBS_PER_GPU`` (default 1): how many jobs may share one GPU."""
+    value = environ.get(JOBS_PER_GPU_VARIABLE, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{JOBS_PER_GPU_VARIABLE}={value!r}: give a whole number of jobs per GPU, 1 or more")
+    return int(value)
+
+
+def _lock_name(gpu: str, slot: int = 0) -> str:
+    name = "gpu" + "".join(c if c.isalnum() or c in "-_" else "_" for c in gpu)
+    return name + (f".slot{slot}" if slot else "") + ".lock"
 
 
 def _try_lock(path: Path) -> IO[str] | None:
@@ -114,18 +128,20 @@ def claim_gpu(
         candidates = [gpus[int(index)]]
     else:
         candidates = gpus
+    slots = [(gpu, slot) for slot in range(jobs_per_gpu(environ)) for gpu in candidates]
     lock_dir = default_lock_dir(environ) if lock_dir is None else Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     waiting_logged = False
     while True:
-        for gpu in candidates:
-            handle = _try_lock(lock_dir / _lock_name(gpu))
+        for gpu, slot in slots:
+            lock = lock_dir / _lock_name(gpu, slot)
+            handle = _try_lock(lock)
             if handle is None:
                 continue
             waited = time.monotonic() - started
             _held = handle
-            _claim = {"gpu": gpu, "lock": str(lock_dir / _lock_name(gpu)), "host": socket.gethostname(),
+            _claim = {"gpu": gpu, "slot": slot, "lock": str(lock), "host": socket.gethostname(),
                       "pid": os.getpid(), "waited_s": round(waited, 3)}
             handle.seek(0)
             handle.truncate()
@@ -133,7 +149,7 @@ def claim_gpu(
             handle.flush()
             environ["CUDA_VISIBLE_DEVICES"] = gpu
             log.info("GPU slot: GPU %s of %s on %s (CUDA_VISIBLE_DEVICES=%s, lock %s, waited %.1f s)",
-                     gpu, ",".join(gpus), _claim["host"], gpu, _claim["lock"], waited)
+                     gpu, ",".join(gpus), _claim["host"], gpu, lock, waited)
             return "cuda"
         if not waiting_logged:
             log.info("GPU slot: every GPU of %s is taken (%s); waiting for one", ",".join(candidates), lock_dir)
