@@ -72,9 +72,16 @@ measure() {
 
 rehearse() {
     local budget=$(( $(left) - ${MEASURE_RESERVE:-0} - 40 ))
-    echo "snakemake budget ${budget} s" > "$OUT/snakemake.log"
-    timeout -k 20 "$budget" python3 -m snakemake all --cores "$(nproc)" --resources gpu=2 --scheduler greedy \
-        --configfile config.yaml configs/paper.yaml configs/rehearsal.yaml >> "$OUT/snakemake.log" 2>&1
+    # The rehearsal's jobs spend most of their time importing and loading, little computing: several share the
+    # GPU (GPU slots, SEG4DIFF_JOBS_PER_GPU), and each job's CPU threads are few so that 16 jobs fit 16 cores.
+    local per_gpu=${JOBS_PER_GPU:-3} gpus
+    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+    echo "snakemake budget ${budget} s, ${gpus} GPU(s) x ${per_gpu} jobs" > "$OUT/snakemake.log"
+    local args=(all --cores "$(nproc)" --resources gpu=$((gpus * per_gpu)) --scheduler greedy
+                --configfile config.yaml configs/paper.yaml configs/rehearsal.yaml)
+    python3 -m snakemake "${args[@]}" --unlock >> "$OUT/snakemake.log" 2>&1  # a previous call's deadline kill
+    SEG4DIFF_JOBS_PER_GPU=$per_gpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout -k 20 "$budget" \
+        python3 -m snakemake "${args[@]}" >> "$OUT/snakemake.log" 2>&1
     echo "snakemake exit $? at $(( $(date +%s) - START )) s" >> "$OUT/snakemake.log"
     tar czf "$OUT/rehearsal.tgz" results/benchmarks logs paper_tables figures 2>/dev/null
 }
