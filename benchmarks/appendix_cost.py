@@ -26,7 +26,6 @@ import gc
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -248,17 +247,23 @@ GROUPS = {
 
 
 def dry_run_jobs(config_files: list[str]) -> list[dict]:
-    """Every job of the config's DAG, as {rule, wildcards}, from Snakemake's dry run (``--forceall``)."""
-    command = [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1", "--configfile", *config_files]
-    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
-    jobs, current = [], None
-    for line in out.splitlines():
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            current = {"rule": match.group(1), "wildcards": {}}
-            jobs.append(current)
-        elif current is not None and (match := re.match(r"^\s+wildcards: (.*)$", line)):
-            current["wildcards"] = dict(part.split("=", 1) for part in match.group(1).split(", "))
-    return jobs
+    """Every job of the config's DAG (``--forceall``), as {rule, wildcards}, from Snakemake's own DAG.
+
+    Built through Snakemake's API rather than read from a dry run's text: a rule with a ``message:`` prints the
+    message instead of its rule name and wildcards there. The DAG object is internal to Snakemake (pinned in
+    constraints/ci.txt), hence the private names."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow_api = api.workflow(
+            snakefile=REPO / "Snakefile", workdir=REPO, resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=[REPO / name for name in config_files]),
+        )
+        workflow = workflow_api.dag(dag_settings=DAGSettings(forceall=True)).workflow_api._workflow
+        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
+        workflow._build_dag()
+        return [{"rule": job.rule.name, "wildcards": dict(job.wildcards)} for job in workflow.dag.jobs]
 
 
 def _config(config_files: list[str]) -> dict:
@@ -394,7 +399,7 @@ def bill(args: argparse.Namespace) -> None:
     total_h = sum(gpu_s.values()) / 3600
     total_gb = sum(disk.values()) / 1e9
     print(f"Paper config ({' + '.join(args.configfile)}), rates measured on {rates['device']} "
-          f"({rates['dtype']}, random weights at the released sizes); job list from Snakemake's dry run.")
+          f"({rates['dtype']}, random weights at the released sizes); job list from Snakemake's DAG (--forceall).")
     print("| target group | jobs | GPU-hours | disk, GB |")
     print("|---|---:|---:|---:|")
     for group in dict.fromkeys(GROUPS.values()):
