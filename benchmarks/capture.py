@@ -1,7 +1,7 @@
 """Cost of attention capture at the real model sizes (random weights, bf16, 1024²).
 
 Prints a Markdown table: time and extra peak memory of a plain forward, of `AttentionRecorder` at one
-layer / all joint layers (head mean and per head), and of the official code's naive method (full
+layer / all joint layers (head mean from the fused Triton kernel and from torch ops, and per head), and of the official code's naive method (full
 softmaxed joint matrix per head, then sliced), each as a ratio to the plain forward and to the naive
 method at the same layers. Variants are timed in interleaved rounds (so clock or allocator drift hits
 all alike) at batch 1, where a diffusers forward is partly bound by Python's kernel launches, and at
@@ -167,6 +167,8 @@ def run(name: str, batch: int, rounds: int) -> list[dict]:
         f"stock attention through our processors, all {n_layers} layers": lambda: HookSwap(model, None, AttentionHooks()),
         f"I2T head-mean, layer {spec['layer']}": lambda: AttentionRecorder(model, one, heads="mean"),
         f"I2T head-mean, all {n_layers} joint layers": lambda: AttentionRecorder(model, None, heads="mean"),
+        f"I2T head-mean, all {n_layers} joint layers, torch ops (not fused)":
+            lambda: AttentionRecorder(model, None, heads="mean", fused=False),
         f"I2T per head, all {n_layers} joint layers": lambda: AttentionRecorder(model, None, heads=None),
         f"naive full matrix, layer {spec['layer']}": lambda: NaiveFullMatrix(model, one),
         f"naive full matrix, all {n_layers} joint layers": lambda: NaiveFullMatrix(model, None),

@@ -280,3 +280,64 @@ def test_tiny_sd35_pipeline_roundtrip_and_exact_maps(tmp_path):
         i2t_ref, t2i_ref = reference_maps(projections(transformer, layer, model_inputs))
         torch.testing.assert_close(rec.i2t[layer].double(), i2t_ref, rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(rec.t2i[layer].double(), t2i_ref, rtol=1e-5, atol=1e-9)
+
+
+FUSED_KERNEL_CHECK = """
+import json, torch
+from seg4diff_repro.attention.fused import head_mean_map
+torch.manual_seed(0)
+batch, heads, tokens, head_dim = 2, 3, 100, 16
+# [B, N, H, D] transposed to [B, H, N, D], as the attention processors hand q and k over: not contiguous.
+query = torch.randn(batch, tokens, heads, head_dim).to(torch.float16).transpose(1, 2)
+key = torch.randn(batch, tokens, heads, head_dim).to(torch.float16).transpose(1, 2)
+scale = head_dim ** -0.5
+q64, k64 = query.double(), key.double()
+lse = torch.logsumexp(q64 @ k64.transpose(-1, -2) * scale, dim=-1)
+errors = []
+for rows, columns in ((slice(20, 100), slice(0, 20)), (slice(0, 20), slice(20, 100))):
+    fused = head_mean_map(query, key, lse.float(), rows, columns, scale)
+    reference = torch.exp(q64[:, :, rows] @ k64[:, :, columns].transpose(-1, -2) * scale - lse[:, :, rows, None])
+    errors.append([list(fused.shape), (fused.double() - reference.mean(1, keepdim=True)).abs().max().item()])
+print(json.dumps(errors))
+"""
+
+
+def test_fused_head_mean_kernel_equals_a_float64_recomputation_in_tritons_interpreter():
+    """The Triton kernel's arithmetic, run by Triton's CPU interpreter (float16: numpy has no bfloat16)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="this torch build ships no Triton (the recorder then uses torch ops)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", FUSED_KERNEL_CHECK], env=env, capture_output=True, text=True,
+                            check=True)
+    (shape_i2t, error_i2t), (shape_t2i, error_t2i) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert shape_i2t == [2, 1, 80, 20] and shape_t2i == [2, 1, 20, 80]
+    assert error_i2t < 1e-6 and error_t2i < 1e-6  # float32 accumulation of exact half-precision products
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
+def test_fused_head_mean_maps_on_gpu_equal_the_torch_path_and_outputs_stay_bit_identical():
+    from seg4diff_repro.attention.fused import fused_head_mean_supported
+
+    transformer = tiny_transformer().cuda().to(torch.bfloat16)
+    model_inputs = {k: v.cuda().to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                    for k, v in inputs().items()}
+    model_inputs["timestep"] = model_inputs["timestep"].cuda()
+    assert fused_head_mean_supported(torch.zeros(1, 1, 1, 16, device="cuda", dtype=torch.bfloat16))
+    stock = block_outputs(transformer, model_inputs)
+    maps = {}
+    for fused in (True, False):
+        with AttentionRecorder(transformer, record=("i2t", "t2i"), heads="mean", fused=fused) as rec:
+            recorded = block_outputs(transformer, model_inputs)
+        maps[fused] = (rec.i2t, rec.t2i)
+        for expected, actual in zip(stock, recorded):
+            for e, a in zip(expected if isinstance(expected, tuple) else (expected,),
+                            actual if isinstance(actual, tuple) else (actual,)):
+                assert (e is None and a is None) or torch.equal(e, a)
+    for fused_maps, torch_maps in zip(maps[True], maps[False]):
+        assert fused_maps.keys() == torch_maps.keys()
+        for layer in fused_maps:
+            torch.testing.assert_close(fused_maps[layer], torch_maps[layer], rtol=1e-4, atol=1e-6)

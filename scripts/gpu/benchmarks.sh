@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 models=${CAPTURE_MODELS:-sd3 sd35 flux}
-python3 benchmarks/capture.py --models $models --out "$OUT/capture.json" 2>&1 | tee "$OUT/capture.log"
+python3 benchmarks/capture.py --models $models --rounds "${CAPTURE_ROUNDS:-15}" --out "$OUT/capture.json" 2>&1 | tee "$OUT/capture.log"
 if [ "${RUN_EXTRACTION:-1}" = 1 ]; then
     python3 benchmarks/extraction.py --images "${EXTRACTION_IMAGES:-48}" --out "$OUT/extraction.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/extraction.log"
 fi

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from seg4diff_repro.attention.backends import backend_for
+from seg4diff_repro.attention.fused import fused_head_mean_supported, head_mean_map
 from seg4diff_repro.attention.joint import AttentionHooks, JointLayout, attention_with_lse, chunked_lse
 
 RECORDABLE = ("i2t", "t2i", "logits", "value_norms", "qkv")
@@ -84,7 +85,8 @@ class AttentionRecorder(HookSwap, AttentionHooks):
     ``heads="mean"`` averages the maps over heads (the axis is kept with size 1); ``None`` keeps
     every head. ``text_tokens`` keeps only the first n text positions (77 for SD3's CLIP tokens).
     Only the requested slices are computed: the row log-sum-exp over all keys comes from the same
-    attention kernel as the block output, so the full joint matrix is never formed.
+    attention kernel as the block output, so the full joint matrix is never formed. Head-mean maps of
+    half-precision models on a GPU come from one fused Triton kernel (``fused=False``: torch ops).
 
     Each forward pass overwrites the previous one's values. A request that would not fit in
     ``max_bytes`` (default: 80% of the free memory of the device) fails before the forward pass.
@@ -99,6 +101,7 @@ class AttentionRecorder(HookSwap, AttentionHooks):
         heads: HeadReduction = None,
         text_tokens: int | None = None,
         max_bytes: int | None = None,
+        fused: bool = True,
     ):
         unknown = sorted(set(record) - set(RECORDABLE))
         if unknown:
@@ -110,6 +113,7 @@ class AttentionRecorder(HookSwap, AttentionHooks):
         self.heads = heads
         self.text_tokens = text_tokens
         self.max_bytes = max_bytes
+        self.fused = fused
         self.prompt_mask: torch.Tensor | None = None
         self.i2t: dict[int, torch.Tensor] = {}
         self.t2i: dict[int, torch.Tensor] = {}
@@ -164,6 +168,9 @@ class AttentionRecorder(HookSwap, AttentionHooks):
             ("t2i", text, image, self.t2i, self.logits_t2i),
         ):
             if direction not in self.record and "logits" not in self.record:
+                continue
+            if "logits" not in self.record and self.heads == "mean" and self.fused and fused_head_mean_supported(query):
+                maps[layer] = head_mean_map(query, key, lse, rows, columns, scale)
                 continue
             scores = query[:, :, rows].float() @ key[:, :, columns].float().transpose(-1, -2) * scale
             if direction in self.record:
