@@ -44,8 +44,8 @@ if triton is not None:
         k_stride_b, k_stride_h, k_stride_n, k_stride_d,
         lse_stride_b, lse_stride_h, lse_stride_n,
         out_stride_b, out_stride_r, out_stride_c,
-        row_start, column_start, n_rows, n_columns, n_heads, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        row_start, column_start, n_rows, n_columns, scale,
+        N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         block_r, block_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = block_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -57,14 +57,14 @@ if triton is not None:
                      + dims[None, :] * k_stride_d)
         lse_rows = lse_ptr + batch * lse_stride_b + (row_start + rows) * lse_stride_n
         total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for head in range(0, n_heads):
+        for head in range(N_HEADS):  # a compile-time count: one kernel per model
             q = tl.load(q_rows + head * q_stride_h, mask=row_ok[:, None], other=0.0)
             k = tl.load(k_columns + head * k_stride_h, mask=column_ok[:, None], other=0.0)
             lse = tl.load(lse_rows + head * lse_stride_h, mask=row_ok, other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scale
             total += tl.exp(scores - lse[:, None])
         out = out_ptr + batch * out_stride_b + rows[:, None] * out_stride_r + columns[None, :] * out_stride_c
-        tl.store(out, total / n_heads, mask=row_ok[:, None] & column_ok[None, :])
+        tl.store(out, total / N_HEADS, mask=row_ok[:, None] & column_ok[None, :])
 
 
 def head_mean_map(
@@ -85,7 +85,7 @@ def head_mean_map(
         query, key, lse, out,
         *query.stride(), *key.stride(), *lse.stride(),
         out.stride(0), out.stride(2), out.stride(3),
-        row_start, column_start, n_rows, n_columns, heads, scale,
-        HEAD_DIM=head_dim, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS,
+        row_start, column_start, n_rows, n_columns, scale,
+        N_HEADS=heads, HEAD_DIM=head_dim, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLUMNS,
     )
     return out
