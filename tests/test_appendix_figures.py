@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from seg4diff_repro.cli import main
 from seg4diff_repro.datasets.toy_shapes import TOY_CLASS_NAMES, TOY_CLASSES, generate_toy_shapes
@@ -82,23 +83,87 @@ def test_fig01_figure_draws_each_prompt_whole_and_inside_the_page():
     assert max(t.get_window_extent(renderer).x1 for t in left) < right_x0
 
 
+def panel_inputs(tmp_path: Path, kind: str) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Two panels' tables (VOC20's and COCO-Object's stand-ins) and their raw scores' settings, which differ the
+    way the official protocol makes them differ: background dropped for VOC20, ignored for COCO-Object."""
+    provenance = {
+        "VOC20": {"model": "toy_sd3", "dataset": "toy_shapes", "layer": 0, "mIoU": 70.0, "prompt": "oracle",
+                  "background": "drop", "resize": "stretch", "attention": "post-softmax, head mean", "seed": 0,
+                  "images": 6, "code_version": "0.1.0, code aaaaaaaaaaaaaaaa, commit 1111111111"},
+        "COCO-Object": {"model": "toy_sd3", "dataset": "toy_shapes_object", "layer": 0, "mIoU": 60.0,
+                        "prompt": "oracle", "background": "ignore", "resize": "stretch",
+                        "attention": "post-softmax, head mean", "seed": 0, "images": 5,
+                        "code_version": "0.1.0, code bbbbbbbbbbbbbbbb, commit 2222222222"},
+    }
+    arguments = {"--tables": [], "--labels": [], "--provenance": []}
+    for label, settings in provenance.items():
+        if kind == "normalisation":
+            rows = [{"model": "toy_sd3", "dataset": settings["dataset"], "layer": 0, "timestep_k": 8,
+                     "post_softmax": softmax, "min_max": minmax, "pACC": 90.0, "mACC": 80.0, "mIoU": 70.0,
+                     "paper_mIoU": None, "diff_mIoU": None}
+                    for softmax in (False, True) for minmax in (False, True)]
+        else:
+            rows = [{"model": "toy_sd3", "dataset": settings["dataset"], "layer": 0, "timestep_k": k, "sigma": k / 28,
+                     "pACC": 90.0, "mACC": 80.0, "mIoU": 70.0 + k, "paper_mIoU": None, "best_k": 8,
+                     "paper_best_k": 8} for k in (4, 8)]
+        stem = f"{kind}_{settings['dataset']}"
+        pd.DataFrame(rows).to_csv(tmp_path / f"{stem}.csv", index=False)
+        pd.DataFrame([settings]).to_csv(tmp_path / f"{stem}_scores.csv", index=False)
+        arguments["--tables"].append(str(tmp_path / f"{stem}.csv"))
+        arguments["--labels"].append(label)
+        arguments["--provenance"].append(str(tmp_path / f"{stem}_scores.csv"))
+    return arguments, provenance
+
+
+def flags(arguments: dict[str, list[str]]) -> list[str]:
+    return [arg for flag, values in arguments.items() for arg in (flag, *values)]
+
+
 def test_tab01_header_describes_every_row_not_only_the_post_softmax_one(tmp_path):
-    rows = [{"model": "toy_sd3", "dataset": "toy_shapes", "layer": 0, "timestep_k": 8, "post_softmax": softmax,
-             "min_max": minmax, "pACC": 90.0, "mACC": 80.0, "mIoU": 70.0, "paper_mIoU": None, "diff_mIoU": None}
-            for softmax in (False, True) for minmax in (False, True)]
-    pd.DataFrame(rows).to_csv(tmp_path / "variants.csv", index=False)
-    provenance = {"model": "toy_sd3", "dataset": "toy_shapes", "layer": 0, "mIoU": 70.0, "prompt": "oracle",
-                  "resize": "stretch", "attention": "post-softmax, head mean", "seed": 0, "images": 6}
-    pd.DataFrame([provenance]).to_csv(tmp_path / "provenance.csv", index=False)
+    arguments, _ = panel_inputs(tmp_path, "normalisation")
     outputs = figure_outputs(tmp_path, "tab01", table=True)
     del outputs["png"], outputs["pdf"]
-    main(["normalisation-panels", "--tables", str(tmp_path / "variants.csv"), "--labels", "VOC20",
-          "--provenance", str(tmp_path / "provenance.csv"), "--title", "Appendix Table 1", *as_arguments(outputs)])
+    main(["normalisation-panels", *flags(arguments), "--title", "Appendix Table 1", *as_arguments(outputs)])
     header, _, body = outputs["markdown"].read_text().partition("| model")
     assert "pre-softmax" in header and "post-softmax" in header  # the note names both, as the rows are
-    settings = header.split("\n")[2]
-    assert settings.startswith("model = toy_sd3") and "softmax" not in settings
-    assert body.count("| False ") >= 2 and body.count("| True ") >= 2
+    settings = [line for line in header.split("\n") if line.startswith("**")]
+    assert len(settings) == 2 and all("model = toy_sd3" in line and "softmax" not in line for line in settings)
+    assert body.count("| False ") >= 4 and body.count("| True ") >= 4
+    assert "attention" not in pd.read_csv(outputs["csv"])  # the rows' own post_softmax and min_max say it
+
+
+def test_panel_tables_tie_each_panels_settings_to_its_own_rows(tmp_path):
+    """Appendix Table 1 and Fig. 2 hold a VOC20 panel (background dropped) and a COCO-Object panel (background
+    ignored): every row carries its own panel's settings, and the Markdown states each panel's on its own line."""
+    for command, kind, figure in (("normalisation-panels", "normalisation", False),
+                                  ("timestep-panels", "timestep", True)):
+        arguments, provenance = panel_inputs(tmp_path, kind)
+        outputs = figure_outputs(tmp_path, kind, table=True)
+        if not figure:
+            del outputs["png"], outputs["pdf"]
+        main([command, *flags(arguments), "--title", "Appendix", *as_arguments(outputs)])
+        table = pd.read_csv(outputs["csv"])
+        assert set(table["panel"]) == set(provenance)
+        markdown = outputs["markdown"].read_text()
+        for label, settings in provenance.items():
+            rows = table[table["panel"] == label]
+            assert (rows["dataset"] == settings["dataset"]).all()
+            for key in ("background", "images", "code_version"):
+                assert rows[key].tolist() == [settings[key]] * len(rows), (command, label, key)
+            line = next(line for line in markdown.splitlines() if line.startswith(f"**{label}**: "))
+            assert f"dataset = {settings['dataset']}," in line and f"background = {settings['background']}," in line
+            assert f"images = {settings['images']}," in line and f"code_version = {settings['code_version']}." in line
+            assert f"| {label} " in markdown  # the rows name their panel as the settings line does
+
+
+def test_panel_settings_that_belong_to_another_dataset_are_refused(tmp_path):
+    arguments, _ = panel_inputs(tmp_path, "normalisation")
+    arguments["--provenance"].reverse()  # COCO-Object's settings for the VOC20 panel and vice versa
+    outputs = figure_outputs(tmp_path, "tab01", table=True)
+    del outputs["png"], outputs["pdf"]
+    with pytest.raises(ValueError, match=r"panel 'VOC20': its rows are dataset \['toy_shapes'\] but its settings come "
+                                         r"from dataset 'toy_shapes_object'"):
+        main(["normalisation-panels", *flags(arguments), "--title", "Appendix Table 1", *as_arguments(outputs)])
 
 
 # --- figures a reviewer reads without squinting ------------------------------------------------------------------

@@ -116,6 +116,15 @@ def test_no_file_refers_to_a_path_outside_the_repository(texts):
     assert not problems, "files that point outside the repository:\n" + "\n".join(problems)
 
 
+def test_no_file_cites_the_outside_method_document_by_name(texts):
+    """The method document a clone has is docs/method.md; citations of the development machine's own method
+    document (by its file name) cannot be resolved by a reader, so they point to docs/method.md instead."""
+    name = "method" + "_spec"  # built at run time, so that this file does not hold the word it looks for
+    citing = sorted(path for path, text in texts.items() if name in text.lower())
+    assert not citing, f"files that cite {name} (a document outside the repository; cite docs/method.md):\n" + (
+        "\n".join(citing))
+
+
 def test_the_outside_path_checks_catch_the_forms_they_target():
     # Built at run time, so that neither this file nor its bytecode holds the paths it looks for.
     folder = "shared"

@@ -40,7 +40,7 @@ def test_every_hub_model_and_pretrained_backbone_is_pinned_to_a_commit():
 
 
 def test_the_real_models_run_in_the_official_codes_dtype():
-    """method_spec A: the official code loads SD3, SD3.5 and FLUX.1-dev in fp16 (Flux: "always fp16 (not bf16)")."""
+    """docs/method.md#models: the official code loads SD3, SD3.5 and FLUX.1-dev in fp16 (Flux: "always fp16 (not bf16)")."""
     models = default_config()["models"]
     assert {name: models[name]["dtype"] for name in ("sd3_medium", "sd35_medium", "flux_dev")} == {
         "sd3_medium": "float16", "sd35_medium": "float16", "flux_dev": "float16"}

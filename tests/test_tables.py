@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
+from seg4diff_repro.cli import main
+from seg4diff_repro.generation.fidelity import score_run
+from seg4diff_repro.provenance import provenance
 from seg4diff_repro.tables.per_layer import per_layer_table
 from seg4diff_repro.tables.sweeps import normalisation_table, timestep_sweep_table, unsupervised_table
-from seg4diff_repro.tables.toy_world import grounding_summary
+from seg4diff_repro.tables.toy_world import grounding_summary, write_grounding_summary
 
 
 def per_layer_scores(model: str, k: int, miou_by_layer: list[float], overflow_images: int = 0) -> pd.DataFrame:
@@ -84,3 +92,79 @@ def test_grounding_summary_applies_the_toy_world_thresholds():
     assert "55.0 >= 20" in summary.loc[0, "checks"]
     weak = grounding_summary(per_layer_scores("toy_sd3", 8, [40.0, 30.0, 35.0]), control)
     assert "5.0 < 20" in weak.loc[0, "checks"]
+
+
+# --- every table records the code that made it: version, code fingerprint, commit and dirty flag -----------------
+
+
+def assert_names_the_code(text: str, stage: str = "package") -> None:
+    """``text`` names the version, the stage's code fingerprint and the commit with its dirty flag, as
+    seg4diff_repro.provenance reports them for this checkout."""
+    record = provenance(stage)
+    assert record["package_version"] in text and record["code_fingerprint"] in text
+    if record["commit"] is None:
+        assert "no git commit" in text
+    else:
+        assert f"commit {record['commit'][:10]}" in text
+        assert ("(dirty)" in text) == record["dirty"]
+
+
+def test_toy_world_summary_records_the_code_that_made_it(tmp_path):
+    trained, control = tmp_path / "trained.csv", tmp_path / "control.csv"
+    per_layer_scores("toy_sd3", 8, [90.0, 30.0, 40.0]).to_csv(trained, index=False)
+    per_layer_scores("toy_sd3_random", 8, [30.0, 35.0, 32.0]).to_csv(control, index=False)
+    write_grounding_summary(trained, control, tmp_path / "summary.csv", tmp_path / "summary.md")
+    table = pd.read_csv(tmp_path / "summary.csv")
+    for code_version in table["code_version"]:
+        assert_names_the_code(code_version)
+    assert_names_the_code((tmp_path / "summary.md").read_text())
+
+
+class StubScorer:
+    """Stands in for the CLIP and DINO backbones: a score that falls with the mean pixel difference."""
+
+    backbones = {"clip_backbone": "stub", "dino_backbone": "stub", "fidelity_weights": "random"}
+
+    def score(self, images, references, prompts):
+        return [{"clip_i": 1.0 - float(np.abs(image.astype(float) - reference).mean()) / 255, "clip_t": 0.3,
+                 "dino": 0.5} for image, reference in zip(images, references)]
+
+
+def write_generation_run(folder: Path, run: str, layer: int | None, shade: int) -> None:
+    """A run folder as generate-run writes it (manifest.json and PNGs): 2 prompts x 1 seed of 8x8 images."""
+    folder.mkdir(parents=True)
+    images = []
+    for index, prompt in enumerate(("A red car.", "A dog.")):
+        name = f"p{index:03d}_s0.png"
+        Image.fromarray(np.full((8, 8, 3), shade + index, dtype=np.uint8)).save(folder / name)
+        images.append({"file": name, "prompt_index": index, "prompt": prompt, "seed": 0})
+    manifest = {
+        "run": {"model": "toy_sd3", "run": run, "backbone": "sd3", "seeds": [0]},
+        "mode": "perturb" if layer is not None else "none", "layer": layer,
+        "sampling": {"blur_sigma": 10.0, "blur_kernel": 9, "cfg": 7.5, "steps": 28},
+        "height": 8, "width": 8, "n_prompts": 2, "provenance": provenance("generation"), "images": images,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_fidelity_scores_and_table_record_the_code_that_made_them(tmp_path):
+    write_generation_run(tmp_path / "none", "none", None, 100)
+    write_generation_run(tmp_path / "perturb_l0", "perturb_l0", 0, 140)
+    scores = pd.concat([score_run(tmp_path / run, tmp_path / "none", StubScorer()) for run in ("none", "perturb_l0")])
+    for code_version in scores["code_version"]:
+        assert_names_the_code(code_version)
+    scores.to_csv(tmp_path / "scores.csv", index=False)
+    outputs = {name: tmp_path / f"fig05.{'md' if name == 'markdown' else name}"
+               for name in ("csv", "markdown", "png", "pdf")}
+    main(["fidelity-figure", "--scores", str(tmp_path / "scores.csv"), "--reference", str(tmp_path / "none"),
+          "--role", "sd3", "--figure", "fig05",
+          *[arg for name, path in outputs.items() for arg in (f"--{name}", str(path))]])
+    table = pd.read_csv(outputs["csv"])
+    assert table["run"].tolist() == ["none", "perturb_l0"]
+    assert table["clip_i_mean"].tolist() == pytest.approx([1.0, 1.0 - 40 / 255], abs=1e-4)  # 40 grey levels apart
+    for code_version in table["code_version"]:
+        assert_names_the_code(code_version)
+    markdown = outputs["markdown"].read_text()
+    scored, _, generated = markdown.partition("images generated by")
+    assert_names_the_code(scored)  # the scoring code
+    assert_names_the_code(generated, "generation")  # the code that made the images (the run's manifest)

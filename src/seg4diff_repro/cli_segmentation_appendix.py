@@ -48,24 +48,30 @@ def _head_figure(args: argparse.Namespace) -> None:
     plot_head_heatmap(scores, title, args.png, args.pdf)
 
 
-def _provenance(path: str):
-    """The settings row of a raw score CSV, for the line under a table's title."""
+def _panel_provenances(args: argparse.Namespace) -> list:
+    """The settings row of each panel's raw score CSV (``--provenance``, one per ``--tables``)."""
     import pandas as pd
 
-    return pd.read_csv(path).iloc[0]
+    if not len(args.provenance) == len(args.tables) == len(args.labels):
+        raise SystemExit(
+            f"--tables ({len(args.tables)}), --labels ({len(args.labels)}) and --provenance ({len(args.provenance)}) "
+            "must name one file or label per panel, in the same order"
+        )
+    return [pd.read_csv(path).iloc[0] for path in args.provenance]
 
 
 def _timestep_panels(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from seg4diff_repro.figures.segmentation_appendix import plot_timestep_panels
-    from seg4diff_repro.tables.sweeps import write_table
+    from seg4diff_repro.tables.sweeps import write_panel_table
 
+    provenances = _panel_provenances(args)
     tables = [pd.read_csv(path) for path in args.tables]
-    combined = pd.concat([table.assign(panel=label) for label, table in zip(args.labels, tables)], ignore_index=True)
-    combined["diff_mIoU"] = combined["mIoU"] - combined["paper_mIoU"].astype(float)
-    write_table(
-        combined, _provenance(args.provenance), args.title,
+    write_panel_table(
+        [(label, table.assign(diff_mIoU=table["mIoU"] - table["paper_mIoU"].astype(float)), provenance)
+         for label, table, provenance in zip(args.labels, tables, provenances)],
+        args.title,
         "One row per (panel, k). `paper_mIoU` where the paper gives a number (k = 8, its Table 1 value); the paper's "
         "best k is 8 on both datasets.", args.csv, args.markdown,
     )
@@ -75,13 +81,14 @@ def _timestep_panels(args: argparse.Namespace) -> None:
 def _normalisation_panels(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from seg4diff_repro.tables.sweeps import write_table
+    from seg4diff_repro.tables.sweeps import write_panel_table
 
-    tables = [pd.read_csv(path).assign(panel=label) for label, path in zip(args.labels, args.tables)]
-    combined = pd.concat(tables, ignore_index=True)
-    # The rows differ in softmax and min-max: the provenance line keeps only what they share.
-    write_table(
-        combined, _provenance(args.provenance).drop(labels=["attention"], errors="ignore"), args.title,
+    # The rows differ in softmax and min-max (their own columns): the settings keep only what they share.
+    provenances = [provenance.drop(labels=["attention"], errors="ignore") for provenance in _panel_provenances(args)]
+    write_panel_table(
+        [(label, pd.read_csv(path), provenance)
+         for label, path, provenance in zip(args.labels, args.tables, provenances)],
+        args.title,
         "Head-mean I2T maps, post-softmax (`post_softmax` True) or the pre-softmax logits (False), raw or min-max "
         "normalised (`min_max`: before and after merging a class's tokens), as each row says. The paper's "
         "checkmarks are lost in every copy; its row-to-setting pairing is inferred (docs/method.md#reported-numbers).",
@@ -189,14 +196,16 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
     command = commands.add_parser("timestep-panels", help="Fig. 2: timestep sweeps side by side")
     command.add_argument("--tables", nargs="+", required=True, help="timestep-sweep CSVs, one per panel")
     command.add_argument("--labels", nargs="+", required=True, help="panel titles, one per table")
-    command.add_argument("--provenance", required=True, help="a raw score CSV whose settings head the table")
+    command.add_argument("--provenance", nargs="+", required=True,
+                         help="raw score CSVs, one per panel in the order of --tables: each panel's settings")
     _outputs(command, table=True, figure=True)
     command.set_defaults(handler=_timestep_panels)
 
     command = commands.add_parser("normalisation-panels", help="appendix Table 1 over several datasets")
     command.add_argument("--tables", nargs="+", required=True, help="normalisation-table CSVs, one per dataset")
     command.add_argument("--labels", nargs="+", required=True, help="panel titles, one per table")
-    command.add_argument("--provenance", required=True, help="a raw score CSV whose settings head the table")
+    command.add_argument("--provenance", nargs="+", required=True,
+                         help="raw score CSVs, one per panel in the order of --tables: each panel's settings")
     _outputs(command, table=True, figure=False)
     command.set_defaults(handler=_normalisation_panels)
 

@@ -72,9 +72,12 @@ def per_layer_figure_model(figure):
     return config["models"][appendix_model(PER_LAYER_FIGURES[figure][0])]
 
 
-def provenance_scores():
-    """The raw scores of SD3's stand-in on VOC20's: their settings head the combined tables."""
-    return f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{TIMESTEP}/per_layer.csv"
+def provenance_scores(roles):
+    """Raw scores of SD3's stand-in on each role's dataset: each panel's settings in a combined table."""
+    return [
+        f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset(role)}/t{TIMESTEP}/per_layer.csv"
+        for role in roles
+    ]
 
 
 def overlay_cache(wildcards):

@@ -65,7 +65,7 @@ rule fig02_timestep:
             f"{TABLES}/timestep_sweep_{appendix_model('sd3')}_{appendix_dataset(role)}.csv"
             for role in ("voc20", "coco_object")
         ],
-        provenance=provenance_scores(),
+        provenance=provenance_scores(("voc20", "coco_object")),
     output:
         csv=f"{TABLES}/fig02_timestep.csv",
         markdown=f"{TABLES}/fig02_timestep.md",
@@ -93,7 +93,7 @@ rule tab01_normalisation:
             f"{TABLES}/normalisation_{appendix_model('sd3')}_{appendix_dataset(role)}_t{TIMESTEP}.csv"
             for role in ("voc20", "coco_object")
         ],
-        provenance=provenance_scores(),
+        provenance=provenance_scores(("voc20", "coco_object")),
     output:
         csv=report(f"{TABLES}/tab01_normalisation.csv", caption="../report/tab01_normalisation.rst",
                    category=report_category, subcategory=report_subcategory),

@@ -233,10 +233,12 @@ class FidelityScorer:
 
 
 def score_run(run_dir: str | Path, reference_dir: str | Path, scorer: FidelityScorer):
-    """One row per image of a generation run: its scores against the reference image of the same prompt and seed."""
+    """One row per image of a generation run: its scores against the reference image of the same prompt and seed,
+    with the backbones and the code (version, fingerprint, commit) that scored it."""
     import pandas as pd
 
     from seg4diff_repro.generation.runs import read_run
+    from seg4diff_repro.provenance import provenance, provenance_label
 
     manifest, images = read_run(run_dir)
     reference_manifest, references = read_run(reference_dir)
@@ -245,10 +247,11 @@ def score_run(run_dir: str | Path, reference_dir: str | Path, scorer: FidelitySc
         raise ValueError(f"{run_dir} and its reference {reference_dir} do not hold the same (prompt, seed) images")
     scores = scorer.score(images, references, [prompt for prompt, _ in key])
     run = manifest["run"]
+    code_version = provenance_label(provenance())  # score-fidelity runs the whole package's code
     rows = [
         {"model": run["model"], "run": run["run"], "mode": manifest["mode"], "layer": manifest["layer"],
          "prompt_index": entry["prompt_index"], "prompt": entry["prompt"], "seed": entry["seed"], **score,
-         **scorer.backbones}
+         **scorer.backbones, "code_version": code_version}
         for entry, score in zip(manifest["images"], scores)
     ]
     log.info("scored %d images of %s against %s", len(rows), run_dir, reference_dir)

@@ -1,7 +1,8 @@
 """Tables of the fidelity scores under single-layer I2T perturbation (appendix Figs. 5, 7, 10).
 
 One row per run (the unperturbed reference, then each perturbed layer): mean ± std over prompts of
-CLIP-I, CLIP-T and DINO (a prompt's seeds are averaged first), with the backbones and the scale of the run.
+CLIP-I, CLIP-T and DINO (a prompt's seeds are averaged first), with the backbones, the scale of the run and the
+code that scored it (version, code fingerprint, commit).
 """
 
 from __future__ import annotations
@@ -42,19 +43,23 @@ def run_scale(manifest: dict) -> str:
 
 
 def fidelity_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over prompts per run; the unperturbed run first, then the layers in order."""
+    """Mean and std over prompts per run; the unperturbed run first, then the layers in order. Each row keeps the
+    backbones and the code (``code_version``: version, fingerprint, commit) that scored its run."""
+    if "code_version" not in scores:
+        raise ValueError("the fidelity scores have no code_version column (made before scores recorded their code): "
+                         "re-run score-fidelity")
     per_prompt = scores.groupby(["run", "prompt_index"], sort=False)[list(METRICS)].mean().reset_index()
     stats = per_prompt.groupby("run", sort=False)[list(METRICS)].agg(["mean", "std"])
     stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
     runs = scores.drop_duplicates("run").set_index("run")
-    table = stats.join(runs[["model", "layer", "clip_backbone", "dino_backbone", "fidelity_weights"]])
+    table = stats.join(runs[["model", "layer", "clip_backbone", "dino_backbone", "fidelity_weights", "code_version"]])
     table["n_prompts"] = per_prompt.groupby("run", sort=False)["prompt_index"].nunique()
     table["n_images"] = scores.groupby("run", sort=False).size()
     table = table.reset_index()
     table["layer"] = table["layer"].astype("Int64")  # empty for the unperturbed reference
     table = table.sort_values("layer", na_position="first", ignore_index=True)
     columns = ["model", "run", "layer", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "n_prompts",
-               "n_images", "clip_backbone", "dino_backbone", "fidelity_weights"]
+               "n_images", "clip_backbone", "dino_backbone", "fidelity_weights", "code_version"]
     return table[columns]
 
 

@@ -72,12 +72,53 @@ def normalisation_table(
     return table
 
 
+def settings_line(provenance: pd.Series) -> str:
+    """The settings a score file records (``PROVENANCE``), as one line: "model = ..., background = drop, ..."."""
+    return ", ".join(f"{key} = {provenance[key]}" for key in PROVENANCE if key in provenance)
+
+
+def _markdown_body(table: pd.DataFrame) -> str:
+    # object dtype so that missing values (the paper's, mostly) print as blanks, not "nan"
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
+
+
 def write_table(table: pd.DataFrame, provenance: pd.Series, title: str, note: str, csv_path: Path, md_path: Path) -> None:
     """CSV and Markdown (headed by the settings that produced the numbers)."""
     atomic_write_bytes(Path(csv_path), table.to_csv(index=False, float_format="%.2f").encode())
-    settings = ", ".join(f"{key} = {provenance[key]}" for key in PROVENANCE if key in provenance)
-    body = table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
-    atomic_write_bytes(Path(md_path), f"# {title}\n\n{settings}.\n\n{note}\n\n{body}\n".encode())
+    atomic_write_bytes(
+        Path(md_path), f"# {title}\n\n{settings_line(provenance)}.\n\n{note}\n\n{_markdown_body(table)}\n".encode()
+    )
+
+
+def write_panel_table(
+    panels: list[tuple[str, pd.DataFrame, pd.Series]], title: str, note: str, csv_path: Path, md_path: Path
+) -> pd.DataFrame:
+    """Panels of several score files in one table (appendix Fig. 2, Table 1), each with its own settings.
+
+    ``panels``: (label, rows, provenance) per panel, ``provenance`` the settings row of the panel's own raw
+    scores. As in the main tables, every CSV row carries its ``panel`` and the settings that produced it (the
+    ``PROVENANCE`` keys its rows lack); the Markdown states each panel's settings on a line of its own, led by
+    the label that the rows' ``panel`` column repeats. Returns the CSV's table.
+    """
+    parts = []
+    for label, rows, provenance in panels:
+        for key in ("model", "dataset"):
+            if key in provenance and set(rows[key]) != {provenance[key]}:
+                raise ValueError(
+                    f"panel {label!r}: its rows are {key} {sorted(set(rows[key]))} but its settings come from "
+                    f"{key} {provenance[key]!r}; give each panel its own score file, in the order of the panels"
+                )
+        settings = {key: provenance[key] for key in PROVENANCE if key in provenance and key not in rows}
+        parts.append(rows.assign(panel=label, **settings))
+    table = pd.concat(parts, ignore_index=True)
+    atomic_write_bytes(Path(csv_path), table.to_csv(index=False, float_format="%.2f").encode())
+    shown = pd.concat([rows.assign(panel=label) for label, rows, _ in panels], ignore_index=True)
+    settings = "\n\n".join(f"**{label}**: {settings_line(provenance)}." for label, _, provenance in panels)
+    atomic_write_bytes(Path(md_path), (
+        f"# {title}\n\nSettings of each panel (the rows whose `panel` column names it):\n\n{settings}\n\n{note}\n\n"
+        f"{_markdown_body(shown)}\n"
+    ).encode())
+    return table
 
 
 def unsupervised_table(scores: pd.DataFrame, layer: int, paper_model: str | None, paper_dataset: str | None) -> pd.DataFrame:
