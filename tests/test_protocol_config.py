@@ -55,3 +55,19 @@ def test_the_paper_config_maps_every_role_to_the_real_dataset_of_that_name():
     assert {toy["datasets"][toy["appendix"]["datasets"][role]]["prepared"] for role in OFFICIAL_BACKGROUND} == {
         "toy_shapes"}
     assert paper["datasets"]["pc59_bg"]["scored_classes"] == 59  # the official N_CLASS of pc59.json
+
+
+def test_the_alternatives_config_flips_each_switched_point_and_writes_its_own_folder():
+    """configs/protocol_alternatives.yaml (docs/method.md, "Protocol points") gives the other behaviour of every
+    switched point, and never the toy world's output folder."""
+    default, other = shipped_config(), shipped_config("configs/protocol_alternatives.yaml")
+    assert other["outputs"]["namespace"] not in ("toy", default["outputs"]["namespace"])
+
+    def background(config: dict, role: str) -> str:
+        return config["datasets"][config["appendix"]["datasets"][role]]["background"]
+
+    for role in ("coco_object", "voc21", "pc59_bg"):
+        assert background(other, role) != background(default, role) == OFFICIAL_BACKGROUND[role]
+    assert other["attention"]["prompt_classes_from"] != default["attention"]["prompt_classes_from"] == "resized"
+    steps = [config["analyses"]["attention_figures"]["step_convention"] for config in (default, other)]
+    assert steps == ["paper", "official"]
