@@ -7,7 +7,7 @@ scoring, table and figure jobs, which should not pay for importing diffusers (ab
 from importlib import import_module
 
 _EXPORTS = {
-    "TinySD3Config": "seg4diff_repro.models.tiny",
+    "TinySD3Config": "seg4diff_repro.models.tiny_sizes",
     "build_tiny_sd3_pipeline": "seg4diff_repro.models.tiny",
     "write_tiny_sd3_pipeline": "seg4diff_repro.models.tiny",
     "build_sd3_tokenizers": "seg4diff_repro.models.clip_tokenizer",
