@@ -67,6 +67,7 @@ def set_key(config: dict, dotted_key: str, value) -> dict:
         (lambda c: set_key(c, "toy_model.device", "gpu"), r"toy_model\.device = 'gpu' is not a torch device.*or auto"),
         (lambda c: set_key(c, "analyses.generation.fidelity.device", "cuda:x"),
          r"analyses\.generation\.fidelity\.device = 'cuda:x' is not a torch device"),
+        (lambda c: set_key(c, "verification.device", "gpu"), r"verification\.device = 'gpu' is not a torch device.*or auto"),
         (lambda c: run_model(c, "./nowhere/sd3"), r"models\.mine\.source = './nowhere/sd3' is a local path.*does not exist"),
         (lambda c: run_model(c, "models/sd3_copy"), r"models\.mine\.source = 'models/sd3_copy' is a local path"),
         (lambda c: run_model(c, "~/nowhere_seg4diff/sd3"), r"models\.mine\.source = '~/nowhere_seg4diff/sd3'"),

@@ -239,6 +239,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     check_device(config["toy_model"]["device"], "toy_model.device", allow_auto=True)
     check_device(config["toy_generations"]["device"], "toy_generations.device")
     check_device(config["analyses"]["generation"]["fidelity"]["device"], "analyses.generation.fidelity.device")
+    check_device(config["verification"]["device"], "verification.device", allow_auto=True)  # the spot check's
     _check_local_paths(config)
     _check_generation(config)
 
