@@ -6,6 +6,7 @@ import ast
 import os
 import io
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,29 @@ def test_library_loading_bars_are_off_in_a_log_and_left_alone_on_a_terminal(monk
         from huggingface_hub.utils import enable_progress_bars
 
         enable_progress_bars()
+
+
+def rule_sections(text: str) -> dict[str, dict[str, str]]:
+    """rule name -> {section name: its indented body} of a .smk file's rules."""
+    rules = {}
+    for block in re.split(r"^rule ", text, flags=re.MULTILINE)[1:]:
+        name, body = block.split(":\n", 1)
+        sections = re.findall(r"^    (\w+):(.*\n(?:(?:        .*)?\n)*)", body, flags=re.MULTILINE)
+        rules[name] = {section: content.strip() for section, content in sections}
+    return rules
+
+
+def test_every_gpu_or_download_rule_says_what_it_does_and_where_its_progress_goes():
+    """Snakemake's console shows a rule's message instead of `rule x: n of N steps`: each rule that may run on a
+    GPU (a `gpu` resource) or downloads (a `downloads` resource) has one, naming its log."""
+    checked, missing = [], []
+    for path in sorted((REPO / "workflow/rules").glob("*.smk")):
+        for name, sections in rule_sections(path.read_text()).items():
+            if not re.search(r"^\s*(gpu|downloads)=", sections.get("resources", ""), flags=re.MULTILINE):
+                continue
+            checked.append(name)
+            if "{log}" not in sections.get("message", ""):
+                missing.append(f"{path.name}: rule {name}")
+    assert {"extract_attention_shard", "extract_attention_sweep_shard", "download_model", "download_dataset_archive",
+            "verify"} <= set(checked)
+    assert not missing, f"rules without a message that names their {{log}}: {missing}"
