@@ -95,20 +95,7 @@ def test_rules_of_the_datasets_env_run_their_commands_with_only_what_it_installs
     missing = set(pyproject_requirements()) - set(env_requirements(REPO / "envs/datasets.yaml"))
     blocked = sorted(set().union(*(_import_names(name) for name in missing)))
     assert {"torch", "diffusers", "pandas"} <= set(blocked)
-    (tmp_path / "sitecustomize.py").write_text(
-        "import importlib.abc, sys\n"
-        f"BLOCKED = {blocked!r}\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError(f'{name} is not in envs/datasets.yaml')\n"
-        "sys.meta_path.insert(0, Block())\n"
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO / "src")]),
-    }
+    env = blocker_site(tmp_path, blocked, "is not in envs/datasets.yaml")
     commands = sorted(set().union(*(
         re.findall(r"seg4diff-repro ([a-z-]+)", rule)
         for path in sorted((REPO / "workflow/rules").glob("*.smk"))
@@ -131,6 +118,44 @@ def test_rules_of_the_datasets_env_run_their_commands_with_only_what_it_installs
     # And the blocker does block (so that the checks above could fail).
     result = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert "not in envs/datasets.yaml" in result.stderr
+
+
+def blocker_site(folder: Path, blocked: list[str], reason: str) -> dict[str, str]:
+    """A sitecustomize in ``folder`` that makes the ``blocked`` top-level modules unimportable (ImportError with
+    ``reason``), and the environment that runs Python with it and with this checkout's src/ on PYTHONPATH."""
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        f"            raise ImportError(f'{{name}} {reason}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(folder), str(REPO / "src")]),
+    }
+
+
+def test_the_snakefile_parses_without_the_model_libraries(tmp_path):
+    """Building the DAG (a dry run of the default config) needs neither torch nor diffusers nor transformers: a
+    host with Snakemake (the login node, `--sdm conda`) parses the workflow; only the jobs import them. The copy
+    has no built model folder, so the tiny models' layer counts must come from somewhere other than diffusers."""
+    from test_workflow import copy_workflow
+
+    env = blocker_site(tmp_path, ["torch", "diffusers", "transformers"], "is not needed to parse the Snakefile")
+    (tmp_path / "workflow").mkdir()
+    workdir = copy_workflow(tmp_path / "workflow")
+    assert not (workdir / "results/models").exists()
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1"], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "build_tiny_model" in result.stdout and "extract_attention" in result.stdout
+    # And the blocker does block (so that the dry run could fail).
+    result = subprocess.run([sys.executable, "-c", "import diffusers"], env=env, capture_output=True, text=True)
+    assert "is not needed to parse the Snakefile" in result.stderr
 
 
 _UNREACHABLE = ("Could not fetch URL", "Max retries exceeded", "NewConnectionError", "Temporary failure in name resolution",

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from seg4diff_repro.config import ConfigError, check_config, looks_like_local_path
+from seg4diff_repro.config import ConfigError, check_config, check_device, looks_like_local_path
 from seg4diff_repro.datasets import generate_toy_shapes
 from seg4diff_repro.models.common import ModelLoadError, load_pipeline
 from test_workflow import BIN, REPO, copy_workflow, edit_config, planned_jobs, snakemake
@@ -67,6 +67,7 @@ def set_key(config: dict, dotted_key: str, value) -> dict:
         (lambda c: set_key(c, "toy_model.device", "gpu"), r"toy_model\.device = 'gpu' is not a torch device.*or auto"),
         (lambda c: set_key(c, "analyses.generation.fidelity.device", "cuda:x"),
          r"analyses\.generation\.fidelity\.device = 'cuda:x' is not a torch device"),
+        (lambda c: set_key(c, "verification.device", "gpu"), r"verification\.device = 'gpu' is not a torch device.*or auto"),
         (lambda c: run_model(c, "./nowhere/sd3"), r"models\.mine\.source = './nowhere/sd3' is a local path.*does not exist"),
         (lambda c: run_model(c, "models/sd3_copy"), r"models\.mine\.source = 'models/sd3_copy' is a local path"),
         (lambda c: run_model(c, "~/nowhere_seg4diff/sd3"), r"models\.mine\.source = '~/nowhere_seg4diff/sd3'"),
@@ -87,6 +88,62 @@ def test_bad_value_fails_the_config_check_naming_the_key(edit, expected):
     check_config(copy.deepcopy(config), SCHEMA)  # the default passes
     with pytest.raises(ConfigError, match=expected):
         check_config(edit(config), SCHEMA)
+
+
+JOB_DEVICE_TYPES = {"cpu", "cuda", "mps"}  # where the jobs place work (other torch device types are refused)
+
+
+@pytest.mark.parametrize("value", [
+    "cpu", "cuda", "cuda:0", "cuda:1", "cuda:10", "mps", "mps:0", "cpu:0", "gpu", "GPU", "CUDA", "Cuda", "cuda:x",
+    "cuda1", "cuda:01", "cuda:-1", "cuda: 1", " cuda", "cuda ", "cuda:", "cuda:1:2", "cuda:1.0", "cuda:\uff11", "",
+    "xpu", "meta", "auto",
+])
+def test_the_device_check_accepts_what_torch_accepts_on_the_job_device_types(value):
+    """The config check reads device strings without torch (the Snakefile parses without it); torch.device is the
+    reference: a string passes exactly when torch parses it to a cpu, cuda or mps device, or is `auto` where
+    allowed."""
+    import torch
+
+    try:
+        torch_accepts = torch.device(value).type in JOB_DEVICE_TYPES
+    except RuntimeError:
+        torch_accepts = False
+    for allow_auto in (False, True):
+        try:
+            check_device(value, "some.device", allow_auto=allow_auto)
+            accepted = True
+        except ConfigError as error:
+            assert str(error).startswith(f"some.device = {value!r} is not a torch device"), error
+            accepted = False
+        assert accepted == (torch_accepts or (allow_auto and value == "auto")), (value, allow_auto)
+
+
+def test_layer_counts_are_those_of_the_models_the_build_command_writes(tmp_path):
+    """The config check counts each tiny model's joint layers (all blocks; Flux: double- then single-stream) and
+    the layers the generation analyses perturb (Flux: the double-stream ones) before the model is built, from its
+    sizes and not from diffusers, and again from the built folder. The reference: the blocks of the transformer
+    that the build command (as the rule build_tiny_model runs it) writes, loaded with diffusers."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from seg4diff_repro.cli import main
+    from seg4diff_repro.config import model_num_layers, perturbable_layer_count
+
+    models = {name: model for name, model in toy_config()["models"].items() if "build" in model}
+    assert {(model["backbone"], model["build"].get("variant", "sd3")) for model in models.values()} == {
+        ("sd3", "sd3"), ("sd3", "sd35"), ("flux", "sd3")}
+    for name, model in models.items():
+        folder = tmp_path / name
+        main(["build-tiny-model", "--backbone", model["backbone"], "--variant", model["build"].get("variant", "sd3"),
+              "--out", str(folder), "--seed", "0"])
+        if model["backbone"] == "flux":
+            transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+            blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+            perturbable = len(transformer.transformer_blocks)
+        else:
+            blocks = perturbable = len(SD3Transformer2DModel.from_pretrained(folder / "transformer").transformer_blocks)
+        for source in (tmp_path / "not_built", folder):
+            counted = {**model, "source": str(source)}
+            assert (model_num_layers(counted), perturbable_layer_count(counted)) == (blocks, perturbable), (name, source)
 
 
 def test_a_key_left_to_its_default_is_checked_at_the_default():

@@ -48,7 +48,7 @@ def copy_workflow(target: Path, **overrides) -> Path:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["toy_shapes"].update(n_train=2, n_val=6)
     for section, values in overrides.items():
-        config[section].update(values)
+        config.setdefault(section, {}).update(values)  # a section config.yaml leaves to the schema's defaults, too
     write_config(target, config)
     return target
 
@@ -196,6 +196,7 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
         ("analyses", {"timestep_sweep": {"timesteps": [8, 40]}},
          r"analyses\.timestep_sweep\.timesteps contains \[40\].*allowed 1\.\.28"),
         ("toy_generations", {"device": "gpu"}, r"toy_generations\.device = 'gpu' is not a torch device"),
+        ("verification", {"device": "gpu"}, r"verification\.device = 'gpu' is not a torch device"),
         ("attention", {"resize": "squash"}, r"allowed values: \['stretch', 'center_crop'\]"),
         ("run", {"models": ["sd4"]}, r"run\.models names 'sd4'.*defined models: \["),
         ("appendix", {"models": {"sd3": "sd4", "sd35": "toy_sd35_random", "flux": "toy_flux_random"}},

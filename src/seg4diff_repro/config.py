@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+from seg4diff_repro.models.tiny_sizes import TINY_SD35_CONFIG, TinyFluxConfig, TinySD3Config
 from seg4diff_repro.steps import PAPER_STEPS
 
 # Joint (MM-DiT) layer counts of the hub models, so that the DAG can be checked without downloading.
@@ -68,21 +70,24 @@ def load_schema(schema_path: str | Path) -> dict:
     return yaml.safe_load(Path(schema_path).read_text())
 
 
+def tiny_sd3_config(build: dict) -> TinySD3Config:
+    """The sizes that the rule build_tiny_model gives an sd3-backbone model with this `build` entry."""
+    return TINY_SD35_CONFIG if build.get("variant") == "sd35" else TinySD3Config()
+
+
 def model_num_layers(model: dict) -> int | None:
     """Number of joint layers of a configured model, or None if it cannot be known before loading it."""
     source = str(model["source"])
     transformer_config = Path(source) / "transformer" / "config.json"
     if transformer_config.is_file():
-        return json.loads(transformer_config.read_text())["num_layers"]
+        sizes = json.loads(transformer_config.read_text())
+        # diffusers' Flux config counts the double-stream blocks in num_layers; the single-stream ones follow them.
+        return sizes["num_layers"] + (sizes["num_single_layers"] if model["backbone"] == "flux" else 0)
     if "build" in model and model["backbone"] == "flux":
-        from seg4diff_repro.models.tiny_flux import TinyFluxConfig
-
         config = TinyFluxConfig()
         return config.num_layers + config.num_single_layers
     if "build" in model:
-        from seg4diff_repro.models.tiny import TinySD3Config
-
-        return TinySD3Config().num_layers
+        return tiny_sd3_config(model["build"]).num_layers
     return KNOWN_LAYER_COUNTS.get(source)
 
 
@@ -98,8 +103,6 @@ def perturbable_layer_count(model: dict) -> int | None:
     if transformer_config.is_file():
         return json.loads(transformer_config.read_text())["num_layers"]  # diffusers' Flux count of double blocks
     if "build" in model:
-        from seg4diff_repro.models.tiny_flux import TinyFluxConfig
-
         return TinyFluxConfig().num_layers
     return KNOWN_DOUBLE_STREAM_COUNTS.get(str(model["source"]))
 
@@ -236,6 +239,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     check_device(config["toy_model"]["device"], "toy_model.device", allow_auto=True)
     check_device(config["toy_generations"]["device"], "toy_generations.device")
     check_device(config["analyses"]["generation"]["fidelity"]["device"], "analyses.generation.fidelity.device")
+    check_device(config["verification"]["device"], "verification.device", allow_auto=True)  # the spot check's
     _check_local_paths(config)
     _check_generation(config)
 
@@ -266,17 +270,19 @@ def _check_timesteps(config: dict, used_models: list[str]) -> None:
                 raise ConfigError(f"{key} {what} out of range for model {name!r}: allowed 1..{limit} ({schedule})")
 
 
+# The devices the jobs can run on, in torch's grammar: a type, optionally `:index` (digits, no leading zero).
+# Other types torch knows (xpu, hip, meta, ...) are refused: nothing here places work on them.
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps)(:(0|[1-9][0-9]*))?")
+
+
 def check_device(value: str, key: str, *, allow_auto: bool = False) -> None:
-    """ConfigError naming ``key`` unless ``value`` is a device string torch accepts (``auto`` where allowed)."""
+    """ConfigError naming ``key`` unless ``value`` is a device string torch accepts and the jobs can use (``auto``
+    where allowed). Checked without importing torch, so that parsing the Snakefile stays light."""
     if allow_auto and value == "auto":
         return
-    import torch
-
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError) as error:
+    if not DEVICE_PATTERN.fullmatch(value):
         allowed = "cpu, cuda, cuda:N, mps" + (" or auto" if allow_auto else "")
-        raise ConfigError(f"{key} = {value!r} is not a torch device ({error}); use {allowed}") from None
+        raise ConfigError(f"{key} = {value!r} is not a torch device the jobs run on; use {allowed}")
 
 
 # First path parts that are this project's own folders: `models/...` is a path here, never a hub owner.

@@ -4,21 +4,27 @@ Snakemake sends each job's stderr to its log file, where tqdm's carriage-return 
 unreadable line. `progress` gives the usual bar when stderr is a terminal and otherwise writes a plain log line
 (count, rate, elapsed time and ETA) at most every ``interval`` seconds, plus one when the loop ends.
 `quiet_library_progress_bars` turns off the loading and download bars of diffusers, transformers and the hub
-in the same situation. Use these instead of importing tqdm directly (tests/test_progress.py checks it).
+in the same situation; `log_folder_growth` then logs a hub download's progress from the bytes arriving on disk. Use these instead of importing tqdm directly (tests/test_progress.py checks it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from tqdm import tqdm
 
 log = logging.getLogger("seg4diff_repro.progress")
 
 LOG_INTERVAL_S = 10.0
+DOWNLOAD_LOG_INTERVAL_S = 30.0
 # Without the bar itself: a log line has no width to fill.
 _LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed} elapsed, ETA {remaining}, {rate_fmt}{postfix}]"
 _LINE_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed} elapsed, {rate_fmt}{postfix}]"
@@ -105,3 +111,47 @@ def quiet_library_progress_bars(stream=None) -> bool:
 
         diffusers_logging.disable_progress_bar()
     return True
+
+
+def _bytes_under(folder: Path) -> int:
+    """Bytes of the regular files under ``folder`` (links not followed; a file gone while counting is skipped)."""
+    total = 0
+    for root, _folders, names in os.walk(folder):
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
+
+
+@contextmanager
+def log_folder_growth(folder: Path, *, desc: str, interval: float | None = None, stream=None) -> Iterator[None]:
+    """While the block runs, a log line every ``interval`` seconds (default DOWNLOAD_LOG_INTERVAL_S) with the bytes
+    added under ``folder`` since it began, and one at the end: the progress of a library's download whose own bars
+    `quiet_library_progress_bars` turned off. Nothing on a terminal (``stream``, default stderr), where they show."""
+    if interactive(stream):
+        yield
+        return
+    interval = DOWNLOAD_LOG_INTERVAL_S if interval is None else interval
+    start, initial, stop = time.monotonic(), _bytes_under(folder), threading.Event()
+
+    def report() -> None:
+        added, elapsed = _bytes_under(folder) - initial, time.monotonic() - start
+        size = f"{added / 1e9:.2f} GB" if added >= 1e9 else f"{added / 1e6:.1f} MB"
+        log.info("%s: %s [%.0f s elapsed, %.1f MB/s]", desc, size, elapsed, added / 1e6 / max(elapsed, 1e-9))
+
+    def report_every_interval() -> None:
+        while not stop.wait(interval):
+            report()
+
+    thread = threading.Thread(target=report_every_interval, name="log_folder_growth", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        report()

@@ -72,6 +72,8 @@ rule extract_attention_sweep_shard:
         settings=sweep_settings,
         caches=sweep_caches,
         dataset_root=prepared_root,
+    message:
+        "Forward passes of {wildcards.model} on {wildcards.dataset} at every timestep of the sweep (Fig. 2), image shard {wildcards.scatteritem}: attention maps; writes {output}; progress in {log}"
     log:
         "logs/extract_attention_sweep/{model}_{dataset}_{scatteritem}.log",
     benchmark:

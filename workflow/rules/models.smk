@@ -31,6 +31,8 @@ rule download_model:
         revision=lambda wildcards: (
             f"--revision {model_config(wildcards)['revision']}" if model_config(wildcards)["revision"] else ""
         ),
+    message:
+        "Downloading {params.source} from the Hugging Face hub into its cache (tens of GB for the real models; an interrupted download resumes); writes {output}; progress in {log}"
     log:
         "logs/download_model/{model}.log",
     localrule: True

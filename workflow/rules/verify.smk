@@ -18,6 +18,8 @@ rule bundle:
         config=json.dumps(config, sort_keys=True),
         leave_out_caches=VERIFICATION["leave_out_caches"],
         dataset_limit_mb=VERIFICATION["dataset_limit_mb"],
+    message:
+        "Bundling the run for verification (tables, figures, caches, job records, checksums); writes {output}; progress in {log}"
     log:
         "logs/bundle.log",
     resources:
@@ -47,6 +49,8 @@ rule verify:
         spot_seed=VERIFICATION["spot_seed"],
         device=VERIFICATION["device"],
         data_root=f"--data-root {shlex.quote(VERIFICATION['data_root'])}" if VERIFICATION["data_root"] else "",
+    message:
+        "Verifying the bundle {params.bundle}: checksums, cache files, every table and figure re-derived, a spot check of {params.spot_check} images per cache on {params.device}; writes {output}; progress in {log}"
     log:
         "logs/verify.log",
     resources:

@@ -5,9 +5,10 @@ scoring, table and figure jobs, which should not pay for importing diffusers (ab
 """
 
 from importlib import import_module
+from pathlib import Path
 
 _EXPORTS = {
-    "TinySD3Config": "seg4diff_repro.models.tiny",
+    "TinySD3Config": "seg4diff_repro.models.tiny_sizes",
     "build_tiny_sd3_pipeline": "seg4diff_repro.models.tiny",
     "write_tiny_sd3_pipeline": "seg4diff_repro.models.tiny",
     "build_sd3_tokenizers": "seg4diff_repro.models.clip_tokenizer",
@@ -46,15 +47,22 @@ def download_model(backbone: str, source: str, revision: str | None = None) -> d
     """Fetch Hugging Face model ``source`` into the local hub cache without loading it, so that the GPU jobs
     read it from disk (a separate job, on a node with internet); return what was fetched."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
     from seg4diff_repro.models.common import download_pipeline, model_fingerprint
+    from seg4diff_repro.progress import log_folder_growth
 
-    if backbone == "sd3":  # the analysis never loads T5 (CLIP-only text, as the official code)
-        folder = download_pipeline(StableDiffusion3Pipeline, source, revision, text_encoder_3=None, tokenizer_3=None)
-    elif backbone == "flux":
-        folder = download_pipeline(FluxPipeline, source, revision)
-    else:
+    if backbone not in ("sd3", "flux"):
         raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")
+    # The hub's bars are off in a job's log: the bytes arriving in the model's cache folder are its progress.
+    cache_folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model")
+    with log_folder_growth(cache_folder, desc=f"downloading {source}"):
+        if backbone == "sd3":  # the analysis never loads T5 (CLIP-only text, as the official code)
+            folder = download_pipeline(StableDiffusion3Pipeline, source, revision, text_encoder_3=None,
+                                       tokenizer_3=None)
+        else:
+            folder = download_pipeline(FluxPipeline, source, revision)
     files = [path for path in folder.rglob("*") if path.is_file()]
     return {
         "source": source,

@@ -10,7 +10,7 @@ scale, a `CLIPTextModel` (pooled output only) with the offline CLIP-L tokenizer,
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,81 +19,10 @@ from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from seg4diff_repro.models.clip_tokenizer import CLIP_EOS_ID, build_sd3_tokenizers
 from seg4diff_repro.models.t5_tokenizer import T5_EOS_ID, T5_PAD_ID, build_t5_tokenizer
-from seg4diff_repro.models.tiny import (
-    raise_on_failed_size_checks,
-    save_pipeline_folder,
-    tiny_clip_text_config,
-    tiny_vae,
-)
+from seg4diff_repro.models.tiny import save_pipeline_folder, tiny_clip_text_config, tiny_vae
+from seg4diff_repro.models.tiny_sizes import TinyFluxConfig
 
 __all__ = ["TinyFluxConfig", "build_tiny_flux_pipeline", "write_tiny_flux_pipeline"]
-
-
-@dataclass(frozen=True)
-class TinyFluxConfig:
-    """Sizes of the tiny Flux pipeline (defaults: 64 px images → 32² latent → 16×16 = 256 packed image tokens)."""
-
-    image_size: int = 64
-    # VAE: two blocks -> one downsampling (factor 2); Flux's 16 latent channels and latent normalisation.
-    vae_block_out_channels: tuple[int, ...] = (32, 64)
-    vae_layers_per_block: int = 1
-    vae_norm_num_groups: int = 32
-    latent_channels: int = 16
-    vae_shift_factor: float = 0.1159
-    vae_scaling_factor: float = 0.3611
-    # Flux transformer (FLUX.1-dev: 19 + 38 blocks, 24 heads x 128, RoPE axes (16, 56, 56)).
-    num_layers: int = 2
-    num_single_layers: int = 2
-    num_attention_heads: int = 2
-    attention_head_dim: int = 16
-    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
-    guidance_embeds: bool = True
-    # CLIP-L text encoder: only its pooled output (hidden size) is used, as pooled_projections.
-    text_hidden_size: int = 32
-    text_intermediate_size: int = 64
-    text_num_layers: int = 2
-    text_num_heads: int = 2
-    text_projection_dim: int = 32
-    text_hidden_act: str = "quick_gelu"
-    # T5 encoder (T5 v1.1 XXL: d_model 4096, gated-gelu); its d_model is the transformer's joint_attention_dim.
-    t5_d_model: int = 32
-    t5_d_kv: int = 16
-    t5_d_ff: int = 64
-    t5_num_layers: int = 2
-    t5_num_heads: int = 2
-    t5_relative_attention_num_buckets: int = 32
-    t5_relative_attention_max_distance: int = 128
-    # Scheduler: FLUX.1-dev's FlowMatchEulerDiscreteScheduler config.
-    num_train_timesteps: int = 1000
-    scheduler_shift: float = 3.0
-    use_dynamic_shifting: bool = True
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-
-    @property
-    def vae_factor(self) -> int:
-        return 2 ** (len(self.vae_block_out_channels) - 1)
-
-    def __post_init__(self) -> None:
-        """Check the size relations diffusers' Flux pipeline relies on, so mistakes fail here and not mid-run."""
-        checks = [
-            (
-                self.image_size % (2 * self.vae_factor) == 0,
-                f"image_size={self.image_size} must be divisible by 2 x VAE factor = {2 * self.vae_factor} "
-                "(latents are packed in 2x2 patches)",
-            ),
-            (
-                sum(self.axes_dims_rope) == self.attention_head_dim,
-                f"axes_dims_rope={self.axes_dims_rope} must sum to attention_head_dim={self.attention_head_dim}",
-            ),
-            (
-                all(d % 2 == 0 for d in self.axes_dims_rope),
-                f"every axes_dims_rope {self.axes_dims_rope} must be even (RoPE rotates pairs of channels)",
-            ),
-        ]
-        raise_on_failed_size_checks(self, checks)
 
 
 def _t5_encoder(config: TinyFluxConfig, vocab_size: int) -> T5EncoderModel:

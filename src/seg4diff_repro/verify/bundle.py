@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from seg4diff_repro.atomic import atomic_write_json, replace_folder_atomically
+from seg4diff_repro.progress import progress
 from seg4diff_repro.provenance import provenance
 from seg4diff_repro.verify.layout import (
     BUNDLE_CONFIG,
@@ -272,7 +273,7 @@ def make_bundle(
     out = Path(out)
     with replace_folder_atomically(out) as staging:
         listing = {}
-        for path, category in sorted(files.items()):
+        for path, category in progress(sorted(files.items()), desc="copying into the bundle", unit="file"):
             target = staging / BUNDLE_FILES / path
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(workdir / path, target)  # a copy, never a link: editing the bundle leaves the run alone
