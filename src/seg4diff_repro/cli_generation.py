@@ -116,6 +116,7 @@ def _prompts_figure(args: argparse.Namespace) -> None:
     from seg4diff_repro.atomic import atomic_write_bytes
     from seg4diff_repro.figures.prompts import plot_prompt_list
     from seg4diff_repro.generation.prompts import load_prompts
+    from seg4diff_repro.tables import heading
 
     prompts = load_prompts()  # the packaged DrawBench 50, verbatim from the appendix
     # analysis -> how many of the first prompts it uses: null for all, a file name for its own prompts file.
@@ -135,7 +136,7 @@ def _prompts_figure(args: argparse.Namespace) -> None:
             f"{uses}.")
     atomic_write_bytes(Path(args.csv), table.to_csv(index=False).encode())
     body = table.to_markdown(index=False)
-    atomic_write_bytes(Path(args.markdown), f"# {args.title}\n\n{note}\n\n{body}\n".encode())
+    atomic_write_bytes(Path(args.markdown), f"{heading(args.title, args.markdown)}{note}\n\n{body}\n".encode())
     plot_prompt_list(prompts, args.title, note, Path(args.png), Path(args.pdf))
 
 

@@ -1,1 +1,13 @@
 """Tables for paper_tables/: our numbers beside the paper's, with provenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def heading(title: str, md_path: Path | str) -> str:
+    """The Markdown heading of a table written to ``md_path``: the title, and which outputs it belongs to (the folder
+    under paper_tables/, as figures name theirs in their footer), so a toy table is never read as a paper one."""
+    folder = Path(md_path).parent
+    outputs = f" ({folder.name} outputs)" if folder.parent.name == "paper_tables" else ""
+    return f"# {title}{outputs}\n\n"

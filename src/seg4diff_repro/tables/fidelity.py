@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from seg4diff_repro.atomic import atomic_write_bytes
+from seg4diff_repro.tables import heading
 
 __all__ = [
     "METRICS", "METRIC_NAMES", "ROLE_NAMES", "fidelity_table", "model_label", "run_scale", "write_fidelity_table",
@@ -79,5 +80,5 @@ def write_fidelity_table(table: pd.DataFrame, title: str, notes: list[str], csv_
         "images": table["n_images"],
     })
     body = shown.to_markdown(index=False)
-    text = f"# {title}\n\n" + "\n\n".join(notes) + f"\n\n{body}\n"
+    text = heading(title, md_path) + "\n\n".join(notes) + f"\n\n{body}\n"
     atomic_write_bytes(Path(md_path), text.encode())

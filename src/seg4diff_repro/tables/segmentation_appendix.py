@@ -10,6 +10,7 @@ import pandas as pd
 from seg4diff_repro.atomic import atomic_write_bytes
 from seg4diff_repro.tables.per_layer import METRICS
 from seg4diff_repro.tables.sweeps import paper_numbers
+from seg4diff_repro.tables import heading
 
 
 def head_table(scores: pd.DataFrame) -> pd.DataFrame:
@@ -101,6 +102,6 @@ def write_main_table(table: pd.DataFrame, title: str, note: str, csv_path: Path,
     atomic_write_bytes(Path(csv_path), shown.to_csv(index=False).encode())
     layout = paper_layout(table).to_markdown(index=False)
     atomic_write_bytes(Path(md_path), (
-        f"# {title}\n\n{note}\n\n## In the paper's layout\n\n{layout}\n\n"
+        f"{heading(title, md_path)}{note}\n\n## In the paper's layout\n\n{layout}\n\n"
         f"## Every row with the settings that produced it\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n"
     ).encode())

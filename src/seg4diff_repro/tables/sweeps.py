@@ -10,6 +10,7 @@ import pandas as pd
 
 from seg4diff_repro.datasets.layout import atomic_write_bytes
 from seg4diff_repro.tables.per_layer import METRICS, PROTOCOL, overflow_columns, paper_ovss_miou
+from seg4diff_repro.tables import heading
 
 PROVENANCE = (
     "model", "dataset", *PROTOCOL, "matching", "scored_classes", "resize", "attention", "seed", "images",
@@ -86,7 +87,7 @@ def write_table(table: pd.DataFrame, provenance: pd.Series, title: str, note: st
     """CSV and Markdown (headed by the settings that produced the numbers)."""
     atomic_write_bytes(Path(csv_path), table.to_csv(index=False, float_format="%.2f").encode())
     atomic_write_bytes(
-        Path(md_path), f"# {title}\n\n{settings_line(provenance)}.\n\n{note}\n\n{_markdown_body(table)}\n".encode()
+        Path(md_path), f"{heading(title, md_path)}{settings_line(provenance)}.\n\n{note}\n\n{_markdown_body(table)}\n".encode()
     )
 
 
@@ -115,7 +116,7 @@ def write_panel_table(
     shown = pd.concat([rows.assign(panel=label) for label, rows, _ in panels], ignore_index=True)
     settings = "\n\n".join(f"**{label}**: {settings_line(provenance)}." for label, _, provenance in panels)
     atomic_write_bytes(Path(md_path), (
-        f"# {title}\n\nSettings of each panel (the rows whose `panel` column names it):\n\n{settings}\n\n{note}\n\n"
+        f"{heading(title, md_path)}Settings of each panel (the rows whose `panel` column names it):\n\n{settings}\n\n{note}\n\n"
         f"{_markdown_body(shown)}\n"
     ).encode())
     return table

@@ -8,6 +8,7 @@ import pandas as pd
 
 from seg4diff_repro.datasets.layout import atomic_write_bytes
 from seg4diff_repro.provenance import provenance, provenance_label
+from seg4diff_repro.tables import heading
 
 # The toy-world issue's acceptance thresholds, in mIoU points.
 MIN_GAIN_OVER_CONTROL = 20.0
@@ -43,8 +44,8 @@ def write_grounding_summary(trained_csv: Path, control_csv: Path, csv_path: Path
     summary["code_version"] = provenance_label(provenance())
     atomic_write_bytes(Path(csv_path), summary.to_csv(index=False, float_format="%.2f").encode())
     markdown = (
-        "# Toy world: grounding layer of the trained toy model vs the random-weight control\n\n"
-        f"From {Path(trained_csv).name} and {Path(control_csv).name} (toy-shapes val, oracle prompt, "
+        heading("Toy world: grounding layer of the trained toy model vs the random-weight control", md_path)
+        + f"From {Path(trained_csv).name} and {Path(control_csv).name} (toy-shapes val, oracle prompt, "
         "t = 8 of 28, head-mean post-softmax I2T). The toy world's acceptance: best layer at least "
         f"{MIN_GAIN_OVER_CONTROL:g} mIoU points above the control's best, and at least {MIN_BEST_MINUS_MEDIAN:g} "
         f"points above its own median layer. Code: seg4diff-repro {summary['code_version'].iloc[0]}.\n\n"
