@@ -13,7 +13,7 @@ from seg4diff_repro.tables.per_layer import METRICS, PROTOCOL, overflow_columns,
 
 PROVENANCE = (
     "model", "dataset", *PROTOCOL, "matching", "scored_classes", "resize", "attention", "seed", "images",
-    "code_version",
+    "model_fingerprint", "code_version",
 )
 # Unsupervised Hungarian matching (issue 11 item 4): both, labelled, beside the headline `mIoU` (the config's).
 MATCHING_COLUMNS = {
