@@ -254,7 +254,8 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
         generated, labels, tokens, recording = entries[0]
         title = (f"Appendix Fig. 17, all {len(tokens)} token maps (I2T) of unconditional generation (prompt \"\"): "
                  f"layer {layer}, head mean, {when}\n{stand_in}")
-        plot_token_grid(generated.image, labels, _grid(recording.i2t[layer][0, 0].T, grid), title, png, pdf, model=model)
+        plot_token_grid(generated.image, labels, _grid(recording.i2t[layer][0, 0].T, grid), title, png, pdf,
+                        model=model)
     else:
         generated, labels, tokens, recording = entries[0]
         maps = np.stack([_grid(recording.i2t[at][0].transpose(-1, -2)[:, tokens[0]], grid) for at in layers])

@@ -90,7 +90,8 @@ def score_heads(
 
     inputs = extraction_inputs(settings, dataset_root)
     merged = accumulate_in_shards(
-        dataset.ids, shard_root, settings_key({**asdict(settings), **inputs, "code_fingerprint": code_fingerprint("scoring")}), shard_size,
+        dataset.ids, shard_root,
+        settings_key({**asdict(settings), **inputs, "code_fingerprint": code_fingerprint("scoring")}), shard_size,
         lambda: {
             **{f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index)
                for layer in layers},
