@@ -125,7 +125,7 @@ def test_value_norm_layers_figure_is_deterministic(tmp_path):
     per_layer = synthetic_per_head().groupby(["timestep_k", "sigma", "layer"])[["image", "text", "prompt"]].mean()
     per_layer = per_layer.reset_index().assign(
         block=lambda frame: np.where(frame["layer"] < 2, "double", "single"), n_prompts=4, model="toy_flux_random",
-        scale="toy scale", num_steps=50, cfg="n/a", seed=0, step_convention="official",
+        scale="toy scale", num_steps=50, cfg="n/a", seed=0, step_convention="official", model_fingerprint="sha256:ab",
         step_index=lambda frame: 50 - frame["timestep_k"],
     )
     per_layer.to_csv(tmp_path / "per_layer.csv", index=False)
@@ -140,8 +140,33 @@ def test_value_norm_layers_figure_is_deterministic(tmp_path):
     markdown = outputs[0]["md"].decode()
     assert "toy_flux_random standing in for FLUX.1-dev" in markdown and "layers 12 and 17" in markdown
     assert "Peak layers here: t = 28: image 2, text 1, prompt 2" in markdown
+    assert "model_fingerprint = sha256:ab" in markdown  # the model the value-norms job loaded
     # Which step "t = 28" is on Flux's 50-step schedule, and under which convention, is stated.
     assert "step_convention = official" in markdown and "t = 28 is index 22, not the first step" in markdown
+
+
+@pytest.mark.parametrize("command", [["pca-qkv-figure"], ["token-maps-figure", "--figure", "fig17"]])
+def test_pca_and_token_map_figures_record_the_fingerprint_of_the_model_they_loaded(command, tmp_path):
+    """These jobs load the model themselves: the PNG and the PDF keep its source, revision and content fingerprint
+    in their metadata, the same record as the value-norm CSVs."""
+    import json
+    import re
+
+    from PIL import Image
+
+    from seg4diff_repro.models.common import model_fingerprint
+    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+    model = write_tiny_sd3_pipeline(tmp_path / "model", seed=4)
+    settings = {"model": "tiny", "role": "sd3", "backbone": "sd3", "source": str(model), "revision": None,
+                "dtype": "float32", "options": {}, "num_steps": 4, "analysis_layer": 1, "toy": True}
+    png, pdf = tmp_path / "figure.png", tmp_path / "figure.pdf"
+    main([*command, "--model-settings", json.dumps(settings), "--timestep", "2", "--png", str(png), "--pdf", str(pdf)])
+    expected = {"model_source": str(model), "model_revision": None, "model_fingerprint": model_fingerprint(model)}
+    assert json.loads(Image.open(png).text["seg4diff model"]) == expected
+    # The PDF's Info dictionary: /Subject (a literal string, with \\, \( and \) escaped).
+    subject = re.search(rb"/Subject \(((?:[^\\()]|\\.)*)\)", pdf.read_bytes()).group(1)
+    assert json.loads(re.sub(rb"\\(.)", rb"\1", subject)) == expected
 
 
 def test_paper_config_plans_the_attention_figure_jobs(tmp_path):

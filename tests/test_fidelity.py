@@ -144,3 +144,25 @@ def test_random_default_dino_has_the_size_of_vit_s16():
 def test_unknown_clip_weights_name_the_tags():
     with pytest.raises(FileNotFoundError, match="openai"):
         FidelityScorer(FidelitySettings(clip_pretrained="no-such-tag"))
+
+
+def test_scores_record_the_generating_model_and_the_backbones_by_fingerprint(backbones, scorer, tmp_path):
+    """Each score row names what made it: the generating model as its run's manifest recorded it, and the CLIP
+    and DINO weights by content (here local files: the checkpoint's sha256, the DINO folder's fingerprint)."""
+    import hashlib
+
+    from seg4diff_repro.generation.fidelity import score_run
+    from seg4diff_repro.generation.runs import GenerationRun, run_generation
+    from seg4diff_repro.models.common import model_fingerprint
+    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+    checkpoint, dino = backbones
+    model = write_tiny_sd3_pipeline(tmp_path / "model", seed=5)
+    run_generation(GenerationRun(model="tiny", backbone="sd3", source=str(model), run="none", seeds=[0],
+                                 n_prompts=2, steps=2), tmp_path / "run")
+    rows = score_run(tmp_path / "run", tmp_path / "run", scorer)
+    assert len(rows) == 2
+    assert set(rows["model_fingerprint"]) == {model_fingerprint(model)}
+    assert set(rows["model_source"]) == {str(model)} and rows["model_revision"].isna().all()
+    assert set(rows["clip_fingerprint"]) == {"sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    assert set(rows["dino_fingerprint"]) == {model_fingerprint(dino)}

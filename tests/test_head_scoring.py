@@ -8,6 +8,7 @@ import torch
 
 from seg4diff_repro.attention.extract import ExtractionSettings, record_batch
 from seg4diff_repro.datasets import SegmentationDataset, generate_toy_shapes
+from seg4diff_repro.models.common import model_fingerprint
 from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
 from seg4diff_repro.models.sd3 import SD3Adapter
 from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
@@ -114,3 +115,15 @@ def test_overlay_clusters_take_the_colour_of_their_matched_class():
     shown = _clusters_as_classes(clusters, label, num_classes=3, ignore_index=255)
     assert shown[0, 0] == 0 and shown[0, 2] == 2  # cluster 1 → class 0, cluster 0 → class 2
     assert shown[1, 3] >= 3  # an unmatched cluster gets an id past the classes
+
+
+def test_head_scores_record_the_fingerprint_of_the_model_they_loaded(world, tmp_path):
+    """Fig. 4's job loads the model itself: every row names its source, revision and content fingerprint."""
+    settings = ExtractionSettings.from_dict(dict(
+        model="tiny", dataset="toy", backbone="sd3", source=str(world / "model"), dtype="float32", timestep=8,
+        num_steps=28, layers=[1], seed=0, short_side=None, resize="stretch", prompt="oracle",
+        background_name="background", split="val", background="last", limit=1,
+    ))
+    scores = score_heads(settings, world / "data", tmp_path / "shards")
+    assert set(scores["model_fingerprint"]) == {model_fingerprint(world / "model")}
+    assert set(scores["model_source"]) == {str(world / "model")} and scores["model_revision"].isna().all()

@@ -112,6 +112,17 @@ def test_a_hub_model_and_dino_load_the_pinned_commit_from_the_hub_cache(tmp_path
         result["dino_same_as_pinned"] = all(torch.equal(a, b) for a, b in zip(scorer.dino.state_dict().values(),
                                                                                 pinned.state_dict().values()))
         result["dino_name"] = scorer.dino_name
+        # dino_revision null: the commit the cache's main points at is loaded, and recorded.
+        (cache / "models--someone--tiny-dino" / "refs").mkdir()
+        (cache / "models--someone--tiny-dino" / "refs" / "main").write_text(second)
+        newest = FidelityScorer.__new__(FidelityScorer)
+        newest.settings = FidelitySettings(dino_source="someone/tiny-dino", dino_revision=None)
+        newest.device = torch.device("cpu")
+        newest._load_dino()
+        result["newest_is_main"] = all(torch.equal(a, b) for a, b in zip(newest.dino.state_dict().values(),
+                                                                          pinned.state_dict().values()))
+        result["newest_fingerprint"] = newest.dino_fingerprint
+        result["newest_name"] = newest.dino_name
         print(json.dumps(result))
         """
     )
@@ -127,6 +138,9 @@ def test_a_hub_model_and_dino_load_the_pinned_commit_from_the_hub_cache(tmp_path
     assert "someone/tiny-sd3" in result["missing_commit"] and "offline" in result["missing_commit"]
     assert result["dino_same_as_pinned"]
     assert result["dino_name"] == "someone/tiny-dino@" + "b" * 40
+    assert result["newest_is_main"]
+    assert result["newest_fingerprint"] == "hub:someone/tiny-dino@" + "b" * 40
+    assert result["newest_name"] == "someone/tiny-dino@" + "b" * 40
 
 
 def test_clip_downloads_the_pinned_commit_of_its_tag_and_keeps_the_tags_preprocessing(monkeypatch):
@@ -160,3 +174,34 @@ def test_clip_downloads_the_pinned_commit_of_its_tag_and_keeps_the_tags_preproce
     assert arch == "ViT-B-32" and kwargs["pretrained"] == "/pinned/open_clip_model.safetensors"
     assert kwargs["force_quick_gelu"] is True
     assert kwargs["image_mean"] == tag["mean"] and kwargs["image_std"] == tag["std"]
+
+
+@pytest.mark.parametrize("revision", [None, "d" * 40])
+def test_clip_records_the_commit_its_weights_came_from_pinned_or_not(monkeypatch, tmp_path, revision):
+    """With clip_revision null the scorer still fetches the tag's file itself (the newest commit), so the
+    commit of the file's snapshot folder, the one actually loaded, names the weights."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+
+    from seg4diff_repro.generation.fidelity import FidelityScorer, FidelitySettings
+
+    resolved = revision or "e" * 40
+    snapshot = tmp_path / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / resolved
+    calls = {}
+
+    def download(repo, filename=None, revision=None, cache_dir=None):
+        calls["revision"] = revision
+        return str(snapshot / "open_clip_model.safetensors")
+
+    def create(arch, **kwargs):
+        return torch.nn.Linear(1, 1), None, None
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", download)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    scorer = FidelityScorer.__new__(FidelityScorer)
+    scorer.settings = FidelitySettings(clip_revision=revision)
+    scorer.device = torch.device("cpu")
+    scorer._load_clip()
+    assert calls["revision"] == revision
+    assert scorer.clip_fingerprint == "hub:timm/vit_base_patch32_clip_224.openai@" + resolved
+    assert scorer.clip_name.endswith("at timm/vit_base_patch32_clip_224.openai@" + resolved)

@@ -212,3 +212,31 @@ def test_flux_records_the_chosen_step_of_its_single_call_per_step():
     for layer, norms in manual.value_norms.items():
         for group in ("image", "text", "prompt"):
             torch.testing.assert_close(recording.value_norms[layer][group], norms[group])
+
+
+def test_value_norm_tables_record_the_fingerprint_of_the_model_they_loaded(tmp_path):
+    """The value-norms job loads the model itself: both CSVs name its source, revision and content fingerprint,
+    and the Fig. 15 table made from them cites the fingerprint."""
+    import json
+
+    import pandas as pd
+
+    from seg4diff_repro.cli import main
+    from seg4diff_repro.models.common import model_fingerprint
+    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+    model = write_tiny_sd3_pipeline(tmp_path / "model", seed=3)
+    settings = {"model": "tiny", "role": "sd3", "backbone": "sd3", "source": str(model), "revision": None,
+                "dtype": "float32", "options": {}, "num_steps": 4, "analysis_layer": 1, "toy": True}
+    per_head, per_layer = tmp_path / "per_head.csv", tmp_path / "per_layer.csv"
+    main(["value-norms", "--model-settings", json.dumps(settings), "--prompts", "1", "--timesteps", "2",
+          "--per-head", str(per_head), "--per-layer", str(per_layer)])
+    expected = model_fingerprint(model)
+    for path in (per_head, per_layer):
+        frame = pd.read_csv(path)
+        assert set(frame["model_fingerprint"]) == {expected}, path
+        assert set(frame["model_source"]) == {str(model)} and frame["model_revision"].isna().all()
+    outputs = {ext: tmp_path / f"fig15.{ext}" for ext in ("csv", "md", "png", "pdf")}
+    main(["value-norm-heads-figure", "--per-head", str(per_head), "--role", "sd3",
+          *(arg for ext, path in outputs.items() for arg in (f"--{'markdown' if ext == 'md' else ext}", str(path)))])
+    assert f"model_fingerprint = {expected}" in outputs["md"].read_text()

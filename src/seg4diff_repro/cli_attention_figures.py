@@ -39,6 +39,14 @@ def _load(settings: dict, device: str) -> SD3Adapter | FluxAdapter:
                         settings.get("revision"), **settings.get("options", {}))
 
 
+def _model_record(settings: dict) -> dict[str, str | None]:
+    """Source, configured revision and fingerprint of the loaded model (after `_load`: a hub id's commit is
+    read from the cache that loading filled)."""
+    from seg4diff_repro.models.common import model_record
+
+    return model_record(settings["source"], settings.get("revision"))
+
+
 def _scale(settings: dict, adapter: SD3Adapter | FluxAdapter) -> str:
     """"toy scale: 64 px, 16×16 image tokens, 6 layers × 4 heads" (or "full scale: …")."""
     rows, cols = adapter.token_grid
@@ -69,7 +77,8 @@ def _value_norms(args: argparse.Namespace) -> None:
         adapter, prompts, seeds, args.timesteps, settings["num_steps"], args.cfg, args.step_convention
     )
     provenance = {"model": settings["model"], "scale": _scale(settings, adapter), "num_steps": settings["num_steps"],
-                  "cfg": "n/a (guidance embedding)" if adapter.backbone == "flux" else args.cfg, "seed": args.seed}
+                  "cfg": "n/a (guidance embedding)" if adapter.backbone == "flux" else args.cfg, "seed": args.seed,
+                  **_model_record(settings)}
     for table, path in ((per_head, args.per_head), (per_layer, args.per_layer)):
         atomic_write_bytes(Path(path), table.assign(**provenance).to_csv(index=False).encode())
 
@@ -108,6 +117,7 @@ def _table_provenance(frame: pd.DataFrame, role: str) -> pd.Series:
         "attention": f"value features of the conditional branch during generation, {first['num_steps']} steps, "
         f"CFG {first['cfg']}, step_convention = {first['step_convention']}",
         "seed": f"{first['seed']} + prompt index",
+        "model_fingerprint": first["model_fingerprint"],
         "code_version": provenance_label(),
     })
 
@@ -184,7 +194,7 @@ def _pca_qkv_figure(args: argparse.Namespace) -> None:
     title = (f"Appendix Fig. 16, PCA (3 components → RGB) of image-token q, k, v: “{prompt}”, "
              f"{_noising_label(generated.noising[args.timestep], args.step_convention)}, seed {args.seed}\n"
              f"{_stand_in(settings, _scale(settings, adapter))}")
-    plot_pca_qkv(generated.image, rgb, layers, title, Path(args.png), Path(args.pdf))
+    plot_pca_qkv(generated.image, rgb, layers, title, Path(args.png), Path(args.pdf), model=_model_record(settings))
 
 
 def _token_maps_figure(args: argparse.Namespace) -> None:
@@ -231,26 +241,27 @@ def _token_maps_figure(args: argparse.Namespace) -> None:
 
     when = f"{_noising_label(entries[0][0].noising[k], args.step_convention)}, during generation"
     stand_in = _stand_in(settings, _scale(settings, adapter))
-    png, pdf = Path(args.png), Path(args.pdf)
+    png, pdf, model = Path(args.png), Path(args.pdf), _model_record(settings)
     if figure in ("fig03", "fig12"):
         what = "I2T vs T2I maps of keywords" if figure == "fig03" else "I2T and T2I maps of all prompt tokens"
         title = f"Appendix Fig. {int(figure[3:])}, {what}: layer {layer}, head mean, {when}\n{stand_in}"
         plot_direction_maps(
             [PromptMaps(g.prompt, g.image, [labels[t] for t in tokens], _grid(r.i2t[layer][0, 0].T[tokens], grid),
                         _grid(r.t2i[layer][0, 0][tokens], grid)) for g, labels, tokens, r in entries],
-            title, png, pdf,
+            title, png, pdf, model=model,
         )
     elif figure == "fig17":
         generated, labels, tokens, recording = entries[0]
         title = (f"Appendix Fig. 17, all {len(tokens)} token maps (I2T) of unconditional generation (prompt \"\"): "
                  f"layer {layer}, head mean, {when}\n{stand_in}")
-        plot_token_grid(generated.image, labels, _grid(recording.i2t[layer][0, 0].T, grid), title, png, pdf)
+        plot_token_grid(generated.image, labels, _grid(recording.i2t[layer][0, 0].T, grid), title, png, pdf,
+                        model=model)
     else:
         generated, labels, tokens, recording = entries[0]
         maps = np.stack([_grid(recording.i2t[at][0].transpose(-1, -2)[:, tokens[0]], grid) for at in layers])
         title = (f"Appendix Fig. {int(figure[3:])}, head-mean and per-head I2T maps of “{labels[tokens[0]]}”: "
                  f"{when}\n{stand_in}")
-        plot_head_maps(generated.prompt, generated.image, labels[tokens[0]], maps, layers, title, png, pdf)
+        plot_head_maps(generated.prompt, generated.image, labels[tokens[0]], maps, layers, title, png, pdf, model=model)
 
 
 def add_attention_figure_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -66,7 +66,7 @@ def _fidelity_figure(args: argparse.Namespace) -> None:
                     f"{sampling['blur_sigma']:g}, k = {sampling['blur_kernel']}, reflect padding) at every step"
                     + ("" if flux else ", in both classifier-free-guidance branches"))
     notes = [
-        f"Model: {label}. Scale: {run_scale(manifest)}. Perturbation: {perturbation}"
+        f"Model: {label} ({manifest['model_fingerprint']}). Scale: {run_scale(manifest)}. Perturbation: {perturbation}"
         + ("; double-stream (MM-DiT) layers only, as in the paper's caption" if flux else "") + ".",
         "Reference: the unperturbed image of the same prompt and seed (CLIP-I and DINO are 1 for it). "
         f"Backbones: CLIP {first['clip_backbone']}; DINO {first['dino_backbone']} (CLS token).",

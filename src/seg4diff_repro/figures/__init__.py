@@ -4,8 +4,9 @@ figure shares: wrapped titles and step labels."""
 from __future__ import annotations
 
 import io
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from seg4diff_repro.atomic import atomic_write_bytes
@@ -13,6 +14,9 @@ from seg4diff_repro.provenance import provenance_label
 
 # No time stamps or tool versions in the files, so that re-running an unchanged analysis gives identical bytes.
 _METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
+# Where a figure drawn from a model it loaded itself keeps that model's record (`models.common.model_record`),
+# as JSON: a PNG text chunk, and the PDF's Subject.
+MODEL_METADATA_KEY = {"png": "seg4diff model", "pdf": "Subject"}
 
 
 def provenance_footer(png_path: Path) -> str:
@@ -22,8 +26,12 @@ def provenance_footer(png_path: Path) -> str:
     return f"{outputs}seg4diff-repro {provenance_label()}"
 
 
-def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
-    """Write ``fig`` as PNG and PDF with the provenance footer, each atomically, then close it."""
+def save_figure(fig, png_path: Path, pdf_path: Path, model: Mapping[str, str | None] | None = None) -> None:
+    """Write ``fig`` as PNG and PDF with the provenance footer, each atomically, then close it.
+
+    ``model``: the record of the model the figure's job loaded (`models.common.model_record`): the footer
+    cites its fingerprint and both files keep the whole record in their metadata (`MODEL_METADATA_KEY`).
+    """
     import matplotlib.pyplot as plt
 
     # Below everything already drawn (labels can reach under the figure's edge); the tight bounding box
@@ -31,10 +39,16 @@ def save_figure(fig, png_path: Path, pdf_path: Path) -> None:
     drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
     x = (drawn.x0 + drawn.x1) / 2 / fig.get_figwidth()
     y = (drawn.y0 - 0.04) / fig.get_figheight()
-    fig.text(x, y, provenance_footer(png_path), ha="center", va="top", fontsize=6, color="0.35")
+    footer = provenance_footer(png_path)
+    if model is not None:
+        footer += f"\nmodel {model['model_fingerprint']}"
+    fig.text(x, y, footer, ha="center", va="top", fontsize=6, color="0.35")
     for path, fmt in ((png_path, "png"), (pdf_path, "pdf")):
+        metadata = dict(_METADATA[fmt])
+        if model is not None:
+            metadata[MODEL_METADATA_KEY[fmt]] = json.dumps(dict(model), sort_keys=True)
         buffer = io.BytesIO()
-        fig.savefig(buffer, format=fmt, dpi=150, metadata=_METADATA[fmt], bbox_inches="tight", pad_inches=0.1)
+        fig.savefig(buffer, format=fmt, dpi=150, metadata=metadata, bbox_inches="tight", pad_inches=0.1)
         atomic_write_bytes(Path(path), buffer.getvalue())
     plt.close(fig)
 

@@ -9,7 +9,7 @@ the colours are deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -54,9 +54,11 @@ def pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
 
 
 def plot_pca_qkv(
-    image: np.ndarray, rgb: dict[tuple[int, str], np.ndarray], layers: Sequence[int], title: str, png: Path, pdf: Path
+    image: np.ndarray, rgb: dict[tuple[int, str], np.ndarray], layers: Sequence[int], title: str, png: Path, pdf: Path,
+    model: Mapping[str, str | None] | None = None,
 ) -> None:
-    """One row per projection (q, k, v) and one column per layer, with the generated image first."""
+    """One row per projection (q, k, v) and one column per layer, with the generated image first; ``model``: the
+    record of the model that generated it (cited in the footer, kept in the files' metadata)."""
     fig, axes = plt.subplots(3, len(layers) + 1, figsize=(1.3 * (len(layers) + 1), 4.3), squeeze=False)
     for row, name in enumerate(QKV):
         axes[row, 0].set_axis_off()
@@ -73,4 +75,4 @@ def plot_pca_qkv(
     axes[0, 0].set_title("generated", fontsize=7)
     fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
-    save_figure(fig, png, pdf)
+    save_figure(fig, png, pdf, model)

@@ -7,7 +7,7 @@ attention-map figures usually are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +51,12 @@ def _lines(n: int, per_row: int) -> list[range]:
     return [range(start, min(start + per_row, n)) for start in range(0, n, per_row)]
 
 
-def plot_direction_maps(entries: Sequence[PromptMaps], title: str, png: Path, pdf: Path, per_row: int = 10) -> None:
-    """Figs. 3 and 12: per prompt, the generated image, then rows of I2T maps and rows of T2I maps."""
+def plot_direction_maps(entries: Sequence[PromptMaps], title: str, png: Path, pdf: Path, per_row: int = 10,
+                        model: Mapping[str, str | None] | None = None) -> None:
+    """Figs. 3 and 12: per prompt, the generated image, then rows of I2T maps and rows of T2I maps.
+
+    ``model`` (here and below): the record of the model that generated the images, for `save_figure`.
+    """
     columns = min(per_row, max(len(entry.labels) for entry in entries))
     blocks = [(entry, _lines(len(entry.labels), columns)) for entry in entries]
     n_rows = sum(2 * len(lines) for _, lines in blocks)
@@ -73,7 +77,7 @@ def plot_direction_maps(entries: Sequence[PromptMaps], title: str, png: Path, pd
                 row += 1
     fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
-    save_figure(fig, png, pdf)
+    save_figure(fig, png, pdf, model)
 
 
 def plot_head_maps(
@@ -85,6 +89,7 @@ def plot_head_maps(
     title: str,
     png: Path,
     pdf: Path,
+    model: Mapping[str, str | None] | None = None,
 ) -> None:
     """Figs. 13–14: per layer, the head-mean I2T map of one token and every head's map ([L, H, rows, cols])."""
     heads = maps.shape[1]
@@ -105,11 +110,12 @@ def plot_head_maps(
                 axes[row, head + 2].set_title(f"head {head}", fontsize=6)
     fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
-    save_figure(fig, png, pdf)
+    save_figure(fig, png, pdf, model)
 
 
 def plot_token_grid(
-    image: np.ndarray, labels: Sequence[str], maps: np.ndarray, title: str, png: Path, pdf: Path, per_row: int = 11
+    image: np.ndarray, labels: Sequence[str], maps: np.ndarray, title: str, png: Path, pdf: Path, per_row: int = 11,
+    model: Mapping[str, str | None] | None = None,
 ) -> None:
     """Fig. 17: the generated image and the I2T map of every text position ([tokens, rows, cols])."""
     lines = _lines(len(labels), per_row)
@@ -125,4 +131,4 @@ def plot_token_grid(
             _map(axes[row, column], maps[token], f"{token}: {labels[token]}")
     fig.suptitle(wrap_title(title, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
-    save_figure(fig, png, pdf)
+    save_figure(fig, png, pdf, model)

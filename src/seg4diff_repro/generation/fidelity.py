@@ -7,7 +7,8 @@
 The reference of an image is the unperturbed image of the same prompt and seed (docs/method.md#fidelity-scores
 [assumption]). The paper does not name its backbones; the defaults are DreamBooth's: open_clip
 ViT-B-32 with OpenAI's weights and DINO ViT-S/16 (``facebook/dino-vits16``) [assumption]. Every score
-row records the backbones and weights it came from.
+row records the generating model's fingerprint (from the run's manifest) and the backbones and weights it came
+from, each by fingerprint too (a hub commit, resolved when the configured revision is null, or a content hash).
 
 ``weights="random"`` builds the same architectures untrained (seeded), so the toy world runs offline;
 its scores only show that the pipeline runs, so it is refused for any model that is not a toy model.
@@ -86,6 +87,12 @@ def check_weights_allowed(settings: FidelitySettings, model: str, toy_model: boo
         )
 
 
+def _snapshot_commit(path: str | Path) -> str | None:
+    """The commit of a file in the Hugging Face cache (``.../snapshots/<commit>/<file>``), None elsewhere."""
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Torch's CPU RNG seeded with ``seed`` inside the block (and restored after), so random weights repeat."""
@@ -120,14 +127,16 @@ class FidelityScorer:
                 f"fidelity.clip_pretrained = {pretrained!r} is neither an open_clip tag of {s.clip_arch} "
                 f"(tags: {open_clip.list_pretrained_tags_by_model(s.clip_arch)}) nor a checkpoint file"
             )
-        preprocessing = {}
-        if pretrained is not None and tag and s.clip_revision is not None:
-            # open_clip downloads a tag's weights from the newest hub commit; fetch the pinned one, and keep the
-            # tag's preprocessing, which a checkpoint file would not carry.
+        preprocessing, hub_commit = {}, None
+        if pretrained is not None and tag:
+            # Fetch the tag's weights ourselves, at the pinned commit (open_clip would take the newest) or, with
+            # clip_revision null, the newest, so that the file's snapshot folder tells which commit was used; keep
+            # the tag's preprocessing, which a checkpoint file would not carry.
             repo, filename = os.path.split(tag["hf_hub"])
             from open_clip.pretrained import download_pretrained_from_hf
 
             pretrained = download_pretrained_from_hf(repo, filename or None, revision=s.clip_revision)
+            hub_commit = _snapshot_commit(pretrained)
             names = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
                      "resize_mode": "image_resize_mode"}
             preprocessing = {argument: tag[key] for key, argument in names.items() if key in tag}
@@ -144,9 +153,20 @@ class FidelityScorer:
         self.clip = model.to(self.device).eval()
         self.clip_tokenizer = open_clip.get_tokenizer(s.clip_arch)
         weights = "random weights" if pretrained is None else f"'{s.clip_pretrained}'"
-        if pretrained is not None and s.clip_revision is not None:
-            weights += f" at {tag['hf_hub'].rstrip('/')}@{s.clip_revision}"
+        if hub_commit is not None:
+            weights += f" at {tag['hf_hub'].rstrip('/')}@{hub_commit}"
         self.clip_name = f"open_clip {s.clip_arch}{' (QuickGELU)' if quick_gelu else ''}, {weights}"
+        # What the weights are: the hub commit the file came from, else the file's bytes (random: none).
+        if hub_commit is not None:
+            self.clip_fingerprint = f"hub:{os.path.split(tag['hf_hub'])[0]}@{hub_commit}"
+        elif pretrained is not None:
+            from seg4diff_repro.models.common import FileHashes
+
+            hashes = FileHashes()
+            self.clip_fingerprint = f"sha256:{hashes.sha256(Path(pretrained))}"
+            hashes.save()
+        else:
+            self.clip_fingerprint = None
 
     def _load_dino(self) -> None:
         from transformers import AutoImageProcessor, ViTConfig, ViTImageProcessor, ViTModel
@@ -168,6 +188,7 @@ class FidelityScorer:
             with _seeded(self.settings.seed + 1):
                 model = ViTModel(config, add_pooling_layer=False)
             self.dino_name = f"{source} architecture, random weights"
+            self.dino_fingerprint = None
         else:
             try:
                 revision = {} if self.settings.dino_revision is None else {"revision": self.settings.dino_revision}
@@ -179,14 +200,19 @@ class FidelityScorer:
                     "save_pretrained (model and image processor) and set analyses.generation.fidelity.dino_source "
                     "to that folder."
                 ) from error
-            self.dino_name = str(source) + (f"@{self.settings.dino_revision}" if self.settings.dino_revision else "")
+            from seg4diff_repro.models.common import model_fingerprint
+
+            # A local folder by content; a hub id by the commit loading resolved (dino_revision null: the newest).
+            self.dino_fingerprint = model_fingerprint(source, self.settings.dino_revision, marker="config.json")
+            self.dino_name = str(source) + ("" if local else "@" + self.dino_fingerprint.rsplit("@", 1)[1])
         self.dino = model.to(self.device).eval()
 
     @property
     def backbones(self) -> dict[str, str]:
         """What produced the scores, recorded beside every score."""
         return {"clip_backbone": self.clip_name, "dino_backbone": self.dino_name,
-                "fidelity_weights": self.settings.weights}
+                "fidelity_weights": self.settings.weights, "clip_fingerprint": self.clip_fingerprint,
+                "dino_fingerprint": self.dino_fingerprint}
 
     # --- embeddings (unit length) -------------------------------------------------------------------
 
@@ -251,7 +277,9 @@ def score_run(run_dir: str | Path, reference_dir: str | Path, scorer: FidelitySc
     rows = [
         {"model": run["model"], "run": run["run"], "mode": manifest["mode"], "layer": manifest["layer"],
          "prompt_index": entry["prompt_index"], "prompt": entry["prompt"], "seed": entry["seed"], **score,
-         **scorer.backbones, "code_version": code_version}
+         # the generating model, as the run's manifest recorded it, then the scoring backbones
+         "model_source": run["source"], "model_revision": run["revision"],
+         "model_fingerprint": manifest["model_fingerprint"], **scorer.backbones, "code_version": code_version}
         for entry, score in zip(manifest["images"], scores)
     ]
     log.info("scored %d images of %s against %s", len(rows), run_dir, reference_dir)

@@ -213,12 +213,14 @@ class FileHashes:
             atomic_write_json(self.path, self.known)  # concurrent jobs: the last writer wins, nothing breaks
 
 
-def model_fingerprint(source: str | Path, revision: str | None = None) -> str:
+def model_fingerprint(source: str | Path, revision: str | None = None, *, marker: str = "model_index.json") -> str:
     """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
-    ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled.
+    ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled
+    (``revision`` None: the commit the hub's ``main`` pointed at when it was loaded).
 
     Keys of cached results include it, so that rebuilding, retraining or replacing a model recomputes
-    what was computed from it.
+    what was computed from it. ``marker``: a file every snapshot of the repository has (a diffusers
+    pipeline's model_index.json; config.json for a transformers model).
     """
     folder = Path(source).expanduser()
     if folder.is_dir():
@@ -231,13 +233,20 @@ def model_fingerprint(source: str | Path, revision: str | None = None) -> str:
         return f"sha256:{digest.hexdigest()}"
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(str(source), "model_index.json", revision=revision)
+    cached = try_to_load_from_cache(str(source), marker, revision=revision)
     if not isinstance(cached, str):
         raise ModelLoadError(
             f"{source} is neither a local folder nor in the local Hugging Face cache: load it once "
             "(the extraction rule does) before asking for its fingerprint."
         )
     return f"hub:{source}@{Path(cached).parent.name}"  # snapshots/<commit>/model_index.json
+
+
+def model_record(source: str | Path, revision: str | None = None) -> dict[str, str | None]:
+    """The model columns of an output made by a job that loads the model itself: its source, the configured
+    revision and the fingerprint of what was loaded (the resolved commit for a hub id)."""
+    return {"model_source": str(source), "model_revision": revision,
+            "model_fingerprint": model_fingerprint(source, revision)}
 
 
 def describe_model_source(source: str | Path) -> dict:

@@ -88,8 +88,10 @@ def score_heads(
                     predictions = predict_labels_batch(prompt.class_ids, scores, num_classes, tuple(label.shape))
                     accumulators[f"layer_{layer:03d}"].update(predictions, label)
 
+    inputs = extraction_inputs(settings, dataset_root)
     merged = accumulate_in_shards(
-        dataset.ids, shard_root, settings_key({**asdict(settings), **extraction_inputs(settings, dataset_root), "code_fingerprint": code_fingerprint("scoring")}), shard_size,
+        dataset.ids, shard_root,
+        settings_key({**asdict(settings), **inputs, "code_fingerprint": code_fingerprint("scoring")}), shard_size,
         lambda: {
             **{f"layer_{layer:03d}": ConfusionMatrixStack(heads, num_classes, dataset.ignore_index)
                for layer in layers},
@@ -106,7 +108,9 @@ def score_heads(
             "background": settings.background, "prompt_overflow": "official",
             "overflow_images": int(merged["overflow_images"].total),
             "resize": settings.resize, "attention": "post-softmax, single head",
-            "seed": settings.seed, "model_source": settings.source, "code_version": provenance_label(provenance("scoring")),
+            "seed": settings.seed, "model_source": settings.source, "model_revision": settings.revision,
+            "model_fingerprint": inputs["model_fingerprint"],  # the resolved commit of a hub id
+            "code_version": provenance_label(provenance("scoring")),
         }
         for layer in layers
         for head in range(heads)

@@ -20,6 +20,10 @@ __all__ = [
 
 METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
 METRICS = tuple(METRIC_NAMES)
+# What made a run's scores: the generating model's fingerprint (from the run's manifest), the backbones and the
+# scoring code.
+PROVENANCE_COLUMNS = ("model_fingerprint", "clip_backbone", "dino_backbone", "fidelity_weights", "clip_fingerprint",
+                      "dino_fingerprint", "code_version")
 # The paper's model of each appendix role, and the `paper_name` a configured model has when it is that model.
 ROLE_NAMES = {"sd3": "SD3-medium", "sd35": "SD3.5-medium", "flux": "FLUX.1-dev"}
 ROLE_PAPER_NAMES = {"sd3": "sd3_medium", "sd35": "sd35_medium", "flux": "flux_dev"}
@@ -45,22 +49,24 @@ def run_scale(manifest: dict) -> str:
 
 def fidelity_table(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over prompts per run; the unperturbed run first, then the layers in order. Each row keeps the
-    backbones and the code (``code_version``: version, fingerprint, commit) that scored its run."""
-    if "code_version" not in scores:
-        raise ValueError("the fidelity scores have no code_version column (made before scores recorded their code): "
-                         "re-run score-fidelity")
+    generating model's fingerprint, the backbones and the code (``code_version``: version, fingerprint, commit)
+    that scored its run."""
+    missing = [column for column in PROVENANCE_COLUMNS if column not in scores]
+    if missing:
+        raise ValueError(f"the fidelity scores have no {', '.join(missing)} column (made before scores recorded "
+                         "them): re-run score-fidelity")
     per_prompt = scores.groupby(["run", "prompt_index"], sort=False)[list(METRICS)].mean().reset_index()
     stats = per_prompt.groupby("run", sort=False)[list(METRICS)].agg(["mean", "std"])
     stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
     runs = scores.drop_duplicates("run").set_index("run")
-    table = stats.join(runs[["model", "layer", "clip_backbone", "dino_backbone", "fidelity_weights", "code_version"]])
+    table = stats.join(runs[["model", "layer", *PROVENANCE_COLUMNS]])
     table["n_prompts"] = per_prompt.groupby("run", sort=False)["prompt_index"].nunique()
     table["n_images"] = scores.groupby("run", sort=False).size()
     table = table.reset_index()
     table["layer"] = table["layer"].astype("Int64")  # empty for the unperturbed reference
     table = table.sort_values("layer", na_position="first", ignore_index=True)
     columns = ["model", "run", "layer", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "n_prompts",
-               "n_images", "clip_backbone", "dino_backbone", "fidelity_weights", "code_version"]
+               "n_images", *PROVENANCE_COLUMNS]
     return table[columns]
 
 

@@ -14,7 +14,7 @@ from seg4diff_repro.tables import heading
 
 PROVENANCE = (
     "model", "dataset", *PROTOCOL, "matching", "scored_classes", "resize", "attention", "seed", "images",
-    "code_version",
+    "model_fingerprint", "code_version",
 )
 # Unsupervised Hungarian matching (issue 11 item 4): both, labelled, beside the headline `mIoU` (the config's).
 MATCHING_COLUMNS = {
