@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,7 +159,10 @@ def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them
     workdir, env = small_world(tmp_path / "work"), isolated_env(tmp_path / "home")
     manifest = "data/prepared/toy_shapes/manifest.json"
     snakemake(workdir, "prepare_toy_shapes", cores=None, env=env)  # no --cores: the workflow profile's default
-    for command in (["--unlock"], ["--cleanup-metadata", manifest], ["--summary"]):
+    # `--workflow-profile none`: the commands need no core count of the profile's either (a `threads: workflow.cores`
+    # rule fails them with "Workflow requires a total number of cores" when no profile gives one).
+    for command in (["--unlock"], ["--cleanup-metadata", manifest], ["--summary"],
+                    ["--workflow-profile", "none", "--unlock"], ["--workflow-profile", "none", "--summary"]):
         result = snakemake(workdir, *command, cores=None, env=env, check=False)
         assert result.returncode == 0, (command, result.stderr[-2000:])
     # Snakemake deletes manifest.json before it re-runs the rule; the generator then replaces its own folder.
@@ -174,6 +178,37 @@ def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them
     assert files_of(workdir / "data/prepared/toy_shapes") == files_of(reference / "seed1")
     assert not list((workdir / "data/prepared").glob(".*"))  # no staging folder left
     assert not list((tmp_path / "home").iterdir())  # nothing written under the home folder
+
+
+@pytest.mark.slow
+def test_new_weights_in_a_local_model_folder_replan_what_read_them(tmp_path):
+    """A model folder that no rule builds (a save_pretrained folder) is read through its files: new weights at the
+    same path make `snakemake -n` plan the extraction, which then recomputes every image (its key holds the
+    folder's content fingerprint). Before, the jobs had no input in the folder and the old cache stayed."""
+    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+    workdir = small_world(tmp_path / "work")
+    write_tiny_sd3_pipeline(workdir / "localmodels/mine", seed=0)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    run_model(config, "localmodels/mine")
+    config["models"]["mine"] = {k: v for k, v in config["models"]["toy_sd3_random"].items() if k != "build"} | {
+        "source": "localmodels/mine"}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    target = "results/attention/mine/toy_shapes/t8/manifest.json"
+    log = workdir / "logs/extract_attention/mine_toy_shapes_t8_1-of-1.log"
+    snakemake(workdir, target)
+    assert "4 of 4 images to extract" in log.read_text()
+    nothing = snakemake(workdir, "-n", target)
+    assert "Nothing to be done" in nothing.stdout + nothing.stderr
+
+    # New transformer weights only: model_index.json and every config stay as they were.
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    write_tiny_sd3_pipeline(tmp_path / "retrained", seed=1)
+    assert (tmp_path / "retrained" / weights).read_bytes() != (workdir / "localmodels/mine" / weights).read_bytes()
+    shutil.copyfile(tmp_path / "retrained" / weights, workdir / "localmodels/mine" / weights)
+    assert planned_jobs(snakemake(workdir, "-n", target)) == {"extract_attention_shard", "extract_attention"}
+    snakemake(workdir, target)
+    assert "4 of 4 images to extract" in log.read_text()
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -257,3 +292,4 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
     assert leftovers(workdir) == []
     assert not list((tmp_path / "home").iterdir())
     assert (workdir / ".cache/matplotlib").is_dir()  # the figure job's matplotlib cache, inside the project
+
