@@ -6,9 +6,11 @@ damaged file must read as ``None`` (recomputed), never crash; score.py reads wit
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from seg4diff_repro.attention.cache import (
     cache_path,
     cached_key,
     read_cached_image,
+    rebuild_command,
     settings_key,
     write_cached_image,
 )
@@ -139,13 +142,42 @@ def test_damaged_file_reads_as_not_cached(tmp_path, damage):
     assert cached_key(tmp_path, "z") == entry.key
 
 
+def write_shard_records(records: Path, shards: list[list[str]], n_caches: int = 1) -> list[Path]:
+    """Shard records as `extract_shard` writes them (workflow/rules/attention.smk): shard i of n holds its images."""
+    records.mkdir(parents=True)
+    paths = []
+    for index, image_ids in enumerate(shards, start=1):
+        path = records / f"{index}-of-{len(shards)}.json"
+        path.write_text(json.dumps({"shard": [index, len(shards)],
+                                    "caches": [{"image_ids": image_ids} for _ in range(n_caches)]}))
+        paths.append(path)
+    return paths
+
+
 def test_missing_file(tmp_path):
     assert cached_key(tmp_path, "nope") is None
     with pytest.raises(FileNotFoundError) as error:
         read_cached_image(tmp_path / "cache", "nope")
     message = str(error.value)
     assert str(tmp_path / "cache" / "nope.npz") in message
-    assert f"`snakemake --forcerun {tmp_path / 'cache' / 'manifest.json'}`" in message
+    # No shard records to name: the shard rule, forced within the cache's own DAG.
+    assert f"`snakemake {tmp_path / 'cache' / 'manifest.json'} --forcerun extract_attention_shard`" in message
+
+
+def test_the_rebuild_forces_the_shard_job_that_writes_the_image_not_the_gather(tmp_path):
+    # The manifest is the gather job's output: forcing it only re-checks the damaged file (tests/test_faults.py
+    # runs the command). The shard jobs' outputs are their records, which list their images.
+    cache = tmp_path / "results/attention/m/d/t8"
+    first, second = write_shard_records(cache / "shards", [["a", "b"], ["c", "d"]])
+    assert rebuild_command(cache, ["c"]) == f"snakemake {cache / 'manifest.json'} --forcerun {second}"
+    assert rebuild_command(cache, ["a", "d"]) == f"snakemake {cache / 'manifest.json'} --forcerun {first} {second}"
+    assert rebuild_command(cache) == f"snakemake {cache / 'manifest.json'} --forcerun {first} {second}"
+    # A sweep's caches sweep/t{k} share the sweep job's records, sweep/shards/.
+    sweep = tmp_path / "results/attention/m/d/sweep"
+    (record,) = write_shard_records(sweep / "shards", [["a", "b"]], n_caches=2)
+    assert rebuild_command(sweep / "t4", ["b"]) == f"snakemake {sweep / 't4/manifest.json'} --forcerun {record}"
+    assert rebuild_command(tmp_path / "results/attention/m/e/sweep/t4") == (
+        f"snakemake {tmp_path / 'results/attention/m/e/sweep/t4/manifest.json'} --forcerun extract_attention_sweep_shard")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "no_key"])
@@ -162,7 +194,7 @@ def test_damaged_file_read_names_the_file_and_the_rebuild(tmp_path, damage):
     with pytest.raises(DamagedCacheError) as error:
         read_cached_image(tmp_path, "z")
     message = str(error.value)
-    assert str(path) in message and f"`snakemake --forcerun {tmp_path / 'manifest.json'}`" in message
+    assert str(path) in message and f"`snakemake {tmp_path / 'manifest.json'} --forcerun extract_attention_shard`" in message
 
 
 def test_settings_key_order_independent():

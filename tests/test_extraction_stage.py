@@ -151,7 +151,9 @@ def test_sharded_extraction_gathers_into_the_unsharded_caches(world, tmp_path, c
 
     lost = whole[0]["image_ids"][3]
     cache_path(out[1].out_dir, lost).unlink()  # shard 2 was killed before writing this image's t = 4 maps
-    with pytest.raises(ValueError, match=f"1 cache files are missing.*t4/{lost}"):
+    # The message names the command that re-runs the shard job (here by its rule: no shard records in this layout).
+    rebuild = re.escape(f"`snakemake {out[1].out_dir / 'manifest.json'} --forcerun extract_attention_shard`")
+    with pytest.raises(ValueError, match=f"1 cache files are missing.*t4/{lost}.*{rebuild}"):
         gather_shards(shards, world / "data")
     with pytest.raises(ValueError, match=r"not 1\.\.n of one n"):
         gather_shards(shards[:1], world / "data")

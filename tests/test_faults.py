@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +220,12 @@ def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them
     for command in (["--unlock"], ["--cleanup-metadata", manifest], ["--summary"]):
         result = snakemake(workdir, *command, cores=None, env=env, check=False)
         assert result.returncode == 0, (command, result.stderr[-2000:])
+    # Without the profile too, which gives the cores: a `threads: workflow.cores` rule fails these with "Workflow
+    # requires a total number of cores". (Without the profile Snakemake keeps its source cache under the home folder.)
+    for command in (["--unlock"], ["--summary"]):
+        result = snakemake(workdir, "--workflow-profile", "none", *command, cores=None,
+                           env=isolated_env(tmp_path / "home_without_profile"), check=False)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
     # Snakemake deletes manifest.json before it re-runs the rule; the generator then replaces its own folder.
     snakemake(workdir, "prepare_toy_shapes", "--forcerun", "prepare_toy_shapes", cores=None, env=env)
     reference = tmp_path / "reference"
@@ -231,6 +239,37 @@ def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them
     assert files_of(workdir / "data/prepared/toy_shapes") == files_of(reference / "seed1")
     assert not list((workdir / "data/prepared").glob(".*"))  # no staging folder left
     assert not list((tmp_path / "home").iterdir())  # nothing written under the home folder
+
+
+@pytest.mark.slow
+def test_new_weights_in_a_local_model_folder_replan_what_read_them(tmp_path):
+    """A model folder that no rule builds (a save_pretrained folder) is read through its files: new weights at the
+    same path make `snakemake -n` plan the extraction, which then recomputes every image (its key holds the
+    folder's content fingerprint). Before, the jobs had no input in the folder and the old cache stayed."""
+    from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
+
+    workdir = small_world(tmp_path / "work")
+    write_tiny_sd3_pipeline(workdir / "localmodels/mine", seed=0)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    run_model(config, "localmodels/mine")
+    config["models"]["mine"] = {k: v for k, v in config["models"]["toy_sd3_random"].items() if k != "build"} | {
+        "source": "localmodels/mine"}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    target = "results/attention/mine/toy_shapes/t8/manifest.json"
+    log = workdir / "logs/extract_attention/mine_toy_shapes_t8_1-of-1.log"
+    snakemake(workdir, target)
+    assert "4 of 4 images to extract" in log.read_text()
+    nothing = snakemake(workdir, "-n", target)
+    assert "Nothing to be done" in nothing.stdout + nothing.stderr
+
+    # New transformer weights only: model_index.json and every config stay as they were.
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    write_tiny_sd3_pipeline(tmp_path / "retrained", seed=1)
+    assert (tmp_path / "retrained" / weights).read_bytes() != (workdir / "localmodels/mine" / weights).read_bytes()
+    shutil.copyfile(tmp_path / "retrained" / weights, workdir / "localmodels/mine" / weights)
+    assert planned_jobs(snakemake(workdir, "-n", target)) == {"extract_attention_shard", "extract_attention"}
+    snakemake(workdir, target)
+    assert "4 of 4 images to extract" in log.read_text()
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -314,3 +353,46 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
     assert leftovers(workdir) == []
     assert not list((tmp_path / "home").iterdir())
     assert (workdir / ".cache/matplotlib").is_dir()  # the figure job's matplotlib cache, inside the project
+
+
+@pytest.mark.slow
+def test_the_command_a_damaged_cache_file_names_recomputes_that_image_and_nothing_else(toy_run, tmp_path):
+    """The rebuild command in a damaged-cache message, run exactly as printed, recomputes that image only. The
+    message used to force <cache>/manifest.json, the gather job's output: the gather only re-checked the file and
+    failed again. On a copy of the toy run, at the t = 8 cache that toy_sd3's timestep sweep writes."""
+    workdir = tmp_path / "run"
+    shutil.copytree(toy_run, workdir, symlinks=True)
+    sweep = "results/attention/toy_sd3/toy_shapes/sweep"
+    damaged = sorted((workdir / sweep / "t8").glob("*.npz"))[1]
+    with np.load(damaged) as data:
+        expected = {field: data[field] for field in data.files}
+    kept = {name: stamp for name, stamp in stamps(workdir, f"{sweep}/t*/*.npz").items()
+            if name != damaged.relative_to(workdir).as_posix()}
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # as a copy cut short by a full disk
+
+    # Scoring reads it (its finished shards removed, so that it reads every image) and names the file and the command.
+    scores = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv"
+    shutil.rmtree(workdir / "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.shards")
+    assert snakemake(workdir, scores, "--forcerun", "score_layers", check=False).returncode != 0
+    message = (workdir / "logs/score_layers/toy_sd3_toy_shapes_t8.log").read_text()
+    assert f"attention cache file {damaged.relative_to(workdir)} is damaged" in message
+    command = shlex.split(re.search(r"`(snakemake [^`]*)`", message).group(1))
+    assert command == ["snakemake", f"{sweep}/t8/manifest.json", "--forcerun", f"{sweep}/shards/1-of-1.json"]
+
+    rebuilt = snakemake(workdir, *command[1:], cores=None)  # as printed: the profile gives the cores
+    ran = re.findall(r"^(?:local)?rule (\w+):$", rebuilt.stdout + rebuilt.stderr, flags=re.MULTILINE)
+    assert sorted(ran) == ["extract_attention_sweep", "extract_attention_sweep_shard"]
+    shard_log = (workdir / "logs/extract_attention_sweep/toy_sd3_toy_shapes_1-of-1.log").read_text()
+    todo = dict(re.findall(r"sweep/t(\d+) shard 1 of 1: (\d+) of 6 images to extract", shard_log))
+    assert todo == {"1": "0", "4": "0", "8": "1", "14": "0", "20": "0", "28": "0"}
+    assert stamps(workdir, *kept) == kept  # every other file of the six caches untouched
+    # The same maps: the prompt, spans, seed and key exactly; the float maps up to float32 rounding, which depends on
+    # the batch (the run extracted all six images in one batch, the repair this one alone).
+    with np.load(damaged) as data:
+        assert data.files == list(expected)
+        for field, value in expected.items():
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(data[field], value, rtol=1e-2, atol=1e-5, err_msg=field)
+            else:
+                np.testing.assert_array_equal(data[field], value, err_msg=field)
+    snakemake(workdir, scores)  # the run that failed now completes

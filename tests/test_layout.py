@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from seg4diff_repro.datasets import (
     write_split,
 )
 from seg4diff_repro.datasets.layout import DamagedFileError
+
+REPO = Path(__file__).resolve().parents[1]
 
 NAMES = ["background", "cat", "dog"]
 
@@ -160,17 +163,24 @@ def test_atomic_write_json_replaces_and_leaves_no_temp_files(tmp_path: Path) -> 
     assert path.stat().st_mode & 0o044  # readable by others like a normal file, not mkstemp's 0600
 
 
+WORKFLOW_RULES = "\n".join(path.read_text() for path in (REPO / "workflow/rules").glob("*.smk"))
+
+
 def test_missing_root_classes_and_split_mention_prepare_target(tmp_path: Path) -> None:
-    root = tmp_path / "voc2012"
+    root = tmp_path / "voc21"  # a prepared dataset's folder: data/prepared/<name>, written by rule prepare_<name>
     # A plain `snakemake prepare_<name>` does nothing while manifest.json exists: the hint forces the rule.
-    with pytest.raises(FileNotFoundError, match=r"voc2012.*`snakemake --forcerun prepare_voc2012`.*data\.paths\.voc2012"):
+    with pytest.raises(FileNotFoundError, match=r"voc21.*`snakemake --forcerun prepare_voc21`.*data\.paths\.voc21"):
         SegmentationDataset(root)
     _make_dataset(root)
-    with pytest.raises(FileNotFoundError, match=r"test\.txt.*available splits: \['train', 'val'\]"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"test\.txt.*available splits: \['train', 'val'\].*`snakemake --forcerun prepare_voc21`"):
         SegmentationDataset(root, "test")
     (root / "classes.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"classes\.json.*prepare_voc2012"):
+    with pytest.raises(FileNotFoundError, match=r"classes\.json.*`snakemake --forcerun prepare_voc21`"):
         SegmentationDataset(root)
+    # The rule the hints force is the workflow's, and it writes that folder.
+    rule = re.search(r"^rule prepare_voc21:\n(.*?)\n\n", WORKFLOW_RULES, flags=re.MULTILINE | re.DOTALL)
+    assert rule and 'output:\n        DS_ROOT / "prepared" / "voc21" / "manifest.json"' in rule.group(1), rule
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         read_manifest(tmp_path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import os
@@ -161,6 +162,61 @@ def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
     assert "extract_attention" in planned_jobs(snakemake(toy_run, "-n"))
     edit_config(toy_run, "attention", seed=0)
     edit_config(toy_run, "segmentation", norm_after_merge=False)
+
+
+def dry_run_counts(workdir: Path, *args: str) -> dict[str, int]:
+    """Jobs per rule that `snakemake -n` plans; {} for "Nothing to be done"."""
+    result = snakemake(workdir, "-n", *args)
+    return {} if "Nothing to be done" in result.stdout + result.stderr else job_counts(result.stdout)
+
+
+# What depends on toy_sd3_random's weights in the default DAG: its t = 8 sweep (6 timesteps) and empty-prompt caches,
+# their scorings (4 normalisation variants), tables, figure, the toy-world summary and 5 report pages.
+NEW_WEIGHTS_JOBS = {
+    "build_tiny_model": 1, "extract_attention_sweep_shard": 1, "extract_attention_sweep": 1,
+    "extract_unsupervised_attention_shard": 1, "extract_unsupervised_attention": 1, "score_layers": 6,
+    "score_normalisation_variant": 4, "score_unsupervised": 1, "per_layer_table": 1, "per_layer_figure": 1,
+    "normalisation_table": 1, "timestep_sweep": 1, "unsupervised_table": 1, "toy_world_summary": 1, "table_page": 5,
+    "run_info": 1, "all": 1,
+}
+# What depends on the toy-shapes dataset: every cache of every view of it (10 t = 8 and 2 sweep caches, 7 empty-prompt
+# ones), their scorings, tables and figures, the appendix targets, the head scoring and the toy generations' figure;
+# not the models, nor the generation analyses (DrawBench prompts).
+NEW_DATA_JOBS = {
+    "prepare_toy_shapes": 1, "extract_attention_shard": 10, "extract_attention": 10, "extract_attention_sweep_shard": 2,
+    "extract_attention_sweep": 2, "extract_unsupervised_attention_shard": 7, "extract_unsupervised_attention": 7,
+    "score_heads": 1, "toy_generations": 1, "fig04_head_miou": 1, "appendix_overlays": 6, "score_layers": 22,
+    "score_normalisation_variant": 12, "score_unsupervised": 7, "table_page": 17, "appendix_per_layer": 3,
+    "main_table": 2, "normalisation_table": 3, "per_layer_table": 2, "timestep_sweep": 3, "unsupervised_table": 2,
+    "fig02_timestep": 1, "per_layer_figure": 2, "tab01_normalisation": 1, "toy_world_summary": 1, "run_info": 1,
+    "all": 1,
+}
+
+
+@pytest.mark.slow
+def test_a_content_change_replans_exactly_what_depends_on_it(toy_run):
+    """The issue's reproduction as dry runs of the whole default DAG: a config change that rewrites a model's weights
+    or the dataset at the same path plans the job that rewrites it and every job downstream of it, as forcing that
+    job does (Snakemake's own closure of its dependents), and nothing else; run_info records the config, so it
+    re-runs for any config change."""
+    original = yaml.safe_load((toy_run / "config.yaml").read_text())
+    assert dry_run_counts(toy_run) == {}
+    forced_build = dry_run_counts(toy_run, "--forcerun", "results/models/toy_sd3_random")
+    forced_prepare = dry_run_counts(toy_run, "--forcerun", "prepare_toy_shapes")
+    try:
+        changed = copy.deepcopy(original)
+        changed["models"]["toy_sd3_random"]["build"]["seed"] = 1
+        write_config(toy_run, changed)
+        new_weights = dry_run_counts(toy_run)
+        changed = copy.deepcopy(original)
+        changed["toy_shapes"]["seed"] = 1
+        write_config(toy_run, changed)
+        new_data = dry_run_counts(toy_run)
+    finally:
+        write_config(toy_run, original)
+    assert new_weights == forced_build | {"run_info": 1} == NEW_WEIGHTS_JOBS
+    assert new_data == forced_prepare | {"run_info": 1} == NEW_DATA_JOBS
+    assert dry_run_counts(toy_run) == {}
 
 
 @pytest.mark.slow

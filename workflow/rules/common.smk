@@ -1,5 +1,6 @@
 # Config checks and the small helpers the rules share.
 
+import functools
 import json
 import os
 import re
@@ -96,8 +97,8 @@ def model_mem_mb(wildcards):
 
 
 def model_inputs(wildcards):
-    """The built model folder, the trained toy model's index file, or the record of a Hugging Face model's
-    download (rule download_model), so that GPU jobs never download."""
+    """The built model folder, the trained toy model's index file, the record of a Hugging Face model's
+    download (rule download_model), so that GPU jobs never download, or every file of a local model folder."""
     model = model_config(wildcards)
     if "build" in model:
         return [model["source"]]
@@ -105,7 +106,17 @@ def model_inputs(wildcards):
         return [f"{model['source']}/model_index.json"]  # so that retraining it re-runs its analyses
     if not looks_like_local_path(model["source"]):
         return [f"results/model_downloads/{wildcards.model}.json"]
-    return []
+    return local_model_files(model["source"])
+
+
+@functools.cache
+def local_model_files(source):
+    """Every file of a model folder that no rule builds (a save_pretrained folder): new weights or configs at the
+    same path are newer inputs, so `snakemake -n` plans what read them. Hidden folders (a download tool's
+    metadata) are left out."""
+    root = Path(source).expanduser()
+    return sorted(str(path) for path in root.rglob("*")
+                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
 
 
 def prepared_root(wildcards):

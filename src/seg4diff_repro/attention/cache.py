@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,47 @@ def write_cached_image(folder: Path, entry: CachedImage) -> Path:
     return path
 
 
-def rebuild_command(folder: Path) -> str:
-    """The command that re-runs the extraction job writing ``folder``: it recomputes only missing or unreadable files."""
-    return f"snakemake --forcerun {Path(folder) / 'manifest.json'}"
+def shard_records(folder: Path, image_ids: Collection[str] = ()) -> list[Path]:
+    """The shard records (workflow/rules/attention.smk) of the extraction jobs that write cache ``folder``:
+    ``<folder>/shards/*.json``, or for a timestep-sweep cache ``sweep/t{k}`` the sweep's ``sweep/shards/*.json``.
+    With ``image_ids``, only those whose shard holds one of these images (all of them if none lists one)."""
+    folder = Path(folder)
+    records = sorted((folder.parent if folder.parent.name == "sweep" else folder).joinpath("shards").glob("*.json"))
+    if not image_ids:
+        return records
+
+    def holds_image(record: Path) -> bool:
+        try:
+            caches = json.loads(record.read_text())["caches"]
+            return any(not set(image_ids).isdisjoint(cache["image_ids"]) for cache in caches)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    return [record for record in records if holds_image(record)] or records
+
+
+def rebuild_command(folder: Path, image_ids: Collection[str] = ()) -> str:
+    """The command that re-runs the extraction shard job(s) writing ``folder`` (or its images ``image_ids``), which
+    recompute only missing or unreadable files, and then the gather job that checks the cache and writes its manifest.
+
+    The manifest is the gather job's output, so forcing it alone would re-check the damaged file, not recompute it:
+    the forced jobs are the shard jobs, named by their records; without records, by their rule.
+    """
+    folder = Path(folder)
+    records = shard_records(folder, image_ids)
+    if folder.parent.name == "sweep":
+        rule = "extract_attention_sweep_shard"
+    elif "attention_null" in folder.parts:
+        rule = "extract_unsupervised_attention_shard"
+    else:
+        rule = "extract_attention_shard"
+    forced = [str(record) for record in records] or [rule]
+    return f"snakemake {folder / 'manifest.json'} --forcerun {' '.join(forced)}"
+
+
+# What follows a rebuild command in the messages: the command names the default config's run.
+RERUN_NOTE = ("add the --configfile and --config of your run, if it had any; then run your command again, which "
+              "re-runs what depends on the cache")
 
 
 class DamagedCacheError(OSError):
@@ -106,14 +145,14 @@ def read_cached_image(folder: Path, image_id: str) -> CachedImage:
             )
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"attention cache file {path} is missing: `{rebuild_command(folder)}` re-runs the extraction job that "
-            "writes it (it recomputes only missing or unreadable files), then what depends on it"
+            f"attention cache file {path} is missing: `{rebuild_command(folder, [image_id])}` re-runs the extraction "
+            f"job that writes it (it recomputes only missing or unreadable files); {RERUN_NOTE}"
         ) from None
     except Exception as error:  # zipfile.BadZipFile, EOFError, zlib.error, KeyError, ValueError: all mean damaged
         raise DamagedCacheError(
-            f"attention cache file {path} is damaged ({type(error).__name__}: {error}): `{rebuild_command(folder)}` "
-            "re-runs the extraction job that writes it (it recomputes only missing or unreadable files), then what "
-            "depends on it"
+            f"attention cache file {path} is damaged ({type(error).__name__}: {error}): "
+            f"`{rebuild_command(folder, [image_id])}` re-runs the extraction job that writes it (it recomputes only "
+            f"missing or unreadable files); {RERUN_NOTE}"
         ) from error
 
 

@@ -17,7 +17,7 @@ import torch
 
 from seg4diff_repro.atomic import remove_leftover_temp_files
 from seg4diff_repro.attention.cache import (
-    CACHE_FORMAT, CachedImage, cache_path, cached_key, settings_key, write_cached_image,
+    CACHE_FORMAT, RERUN_NOTE, CachedImage, cache_path, cached_key, rebuild_command, settings_key, write_cached_image,
 )
 from seg4diff_repro.attention.recorder import AttentionRecorder
 from seg4diff_repro.datasets import SegmentationDataset
@@ -188,19 +188,22 @@ def gather_shards(shards: list[dict], dataset_root: Path) -> list[dict]:
                  if record["out_dir"] != folder or record["key"] != first["key"]]
         if stale:
             raise ValueError(f"{folder}: shards {stale} were extracted with other settings, code, model or data "
-                             f"than shard {ordered[0]['shard']}; re-run the extraction rule (they recompute)")
+                             f"than shard {ordered[0]['shard']}: `{rebuild_command(Path(folder))}` re-runs the "
+                             f"extraction (they recompute); {RERUN_NOTE}")
         settings = ExtractionSettings.from_dict(first["settings"])
         dataset = SegmentationDataset(dataset_root, settings.split, background=settings.background,
                                       limit=settings.limit)
         image_ids = [image_id for record in records for image_id in record["image_ids"]]
         if image_ids != dataset.ids:
             raise ValueError(f"{folder}: the shards hold {len(image_ids)} images, {dataset_root} split "
-                             f"{settings.split!r} has {len(dataset.ids)} (or another order); re-run the extraction rule")
+                             f"{settings.split!r} has {len(dataset.ids)} (or another order): "
+                             f"`{rebuild_command(Path(folder))}` re-runs the extraction; {RERUN_NOTE}")
         key = settings_key({**asdict(settings), **first["inputs"]})
         missing = [image_id for image_id in image_ids if cached_key(Path(folder), image_id) != key]
         if missing:
             raise ValueError(f"{folder}: {len(missing)} cache files are missing or hold other settings (first: "
-                             f"{cache_path(Path(folder), missing[0])}); re-run the extraction rule, which recomputes them")
+                             f"{cache_path(Path(folder), missing[0])}): `{rebuild_command(Path(folder), missing)}` "
+                             f"re-runs the extraction shards that write them, which recompute only those; {RERUN_NOTE}")
         manifest = {name: first[name] for name in _SHARED_MANIFEST_FIELDS} | {
             "image_ids": image_ids,
             "shards": [{"shard": shard["shard"], "images": len(record["image_ids"]), **shard["run"]}
