@@ -1,9 +1,9 @@
 """Cost of attention capture at the real model sizes (random weights, bf16, 1024²).
 
 Prints a Markdown table: time and extra peak memory of a plain forward, of `AttentionRecorder` at one
-layer / all joint layers (head mean from the fused Triton kernel and from torch ops, and per head), and of the official code's naive method (full
-softmaxed joint matrix per head, then sliced), each as a ratio to the plain forward and to the naive
-method at the same layers. Variants are timed in interleaved rounds (so clock or allocator drift hits
+layer / all joint layers (head mean from the fused Triton kernel and from torch ops, and per head), and of the
+official code's naive method (full softmaxed joint matrix per head, then sliced), each as a ratio to the
+plain forward and to the naive method at the same layers. Variants are timed in interleaved rounds (so clock or allocator drift hits
 all alike) at batch 1, where a diffusers forward is partly bound by Python's kernel launches, and at
 batch 4, where the GPU is the bottleneck. Also checks that outputs with the recorder are bit-identical.
 
@@ -189,7 +189,7 @@ def run(name: str, batch: int, rounds: int) -> list[dict]:
             "extra_peak_vs_plain": (peak - base_peak) / base_peak,
         })
     rows[0]["bit_identical"] = outputs_bit_identical(model, inputs, lambda: AttentionRecorder(model, None, heads="mean"))
-    del model
+    model = None  # the variants' closures hold the name: drop the weights before emptying the cache
     torch.cuda.empty_cache()
     return rows
 
