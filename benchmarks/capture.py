@@ -3,9 +3,9 @@
 Prints a Markdown table: time and extra peak memory of a plain forward, of `AttentionRecorder` at one
 layer / all joint layers (head mean from the fused Triton kernel and from torch ops, and per head), and of the
 official code's naive method (full softmaxed joint matrix per head, then sliced), each as a ratio to the
-plain forward and to the naive method at the same layers. Variants are timed in interleaved rounds (so clock or allocator drift hits
-all alike) at batch 1, where a diffusers forward is partly bound by Python's kernel launches, and at
-batch 4, where the GPU is the bottleneck. Also checks that outputs with the recorder are bit-identical.
+plain forward and to the naive method at the same layers. Variants are timed in interleaved rounds (so clock or
+allocator drift hits all alike) at batch 1, where a diffusers forward is partly bound by Python's kernel
+launches, and at batch 4, where the GPU is the bottleneck. Also checks that outputs with the recorder are bit-identical.
 
     python benchmarks/capture.py --models sd3 flux --out benchmarks/capture_results.json
 """
