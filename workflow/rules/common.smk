@@ -1,6 +1,5 @@
 # Config checks and the small helpers the rules share.
 
-import functools
 import json
 import os
 import re
@@ -109,11 +108,10 @@ def model_inputs(wildcards):
     return local_model_files(model["source"])
 
 
-@functools.cache
 def local_model_files(source):
-    """Every file of a model folder that no rule builds (a save_pretrained folder): new weights or configs at the
-    same path are newer inputs, so `snakemake -n` plans what read them. Hidden folders (a download tool's
-    metadata) are left out."""
+    """Every file of a model folder the workflow does not build itself, one written by save_pretrained. New weights
+    or configs at the same path are then newer inputs, so `snakemake -n` plans what read them. Hidden folders (a
+    download tool's metadata) are left out."""
     root = Path(source).expanduser()
     return sorted(str(path) for path in root.rglob("*")
                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
