@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 
 def heading(title: str, md_path: Path | str) -> str:
     """The Markdown heading of a table written to ``md_path``: the title, and which outputs it belongs to (the folder
@@ -11,3 +13,8 @@ def heading(title: str, md_path: Path | str) -> str:
     folder = Path(md_path).parent
     outputs = f" ({folder.name} outputs)" if folder.parent.name == "paper_tables" else ""
     return f"# {title}{outputs}\n\n"
+
+
+def markdown_body(table: pd.DataFrame) -> str:
+    """A table's rows as Markdown, two decimals; missing values (the paper's, mostly) as blanks, not "nan"."""
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from seg4diff_repro.datasets.layout import atomic_write_bytes
-from seg4diff_repro.tables import heading
+from seg4diff_repro.tables import heading, markdown_body
 
 METRICS = ["pACC", "mACC", "mIoU"]
 # Prompts past the 77-token window (issue 11 item 5): both rules' mIoU, labelled, beside the headline one.
@@ -64,8 +64,7 @@ def write_per_layer_table(
     markdown = (
         heading(f"Per-layer open-vocabulary segmentation: {first['model']} on {first['dataset']}", md_path)
         + f"{provenance}.\n\nScores in percent; `paper_mIoU` is empty where the paper reports no number.\n\n"
-        # object dtype so that missing paper values print as blanks, not "nan"
-        + table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
+        + markdown_body(table)
         + "\n"
     )
     atomic_write_bytes(Path(md_path), markdown.encode())

@@ -10,7 +10,7 @@ import pandas as pd
 
 from seg4diff_repro.datasets.layout import atomic_write_bytes
 from seg4diff_repro.tables.per_layer import METRICS, PROTOCOL, overflow_columns, paper_ovss_miou
-from seg4diff_repro.tables import heading
+from seg4diff_repro.tables import heading, markdown_body
 
 PROVENANCE = (
     "model", "dataset", *PROTOCOL, "matching", "scored_classes", "resize", "attention", "seed", "images",
@@ -78,17 +78,11 @@ def settings_line(provenance: pd.Series) -> str:
     return ", ".join(f"{key} = {provenance[key]}" for key in PROVENANCE if key in provenance)
 
 
-def _markdown_body(table: pd.DataFrame) -> str:
-    # object dtype so that missing values (the paper's, mostly) print as blanks, not "nan"
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
-
-
 def write_table(table: pd.DataFrame, provenance: pd.Series, title: str, note: str, csv_path: Path, md_path: Path) -> None:
     """CSV and Markdown (headed by the settings that produced the numbers)."""
     atomic_write_bytes(Path(csv_path), table.to_csv(index=False, float_format="%.2f").encode())
-    atomic_write_bytes(
-        Path(md_path), f"{heading(title, md_path)}{settings_line(provenance)}.\n\n{note}\n\n{_markdown_body(table)}\n".encode()
-    )
+    markdown = f"{heading(title, md_path)}{settings_line(provenance)}.\n\n{note}\n\n{markdown_body(table)}\n"
+    atomic_write_bytes(Path(md_path), markdown.encode())
 
 
 def write_panel_table(
@@ -116,8 +110,8 @@ def write_panel_table(
     shown = pd.concat([rows.assign(panel=label) for label, rows, _ in panels], ignore_index=True)
     settings = "\n\n".join(f"**{label}**: {settings_line(provenance)}." for label, _, provenance in panels)
     atomic_write_bytes(Path(md_path), (
-        f"{heading(title, md_path)}Settings of each panel (the rows whose `panel` column names it):\n\n{settings}\n\n{note}\n\n"
-        f"{_markdown_body(shown)}\n"
+        f"{heading(title, md_path)}Settings of each panel (the rows whose `panel` column names it):\n\n"
+        f"{settings}\n\n{note}\n\n{markdown_body(shown)}\n"
     ).encode())
     return table
 
