@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # the report pages import this package in envs/datasets.yaml, which has no pandas
+    import pandas as pd
 
 
 def heading(title: str, md_path: Path | str) -> str:
