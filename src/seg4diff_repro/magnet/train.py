@@ -19,13 +19,12 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
 from seg4diff_repro.atomic import atomic_write_bytes, atomic_write_json
 from seg4diff_repro.attention.logits_tap import I2TLogitsTap
-from seg4diff_repro.magnet.data import MaskExample
 from seg4diff_repro.magnet.lora import (
     LORA_TARGETS,
     AttentionScoreHead,
@@ -34,10 +33,13 @@ from seg4diff_repro.magnet.lora import (
     lora_state_dict,
     save_adapter,
 )
-from seg4diff_repro.magnet.losses import DICE_WEIGHT, FOCAL_WEIGHT, flow_matching_loss, mask_losses
-from seg4diff_repro.magnet.matching import class_token_maps, hungarian_match
+from seg4diff_repro.magnet.losses import flow_matching_loss, mask_losses, total_loss
+from seg4diff_repro.magnet.matching import class_token_maps, classes_in_prompt, hungarian_match
 from seg4diff_repro.models.common import encode_normalised_latents
 from seg4diff_repro.progress import progress
+
+if TYPE_CHECKING:
+    from seg4diff_repro.magnet.data import MaskExample
 
 CHECKPOINT_PATTERN = "iter_{:06d}.pt"
 LOG = logging.getLogger(__name__)
@@ -185,10 +187,15 @@ class MagnetTrainer:
         masks = example.masks.to(candidates.device)
         if self.recipe.protocol == "coco":
             tokenizer = self.adapter.tokenizer
-            ids = tokenizer(example.prompt.lower(), padding="max_length", max_length=candidates.shape[0],
-                            truncation=True, return_tensors="pt").input_ids[0]
+            # Truncated to the 77 positions, not padded; a class whose words fell past them is dropped with its
+            # mask, as the official trainer does.
+            ids = tokenizer(example.prompt.lower(), max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids[0].to(candidates.device)
             words = [tokenizer(name.lower(), add_special_tokens=False).input_ids for name in example.class_names]
-            return class_token_maps(candidates, ids.to(candidates.device), words), masks
+            kept = classes_in_prompt(ids, words)
+            if not kept:
+                return candidates[:0], masks[:0]
+            return class_token_maps(candidates, ids, [words[i] for i in kept]), masks[kept]
         with torch.no_grad():
             chosen, matched = hungarian_match(candidates.float(), masks, focal_p_t_from=self.recipe.focal_p_t_from)
         return candidates[chosen], masks[matched]
@@ -209,12 +216,14 @@ class MagnetTrainer:
             pairs = [self._predictions(self._candidates(tap.logits[i], adapter.token_grid), example)
                      for i, example in enumerate(examples)]
         flow = flow_matching_loss(velocity.float(), noise, latents)
-        num_masks = max(sum(len(example.masks) for example in examples), 1)
+        # The official divisor: the ground-truth masks of the batch (Hungarian), the classes kept (identity);
+        # at least 1 here, where the official identity matching would divide by zero.
+        counted = pairs if recipe.protocol == "coco" else [(None, example.masks) for example in examples]
+        num_masks = max(sum(len(masks) for _, masks in counted), 1)
         predictions = torch.cat([prediction.float() for prediction, _ in pairs])
-        masks = torch.cat([mask for _, mask in pairs]).float()
+        masks = torch.cat([mask.to(predictions.device) for _, mask in pairs]).float()
         terms = mask_losses(predictions, masks, num_masks, focal_p_t_from=recipe.focal_p_t_from)
-        total = flow + FOCAL_WEIGHT * terms["focal"] + DICE_WEIGHT * terms["dice"]
-        return {"loss": total, "flow_matching": flow, **terms}
+        return {"loss": total_loss(flow, terms["focal"], terms["dice"]), "flow_matching": flow, **terms}
 
     def step(self) -> dict[str, float]:
         """One optimiser step (``gradient_accumulation`` micro-batches); returns the losses and learning rates."""
@@ -224,7 +233,7 @@ class MagnetTrainer:
             losses = self._loss(micro_step)
             self.scaler.scale(losses["loss"] / recipe.gradient_accumulation).backward()
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value) / recipe.gradient_accumulation
+                sums[name] = sums.get(name, 0.0) + value.item() / recipe.gradient_accumulation
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, recipe.clip_grad_norm))
         self.scaler.step(self.optimizer)
