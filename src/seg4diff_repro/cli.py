@@ -14,6 +14,7 @@ from pathlib import Path
 from seg4diff_repro.cli_attention_figures import add_attention_figure_commands
 from seg4diff_repro.cli_datasets import add_dataset_commands
 from seg4diff_repro.cli_generation import add_generation_commands
+from seg4diff_repro.cli_magnet import add_magnet_commands
 from seg4diff_repro.cli_help import MAIN_EPILOG, HelpFormatter, finish_commands
 from seg4diff_repro.cli_segmentation_appendix import add_segmentation_appendix_commands
 from seg4diff_repro.cli_toy import add_toy_commands
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_commands(commands)
     add_toy_commands(commands)
+    add_magnet_commands(commands)
     add_report_commands(commands)
     add_generation_commands(commands)
     add_attention_figure_commands(commands)

@@ -140,6 +140,17 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "role_dataset": "the paper's name of the dataset stood in for",
         },
     ),
+    "magnet-train": (
+        "--settings", "an object describing one MAGNET run",
+        "in workflow/rules/magnet.smk (magnet_settings) from magnet.runs.<run>, its base model and data",
+        {
+            "run": "the run's name (magnet.runs.<run>)",
+            "model": "the base model: name, backbone, source, revision, dtype",
+            "data": "the training set: format (labels or sa1b), root, split, background, prompt, coco_crop, limit",
+            "recipe": "the fields of MagnetRecipe (seg4diff_repro.magnet.train); the official values by default",
+            "validation": "for checkpoint_policy best: root and ExtractionSettings of the validation set, or null",
+        },
+    ),
 }
 for _command in ("value-norms", "pca-qkv-figure", "token-maps-figure"):
     SETTINGS_JSON[_command] = (
@@ -152,6 +163,7 @@ for _command in ("value-norms", "pca-qkv-figure", "token-maps-figure"):
 COMMAND_GROUPS = {
     "Data and models": [
         "download", "download-model", "prepare-dataset", "make-toy-shapes", "build-tiny-model", "train-toy-model",
+        "magnet-train",
     ],
     "Attention maps and segmentation scores": [
         "extract-attention", "gather-attention", "score-layers", "score-unsupervised", "score-heads",
