@@ -37,6 +37,7 @@ STAGE_MODULES = {
     ),
     "generation": ("seg4diff_repro.generation.runs", "seg4diff_repro.generation.sampling"),
     "models": ("seg4diff_repro.models.tiny", "seg4diff_repro.models.tiny_flux"),
+    "magnet": ("seg4diff_repro.magnet.train",),
     "package": ("seg4diff_repro.cli",),
 }
 
@@ -53,6 +54,7 @@ COMMAND_STAGES = {
     "score-heads": "scoring",
     "generate-run": "generation",
     "value-norms": "generation",
+    "magnet-train": "magnet",
 }
 # Downloads are verified by checksum (models: by commit, in the caches' keys), and training the toy model is a GPU job that its own rule's
 # settings and an explicit --forcerun decide: neither re-runs because the package changed.
