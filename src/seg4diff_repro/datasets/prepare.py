@@ -554,17 +554,22 @@ def git_blob_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_caption_file(path: Path, archive_key: str) -> dict[str, str]:
-    """An official caption file ({image id: caption}), checked against its git blob id at the pinned commit."""
-    archive = sources.ARCHIVES[archive_key]
-    if archive.git_blob is not None:
-        actual = git_blob_id(path)
-        if actual != archive.git_blob:
-            raise PrepareError(
-                f"{path} is not the official {archive.filename}: its git blob id is {actual}, the file at commit "
-                f"{sources.SEG4DIFF_COMMIT[:7]} of github.com/cvlab-kaist/Seg4Diff has {archive.git_blob}. Delete it "
-                f"and download it again from {archive.urls[0]}"
-            )
+def check_git_blob(path: Path, archive: sources.Archive) -> None:
+    """Refuse a file of a git repository whose content is not the blob of the pinned commit's tree."""
+    if archive.git_blob is None:
+        return
+    actual = git_blob_id(path)
+    if actual != archive.git_blob:
+        raise PrepareError(
+            f"{path} is not the official {archive.filename}: its git blob id is {actual}, the file at commit "
+            f"{sources.SEG4DIFF_COMMIT[:7]} of github.com/cvlab-kaist/Seg4Diff has {archive.git_blob}. Delete it and "
+            f"download it again from {archive.urls[0]} (or pin another file with "
+            f"data.source_overrides.{archive.key}.checksum)"
+        )
+
+
+def _load_caption_file(path: Path) -> dict[str, str]:
+    """An official caption file: {image id: caption}."""
     try:
         captions = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -576,8 +581,14 @@ def _load_caption_file(path: Path, archive_key: str) -> dict[str, str]:
     return captions
 
 
-def _caption_candidates(raw: Path, filename: str) -> list[Path]:
-    return [raw / filename, raw / "captions" / filename, raw / "datasets" / "captions" / filename]
+def _existing_caption_file(raw: Path, archive_key: str) -> Path:
+    """The official caption file in an existing raw copy, checked against its git blob id (archives are
+    checked by prepare_dataset, unless a checksum override pins another file)."""
+    archive = sources.ARCHIVES[archive_key]
+    name = archive.filename
+    path = _first_file([raw / name, raw / "captions" / name, raw / "datasets" / "captions" / name], name, raw)
+    check_git_blob(path, archive)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -599,13 +610,13 @@ def _coco_stuff171_train_locate(raw: Path) -> dict[str, Any]:
             raw,
             "*.png",
         ),
-        "captions": _first_file(_caption_candidates(raw, "train_caption_coco.json"), "train_caption_coco.json", raw),
+        "captions": _existing_caption_file(raw, "seg4diff_train_caption_coco"),
     }
 
 
 def _coco_stuff171_train_stage(archives: Mapping[str, Path], work: Path) -> dict[str, Any]:
     captions = archives["seg4diff_train_caption_coco"]
-    ids = sorted(_load_caption_file(captions, "seg4diff_train_caption_coco"))
+    ids = sorted(_load_caption_file(captions))
     with SafeArchive(archives["coco_train2017_images"]) as arc:
         wanted = {f"train2017/{i}.jpg" for i in ids}
         missing = sorted(wanted - set(arc.members))
@@ -622,7 +633,7 @@ def _coco_stuff171_train_stage(archives: Mapping[str, Path], work: Path) -> dict
 
 
 def _coco_stuff171_train_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
-    captions = _load_caption_file(paths["captions"], "seg4diff_train_caption_coco")
+    captions = _load_caption_file(paths["captions"])
     ids = sorted(captions)
     bad = [i for i in ids if not re.fullmatch(r"\d{12}", i)]
     if bad:
@@ -702,7 +713,7 @@ class _Sa1bMembers:
 def _sa1b_sa_000020_locate(raw: Path) -> dict[str, Any]:
     return {
         "folder": raw,
-        "captions": _first_file(_caption_candidates(raw, "train_caption_sa1b.json"), "train_caption_sa1b.json", raw),
+        "captions": _existing_caption_file(raw, "seg4diff_train_caption_sa1b"),
     }
 
 
@@ -766,7 +777,7 @@ def _sa1b_one(image_id: str, members: _Sa1bMembers, w: _Writer) -> dict[str, int
 
 
 def _sa1b_sa_000020_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
-    captions = _load_caption_file(paths["captions"], "seg4diff_train_caption_sa1b")
+    captions = _load_caption_file(paths["captions"])
     members = _Sa1bMembers(paths)
     try:
         uncaptioned = [i for i in members.ids if i not in captions]
@@ -895,6 +906,8 @@ def prepare_dataset(
                         raise error(_missing_archive_message(archive, path))
                     checksum = (checksums or {}).get(archive.key, archive.checksum)
                     algo, digest = verify_file(path, checksum, origin=path)
+                    if checksum == archive.checksum:  # an override pins another file (a mirror's, a test's)
+                        check_git_blob(path, archive)
                     archive_paths[archive.key] = path
                     archive_info.append(
                         {
@@ -904,6 +917,7 @@ def prepare_dataset(
                             "checksum": f"{algo}:{digest}",
                             "checksum_published": archive.checksum is not None and checksum == archive.checksum,
                             "checksum_source": archive.checksum_source if checksum == archive.checksum else "override",
+                            **({"git_blob": archive.git_blob} if archive.git_blob and checksum == archive.checksum else {}),
                         }
                     )
                 log.info("%s: extracting the needed members into %s", name, work)

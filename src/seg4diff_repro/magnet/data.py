@@ -149,7 +149,7 @@ def _pad_or_crop(array: np.ndarray, size: int, value: int) -> np.ndarray:
 def _model_input(image: np.ndarray, sizes: MagnetSizes) -> tuple[torch.Tensor, tuple[int, int]]:
     """/255, zero padding to a multiple of size_divisibility (bottom and right), bilinear stretch to S×S;
     returns the input and the padded grid (the masks' grid)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
     height, width = tensor.shape[-2:]
     div = sizes.size_divisibility
     padded = (-(-height // div) * div, -(-width // div) * div)
