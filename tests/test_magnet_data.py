@@ -237,18 +237,61 @@ def test_sa1b_examples_follow_the_official_mapper(server, tmp_path):
 
 
 def test_sa1b_mask_filter_matches_a_hand_built_case():
-    grid = (10, 20)  # 200 px: 0.5 % is 1 px, so a mask must have at least 2 pixels
+    grid_area = 10 * 20  # 200 px: 0.5 % is 1 px, so a mask must have at least 2 pixels
     areas = [1, 0, 2, 150, 3, 3, *range(4, 40)]  # 42 masks; two of area 3 tie
-    masks = np.zeros((len(areas), *grid), dtype=np.uint8)
-    for k, area in enumerate(areas):
-        masks[k].flat[:area] = 1
-    kept = select_sa1b_masks(masks, min_area_fraction=0.005, max_masks=32)
-    kept_areas = kept.reshape(len(kept), -1).sum(1).tolist()
+    kept = select_sa1b_masks(np.array(areas), grid_area, min_area_fraction=0.005, max_masks=32)
     # By hand: drop the areas 1 and 0; sort the other 40 largest first; keep 32: 150, 39, 38, ..., 9.
-    assert kept_areas == [150, *range(39, 8, -1)]
+    assert [areas[k] for k in kept] == [150, *range(39, 8, -1)]
+    assert kept[0] == 3 and kept[1] == len(areas) - 1
     # Ties keep the file's order; below 32 masks nothing is cut.
-    few = select_sa1b_masks(masks[[4, 5, 0]], min_area_fraction=0.005, max_masks=32)
-    assert np.array_equal(few, masks[[4, 5]])
+    assert select_sa1b_masks(np.array([3, 3, 1, 5]), grid_area).tolist() == [3, 0, 1]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under NumPy 2
+def test_sa1b_masks_equal_decoding_every_mask_at_a_fractional_scale(tmp_path):
+    """Masks too small to pass are not decoded: the result equals decoding, resizing and filtering all of them."""
+    from pycocotools import mask as mask_utils
+
+    root, rng = tmp_path / "sa", np.random.default_rng(4)
+    stored = []
+    for k in range(40):  # rectangles from 1 px up, many near the threshold
+        mask = np.zeros((15, 20), dtype=np.uint8)
+        height, width = rng.integers(1, 4 if k < 37 else 12, size=2)
+        top, left = rng.integers(0, 15 - height + 1), rng.integers(0, 20 - width + 1)
+        mask[top: top + height, left: left + width] = 1
+        stored.append(mask)
+    annotations = [{"id": k, "area": int(m.sum()), "segmentation": {
+        "size": [15, 20], "counts": mask_utils.encode(np.asfortranarray(m))["counts"].decode()}}
+        for k, m in sorted(enumerate(stored), key=lambda km: -int(km[1].sum()))]
+    save_image_jpeg(root / "JPEGImages" / "sa_7.jpg", rng.integers(0, 255, (15, 20, 3), dtype=np.uint8))
+    (root / "SAMasks").mkdir()
+    (root / "SAMasks" / "sa_7.json").write_text(json.dumps(
+        {"image_id": "sa_7", "height": 15, "width": 20, "source_size": [30, 40], "annotations": annotations}))
+    write_split(root, "train", ["sa_7"])
+    write_classes_json(root, ["object"], background_index=None)
+    write_captions(root, {"sa_7": "One. Two."})
+    write_manifest(root, {"generator": "test"})
+    # 20x15 -> 29x22 (scale 22/15: not an integer) -> padded to 32x24 (768 px; 0.5 % is 3.84 px).
+    sizes = MagnetSizes(image_size=16, short_edge=22, max_size=100, crop=22, official_crop=20, size_divisibility=8)
+    order = [ann["id"] for ann in annotations]
+    resized = [np.asarray(Image.fromarray(stored[k]).resize((29, 22), Image.Resampling.NEAREST)) for k in order]
+    areas = np.array([int(m.sum()) for m in resized])
+    passing = [k for k in np.argsort(-areas, kind="stable") if areas[k] / 768 > 0.005]
+    # Masks of at most 3 stored pixels (0.39 % of 768 at most) pass after the resize, others of 1 px do not.
+    assert any(ann["area"] <= 3 and k in passing for k, ann in enumerate(annotations))
+    assert any(ann["area"] == 1 and k not in passing for k, ann in enumerate(annotations))
+    # At 6 the cut falls inside a tie (four masks of 20 px), which the stored order (largest first) decides.
+    assert areas[passing[5]] == 20 and sum(areas[k] == 20 for k in passing[:6]) < (areas == 20).sum()
+    for max_masks in (6, 40):
+        ds = Sa1bMaskDataset(root, image_size=16, sizes=sizes, max_masks=max_masks)
+        keep = passing[:max_masks]
+        expected = np.zeros((len(keep), 24, 32), dtype=np.float32)
+        expected[:, :22, :29] = np.stack([resized[k] for k in keep])
+        flipped = expected.copy()
+        flipped[:, :22, :29] = expected[:, :22, :29][:, :, ::-1]
+        results = [ds.example(0, example_generator(seed, 0)).masks.numpy() for seed in range(6)]
+        assert all(np.array_equal(r, expected) or np.array_equal(r, flipped) for r in results)
+        assert any(np.array_equal(r, flipped) for r in results) and any(np.array_equal(r, expected) for r in results)
 
 
 def test_two_sentence_prompt_is_the_official_expression():

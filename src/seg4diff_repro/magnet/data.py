@@ -175,16 +175,14 @@ def two_sentence_prompt(caption: str, *, where: str = "caption") -> str:
     return pieces[0] + "." + pieces[1] + "."
 
 
-def select_sa1b_masks(masks: np.ndarray, *, min_area_fraction: float = 0.005, max_masks: int = 32) -> np.ndarray:
-    """The official ``prepare_targets(sort=True)`` on masks [N, Hp, Wp] already on the padded grid: drop masks
-    whose area is not above ``min_area_fraction`` of the padded image, sort by area (largest first; ties keep
-    their order), keep the first ``max_masks``."""
-    if masks.shape[0] == 0:
-        return masks
-    areas = masks.reshape(masks.shape[0], -1).sum(axis=1)
-    keep = np.flatnonzero(areas / (masks.shape[1] * masks.shape[2]) > min_area_fraction)
-    order = keep[np.argsort(-areas[keep], kind="stable")]
-    return masks[order[:max_masks]]
+def select_sa1b_masks(areas: np.ndarray, grid_area: int, *, min_area_fraction: float = 0.005,
+                      max_masks: int = 32) -> np.ndarray:
+    """The official ``prepare_targets(sort=True)``: the indices of the masks to keep, given their areas and the
+    padded image's area — masks not above ``min_area_fraction`` of it dropped, the rest largest first (ties
+    keep their order), at most ``max_masks``."""
+    areas = np.asarray(areas, dtype=np.int64)
+    keep = np.flatnonzero(areas / grid_area > min_area_fraction)
+    return keep[np.argsort(-areas[keep], kind="stable")][:max_masks]
 
 
 # ---------------------------------------------------------------------------
@@ -354,35 +352,46 @@ class Sa1bMaskDataset(_MaskDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _masks(self, image_id: str) -> np.ndarray:
+    def _candidate_masks(self, image_id: str, stored_hw: tuple[int, int], resized_hw: tuple[int, int],
+                         grid_area: int) -> list[np.ndarray]:
+        """The stored masks that can pass the area filter, decoded. A nearest resize by s repeats each row (column)
+        at most ceil(s) times, so a mask of area a has at most a·ceil(sy)·ceil(sx) pixels after it: masks whose
+        bound is not above the threshold are never decoded (exact: the filter on the resized masks decides)."""
         from pycocotools import mask as mask_utils
 
-        record = json.loads((self.root / MASK_DIR / f"{image_id}.json").read_text())
-        height, width = record["height"], record["width"]
-        rles = [dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode()) for ann in record["annotations"]]
+        path = self.root / MASK_DIR / f"{image_id}.json"
+        record = json.loads(path.read_text())
+        if (record["height"], record["width"]) != stored_hw:
+            raise ValueError(f"{path}: masks are {record['height']}x{record['width']}, the image {stored_hw[0]}x"
+                             f"{stored_hw[1]} (HxW); rebuild with `snakemake --forcerun prepare_sa1b_sa_000020`")
+        growth = (-(-resized_hw[0] // stored_hw[0])) * (-(-resized_hw[1] // stored_hw[1]))
+        rles = [dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+                for ann in record["annotations"] if ann["area"] * growth / grid_area > self.min_area_fraction]
         if not rles:
-            return np.zeros((0, height, width), dtype=np.uint8)
+            return []
         with warnings.catch_warnings():  # pycocotools <= 2.0.11 warns on every decode under NumPy 2
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pycocotools(\.|$)")
-            return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
+            decoded = mask_utils.decode(rles)  # [H, W, N]
+        return [decoded[:, :, k] for k in range(decoded.shape[2])]
 
     def example(self, index: int, generator: torch.Generator) -> MaskExample:
         image_id, sizes = self.ids[index], self.sizes
         with Image.open(self.root / IMAGE_DIR / f"{image_id}.jpg") as im:
             image = np.asarray(im.convert("RGB"))
-        masks = self._masks(image_id)
-        if masks.shape[1:] != image.shape[:2]:
-            raise ValueError(f"{self.root / MASK_DIR / image_id}.json: masks are {masks.shape[1:]}, the image "
-                             f"{image.shape[:2]}; rebuild with `snakemake --forcerun prepare_sa1b_sa_000020`")
-        height, width = resize_shortest_edge_shape(*image.shape[:2], sizes.short_edge, sizes.max_size)
+        stored_hw = image.shape[:2]
+        height, width = resize_shortest_edge_shape(*stored_hw, sizes.short_edge, sizes.max_size)
         image = _resize_image(image, height, width)
-        masks = np.stack([_resize_mask(m, height, width) for m in masks]) if len(masks) else \
-            np.zeros((0, height, width), dtype=np.uint8)
-        if _uniform(generator) < 0.5:  # RandomFlip (horizontal, p = 0.5)
-            image, masks = image[:, ::-1], masks[:, :, ::-1]
+        flip = _uniform(generator) < 0.5  # RandomFlip (horizontal, p = 0.5)
+        if flip:
+            image = image[:, ::-1]
         tensor, grid = _model_input(image, sizes)
-        masks = select_sa1b_masks(_pad_masks(masks, grid), min_area_fraction=self.min_area_fraction,
-                                  max_masks=self.max_masks)
+        resized = [_resize_mask(m, height, width)
+                   for m in self._candidate_masks(image_id, stored_hw, (height, width), grid[0] * grid[1])]
+        # Padding adds no mask pixels, so the areas on the resized grid are those on the padded one.
+        chosen = select_sa1b_masks(np.array([m.sum(dtype=np.int64) for m in resized]), grid[0] * grid[1],
+                                   min_area_fraction=self.min_area_fraction, max_masks=self.max_masks)
+        masks = np.stack([resized[k] for k in chosen]) if len(chosen) else np.zeros((0, height, width), np.uint8)
+        masks = _pad_masks(masks[:, :, ::-1] if flip else masks, grid)
         caption = self.captions[image_id]
         prompt = two_sentence_prompt(caption, where=f"caption of {image_id}") if self.short_caption else caption
         return MaskExample(image=tensor, prompt=prompt, masks=torch.from_numpy(masks.astype(np.float32)),
