@@ -47,7 +47,7 @@ def _run(func, args: argparse.Namespace) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from seg4diff_repro.datasets.download import LoginRequiredError, download, verify_file
+    from seg4diff_repro.datasets.download import DownloadError, LoginRequiredError, download, verify_file
 
     archive = sources.ARCHIVES[args.archive]
     dest = Path(args.dest) if args.dest else Path(args.downloads_dir) / archive.filename
@@ -56,17 +56,28 @@ def _download(args: argparse.Namespace) -> None:
         if not dest.is_file():
             raise LoginRequiredError(f"{dest} is missing.\n" + archive.instructions.format(downloads_dir=dest.parent))
         algo, digest = verify_file(dest, checksum, origin=dest)
-        log.info("%s is present and verified (%s %s)", dest, algo, digest)
+        if checksum is None:
+            log.warning(
+                "%s: no checksum is published for %s; recorded the %s of the file you placed, %s (pin it with "
+                "data.source_overrides.%s.checksum)", dest, archive.key, algo, digest, archive.key,
+            )
+        else:
+            log.info("%s is present and verified (%s %s)", dest, algo, digest)
         return
-    download(
-        args.url or list(archive.urls),
-        dest,
-        checksum,
-        retries=args.retries,
-        backoff=args.backoff,
-        timeout=args.timeout,
-        progress=not args.no_progress,
-    )
+    try:
+        download(
+            args.url or list(archive.urls),
+            dest,
+            checksum,
+            retries=args.retries,
+            backoff=args.backoff,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+        )
+    except DownloadError as err:
+        if not archive.instructions or type(err) is not DownloadError:  # a checksum mismatch says what to do
+            raise
+        raise DownloadError(f"{err}\n" + archive.instructions.format(downloads_dir=dest.parent)) from err
 
 
 def _prepare(args: argparse.Namespace) -> None:

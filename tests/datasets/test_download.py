@@ -136,4 +136,4 @@ def test_published_checksums_are_well_formed():
     assert sources.ARCHIVES["voc2012_trainval"].checksum == ("md5", "6cd6e144f989b92b3379bac3b3de84fd")
     counts = {n: d.expected_count for n, d in sources.DATASETS.items()}
     assert counts == {"voc21": 1449, "coco_object": 5000, "pc59": 5105, "ade150": 2000, "coco_stuff27": 5000,
-                      "cityscapes": 500}
+                      "cityscapes": 500, "coco_stuff171_train": 10001, "sa1b_sa_000020": None}

@@ -1,6 +1,7 @@
 # Evaluation datasets: download (resumable, checksum-verified) and prepare into the common layout
 # <data.root>/prepared/<name>/ (see docs/datasets.md). Targets: prepare_<name>, prepare_voc20 (the
-# background: drop view of voc21) and prepare_all.
+# background: drop view of voc21) and prepare_all. MAGNET's training sets, prepare_coco_stuff171_train and
+# prepare_sa1b_sa_000020 (SA-1B's tar is placed by hand), are not part of prepare_all.
 #
 # Config keys read: data.root; data.expected_counts.<name>; data.paths.<name> (folder of an existing raw copy: nothing is downloaded
 # for it); data.source_overrides.<archive key>.{url, checksum} (mirrors; the tests use a local server).
@@ -18,7 +19,7 @@ DS_COUNTS = config["data"].get("expected_counts") or {}
 DS_SOURCE_ARGS = {
     name: DS_SOURCES.rule_source_args(name, DS_DOWNLOADS, DS_PATHS, DS_OVERRIDES)
     + (f" --expected-count {DS_COUNTS[name]}" if name in DS_COUNTS else "")
-    for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
+    for name in (*DS_SOURCES.DATASET_NAMES, *DS_SOURCES.TRAINING_DATASET_NAMES)
 }
 
 
@@ -183,6 +184,52 @@ rule prepare_cityscapes:
         "../../envs/datasets.yaml"
     shell:
         "seg4diff-repro prepare-dataset --name cityscapes --out {params.out:q} {params.source} > {log:q} 2>&1"
+
+
+rule prepare_coco_stuff171_train:
+    input:
+        DS_SOURCES.rule_archive_inputs("coco_stuff171_train", DS_DOWNLOADS, DS_PATHS),
+    output:
+        DS_ROOT / "prepared" / "coco_stuff171_train" / "manifest.json",
+    params:
+        out=DS_ROOT / "prepared" / "coco_stuff171_train",
+        source=DS_SOURCE_ARGS["coco_stuff171_train"],
+    message:
+        "Preparing MAGNET's COCO training set (the official 10,001 train2017 images, COCO-Stuff-171 labels); writes {output}; progress in {log}"
+    log:
+        "logs/datasets/prepare_coco_stuff171_train.log",
+    benchmark:
+        "results/benchmarks/datasets/prepare_coco_stuff171_train.tsv"
+    resources:
+        mem_mb=2000,
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("coco_stuff171_train"),
+    conda:
+        "../../envs/datasets.yaml"
+    shell:
+        "seg4diff-repro prepare-dataset --name coco_stuff171_train --out {params.out:q} {params.source} > {log:q} 2>&1"
+
+
+rule prepare_sa1b_sa_000020:
+    input:
+        DS_SOURCES.rule_archive_inputs("sa1b_sa_000020", DS_DOWNLOADS, DS_PATHS),
+    output:
+        DS_ROOT / "prepared" / "sa1b_sa_000020" / "manifest.json",
+    params:
+        out=DS_ROOT / "prepared" / "sa1b_sa_000020",
+        source=DS_SOURCE_ARGS["sa1b_sa_000020"],
+    message:
+        "Preparing MAGNET's SA-1B training set (sa_000020, images and masks halved, captions); writes {output}; progress in {log}"
+    log:
+        "logs/datasets/prepare_sa1b_sa_000020.log",
+    benchmark:
+        "results/benchmarks/datasets/prepare_sa1b_sa_000020.tsv"
+    resources:
+        mem_mb=4000,
+        disk_mb=DS_SOURCES.rule_prepare_disk_mb("sa1b_sa_000020"),
+    conda:
+        "../../envs/datasets.yaml"
+    shell:
+        "seg4diff-repro prepare-dataset --name sa1b_sa_000020 --out {params.out:q} {params.source} > {log:q} 2>&1"
 
 
 # VOC20 is the background: drop view of voc21 (SegmentationDataset(..., background="drop")).

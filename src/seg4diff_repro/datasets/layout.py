@@ -7,6 +7,7 @@
   ImageSets/Segmentation/<split>.txt   one image id per line
   classes.json                          {"names": [...], "ignore_index": 255, "background_index": 0 | null}
   captions.json                         optional {image_id: caption}
+  SAMasks/<image_id>.json              instance masks as COCO RLE, instead of label maps (SA-1B only)
   manifest.json                         written LAST; its presence means "prepared and complete"
 ```
 """
@@ -30,6 +31,7 @@ from seg4diff_repro.atomic import atomic_write_bytes, atomic_write_json
 
 IMAGE_DIR = "JPEGImages"
 LABEL_DIR = "SegmentationClass"
+MASK_DIR = "SAMasks"
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 CLASSES_FILE = "classes.json"
 CAPTIONS_FILE = "captions.json"
@@ -168,6 +170,7 @@ def write_manifest(root: str | Path, extra: Mapping[str, Any]) -> dict[str, Any]
         for p in [
             *(root / IMAGE_DIR).glob("*"),
             *(root / LABEL_DIR).glob("*"),
+            *(root / MASK_DIR).glob("*"),
             *split_files,
             root / CLASSES_FILE,
             root / CAPTIONS_FILE,

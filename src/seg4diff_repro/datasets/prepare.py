@@ -16,8 +16,11 @@ archives in the downloads folder (only the members needed are extracted, through
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
+import re
 import shutil
 import sys
 import warnings
@@ -33,7 +36,17 @@ from PIL import Image
 from ..atomic import replace_folder_atomically
 from . import sources
 from .download import LoginRequiredError, SafeArchive, verify_file
-from .layout import save_image_jpeg, save_label_png, write_classes_json, write_manifest, write_split
+from .layout import (
+    IMAGE_DIR,
+    MASK_DIR,
+    atomic_write_json,
+    save_image_jpeg,
+    save_label_png,
+    write_captions,
+    write_classes_json,
+    write_manifest,
+    write_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -527,6 +540,284 @@ def _cityscapes_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> 
     )
 
 
+# ---------------------------------------------------------------------------
+# Caption files of the official repository (MAGNET's training lists and prompts)
+# ---------------------------------------------------------------------------
+
+
+def git_blob_id(path: Path) -> str:
+    """The git object id of a file's content: sha1 of ``b"blob <size>\\0"`` followed by the bytes."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_git_blob(path: Path, archive: sources.Archive) -> None:
+    """Refuse a file of a git repository whose content is not the blob of the pinned commit's tree."""
+    if archive.git_blob is None:
+        return
+    actual = git_blob_id(path)
+    if actual != archive.git_blob:
+        raise PrepareError(
+            f"{path} is not the official {archive.filename}: its git blob id is {actual}, the file at commit "
+            f"{sources.SEG4DIFF_COMMIT[:7]} of github.com/cvlab-kaist/Seg4Diff has {archive.git_blob}. Delete it and "
+            f"download it again from {archive.urls[0]} (or pin another file with "
+            f"data.source_overrides.{archive.key}.checksum)"
+        )
+
+
+def _load_caption_file(path: Path) -> dict[str, str]:
+    """An official caption file: {image id: caption}."""
+    try:
+        captions = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PrepareError(f"{path} is not valid JSON ({err}); delete it and download it again") from err
+    if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in captions.items()):
+        raise PrepareError(f"{path} must be a JSON object mapping image ids to caption strings")
+    if not captions:
+        raise PrepareError(f"{path} lists no image")
+    return captions
+
+
+def _existing_caption_file(raw: Path, archive_key: str) -> Path:
+    """The official caption file in an existing raw copy, checked against its git blob id (archives are
+    checked by prepare_dataset, unless a checksum override pins another file)."""
+    archive = sources.ARCHIVES[archive_key]
+    name = archive.filename
+    path = _first_file([raw / name, raw / "captions" / name, raw / "datasets" / "captions" / name], name, raw)
+    check_git_blob(path, archive)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# MAGNET's COCO training set (coco_stuff171_train): the official 10,001-image list, COCO-Stuff-171 labels
+# ---------------------------------------------------------------------------
+
+
+def _coco_stuff171_train_locate(raw: Path) -> dict[str, Any]:
+    return {
+        "images": _first_dir([raw / "train2017", raw / "images" / "train2017"], "COCO train2017 images", raw, "*.jpg"),
+        "maps": _first_dir(
+            [
+                raw / "stuffthingmaps_trainval2017" / "train2017",
+                raw / "stuffthingmaps" / "train2017",
+                raw / "annotations" / "train2017",
+                raw / "train2017",
+            ],
+            "COCO-Stuff stuffthingmaps train2017 PNGs",
+            raw,
+            "*.png",
+        ),
+        "captions": _existing_caption_file(raw, "seg4diff_train_caption_coco"),
+    }
+
+
+def _coco_stuff171_train_stage(archives: Mapping[str, Path], work: Path) -> dict[str, Any]:
+    captions = archives["seg4diff_train_caption_coco"]
+    ids = sorted(_load_caption_file(captions))
+    with SafeArchive(archives["coco_train2017_images"]) as arc:
+        wanted = {f"train2017/{i}.jpg" for i in ids}
+        missing = sorted(wanted - set(arc.members))
+        if missing:
+            raise PrepareError(
+                f"{arc.path} lacks {len(missing)} of the {len(ids)} images of {captions.name} (e.g. {missing[:3]}); "
+                "is it COCO's train2017.zip?"
+            )
+        arc.extract(work, wanted)
+    maps = work / "stuffthingmaps_trainval2017"
+    with SafeArchive(archives["cocostuff_stuffthingmaps_trainval2017"]) as arc:
+        arc.extract(maps, {f"train2017/{i}.png" for i in ids} & set(arc.members))
+    return {"images": work / "train2017", "maps": maps / "train2017", "captions": captions}
+
+
+def _coco_stuff171_train_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
+    captions = _load_caption_file(paths["captions"])
+    ids = sorted(captions)
+    bad = [i for i in ids if not re.fullmatch(r"\d{12}", i)]
+    if bad:
+        raise PrepareError(f"{paths['captions']}: {bad[:3]} are not COCO image ids (12 digits)")
+    # The official prepare_coco_stuff.py: listed stuffthingmaps values -> trainId, every other value -> 255.
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[:182] = IGNORE  # the 11 COCO ids no annotation uses
+    lut[IGNORE] = IGNORE
+    lut[np.asarray(classes["stuffthingmaps_values"])] = np.arange(len(classes["names"]))
+    for image_id in w.iterate(ids, "coco_stuff171_train"):
+        size = w.image(image_id, paths["images"] / f"{image_id}.jpg")
+        png = paths["maps"] / f"{image_id}.png"
+        label = _lut_apply(_read_index_png(png), lut, png, "COCO-Stuff's 0..181 and 255 (unlabeled)")
+        w.label(image_id, label, size, source=png)
+    write_captions(w.out, {i: captions[i] for i in ids})
+    return _Result(
+        ids,
+        {
+            "label_source": (
+                "stuffthingmaps_trainval2017 train2017 PNGs -> the 171 trainIds of the official "
+                "datasets/prepare_coco_stuff.py (unused ids and 255 -> 255)"
+            ),
+            "training_list": (
+                f"the keys of the official datasets/captions/train_caption_coco.json (commit "
+                f"{sources.SEG4DIFF_COMMIT[:7]}), as register_coco_stuff.py's coco_2017_train_subset_stuff_all_sem_seg"
+            ),
+            "captions": "captions.json holds the file's CogVLM captions (the official COCO prompt overrides them)",
+        },
+    )
+
+
+# ---------------------------------------------------------------------------
+# MAGNET's SA-1B training set (sa1b_sa_000020): images and masks halved, masks as COCO RLE
+# ---------------------------------------------------------------------------
+
+_SA_NAME = re.compile(r"(?:.*/)?(sa_\d+)\.(jpg|json)$")
+
+
+class _Sa1bMembers:
+    """The sa_<n>.jpg / sa_<n>.json pairs of the SA-1B tar (read in place) or of a folder."""
+
+    def __init__(self, paths: Mapping[str, Any]) -> None:
+        self._archive: SafeArchive | None = None
+        self._files: dict[tuple[str, str], Any] = {}
+        if "tar" in paths:
+            self._archive = SafeArchive(paths["tar"])
+            names = self._archive.names()
+            self.where = str(paths["tar"])
+        else:
+            names = [p.relative_to(paths["folder"]).as_posix() for p in paths["folder"].rglob("sa_*.*")]
+            self.where = str(paths["folder"])
+        for rel in names:
+            match = _SA_NAME.fullmatch(rel)
+            if match:
+                self._files[(match.group(1), match.group(2))] = rel if self._archive else paths["folder"] / rel
+        images = {i for i, ext in self._files if ext == "jpg"}
+        annotations = {i for i, ext in self._files if ext == "json"}
+        if not images:
+            raise MissingSourceError(f"{self.where} holds no SA-1B image (sa_<n>.jpg); is it an SA-1B shard?")
+        unpaired = sorted(images ^ annotations)
+        if unpaired:
+            raise PrepareError(
+                f"{self.where}: {len(unpaired)} SA-1B images or annotations lack their pair (e.g. {unpaired[:3]}); "
+                "the shard is incomplete: download it again"
+            )
+        self.ids = sorted(images, key=lambda i: int(i[3:]))
+
+    def read(self, image_id: str, ext: str) -> bytes:
+        where = self._files[(image_id, ext)]
+        return self._archive.read_bytes(where) if self._archive else Path(where).read_bytes()
+
+    def close(self) -> None:
+        if self._archive is not None:
+            self._archive.close()
+
+
+def _sa1b_sa_000020_locate(raw: Path) -> dict[str, Any]:
+    return {
+        "folder": raw,
+        "captions": _existing_caption_file(raw, "seg4diff_train_caption_sa1b"),
+    }
+
+
+def _sa1b_sa_000020_stage(archives: Mapping[str, Path], work: Path) -> dict[str, Any]:
+    # Members are read from the tar one by one: nothing is extracted.
+    return {"tar": archives["sa1b_sa_000020"], "captions": archives["seg4diff_train_caption_sa1b"]}
+
+
+def halved_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) halved and rounded: SA-1B's 2250x1500 becomes 1125x750 (the official datasets/README)."""
+    return max(1, int(width / 2 + 0.5)), max(1, int(height / 2 + 0.5))
+
+
+def _sa1b_one(image_id: str, members: _Sa1bMembers, w: _Writer) -> dict[str, int]:
+    from pycocotools import mask as mask_utils
+
+    where = f"{members.where} ({image_id}.json)"
+    try:
+        record = json.loads(members.read(image_id, "json"))
+        info, annotations = record["image"], record["annotations"]
+        height, width = int(info["height"]), int(info["width"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise PrepareError(f"{where} is not an SA-1B annotation file ({err!r})") from err
+    try:
+        with Image.open(io.BytesIO(members.read(image_id, "jpg"))) as im:
+            image = im.convert("RGB")
+    except (OSError, SyntaxError) as err:
+        raise PrepareError(f"cannot read {members.where} ({image_id}.jpg) ({err}); the shard is corrupt") from err
+    if image.size != (width, height):
+        raise PrepareError(f"{where} says {width}x{height} but {image_id}.jpg is {image.size[0]}x{image.size[1]} (WxH)")
+    new_w, new_h = halved_size(width, height)
+    save_image_jpeg(
+        w.out / IMAGE_DIR / f"{image_id}.jpg",
+        np.asarray(image.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.uint8),
+        quality=JPEG_QUALITY,
+    )
+    kept, counts = [], {"masks_in_source": len(annotations), "crowd": 0, "empty_after_halving": 0}
+    for ann in annotations:
+        if ann.get("iscrowd", 0):  # the official mapper keeps iscrowd == 0 only (SA-1B has none)
+            counts["crowd"] += 1
+            continue
+        segmentation = ann.get("segmentation")
+        if not isinstance(segmentation, dict) or "counts" not in segmentation:
+            raise PrepareError(f"{where}: annotation {ann.get('id')} has no COCO RLE segmentation")
+        mask = mask_utils.decode(segmentation)
+        if mask.shape != (height, width):
+            raise PrepareError(f"{where}: annotation {ann.get('id')} mask is {mask.shape[::-1]}, the image {width}x{height}")
+        half = np.asarray(Image.fromarray(mask).resize((new_w, new_h), Image.Resampling.NEAREST), dtype=np.uint8)
+        area = int(half.sum())
+        if area == 0:
+            counts["empty_after_halving"] += 1  # never a training mask: the official drops empty instances
+            continue
+        rle = mask_utils.encode(np.asfortranarray(half))
+        kept.append({"id": ann.get("id"), "area": area, "segmentation": {"size": [new_h, new_w], "counts": rle["counts"].decode()}})
+    kept.sort(key=lambda a: -a["area"])  # stable: equal areas keep the file's order
+    atomic_write_json(
+        w.out / MASK_DIR / f"{image_id}.json",
+        {"image_id": image_id, "height": new_h, "width": new_w, "source_size": [height, width], "annotations": kept},
+    )
+    return counts
+
+
+def _sa1b_sa_000020_convert(paths: Mapping[str, Any], w: _Writer, classes: dict) -> _Result:
+    captions = _load_caption_file(paths["captions"])
+    members = _Sa1bMembers(paths)
+    try:
+        uncaptioned = [i for i in members.ids if i not in captions]
+        ids = [i for i in members.ids if i in captions]
+        if not ids:
+            raise PrepareError(
+                f"none of the {len(members.ids)} images of {members.where} has a caption in {paths['captions']}; "
+                "is it the official train_caption_sa1b.json?"
+            )
+        if uncaptioned:
+            log.warning("%d images have no caption in %s and are left out (e.g. %s)", len(uncaptioned),
+                        paths["captions"], uncaptioned[:3])
+        totals = {"masks_in_source": 0, "crowd": 0, "empty_after_halving": 0}
+        (w.out / MASK_DIR).mkdir(parents=True, exist_ok=True)
+        with _quiet_pycocotools():
+            for image_id in w.iterate(ids, "sa1b_sa_000020"):
+                for key, value in _sa1b_one(image_id, members, w).items():
+                    totals[key] += value
+    finally:
+        members.close()
+    w.reencoded += len(ids)
+    write_captions(w.out, {i: captions[i] for i in ids})
+    return _Result(
+        ids,
+        {
+            "label_source": (
+                "SA-1B sa_<n>.json COCO RLE masks, decoded with pycocotools, halved (nearest) with their image, "
+                "re-encoded as RLE in SAMasks/<id>.json, largest first; the 0.5 % area filter and the largest 32 "
+                "are applied at training time on the augmented grid (seg4diff_repro.magnet.data), as the official"
+            ),
+            "masks": totals,
+            "images_without_caption": {"count": len(uncaptioned), "examples": uncaptioned[:10]},
+            "assumptions": [
+                "[assumption] images without a caption in train_caption_sa1b.json are left out (the official "
+                "mapper would give them an empty caption, which its two-sentence truncation cannot split)",
+            ],
+        },
+    )
+
+
 @dataclass(frozen=True)
 class _Handler:
     locate: Callable[[Path], dict[str, Any]]
@@ -541,6 +832,8 @@ HANDLERS: dict[str, _Handler] = {
     "ade150": _Handler(_ade150_locate, _ade150_stage, _ade150_convert),
     "coco_stuff27": _Handler(_coco_stuff27_locate, _coco_stuff27_stage, _coco_stuff27_convert),
     "cityscapes": _Handler(_cityscapes_locate, _cityscapes_stage, _cityscapes_convert),
+    "coco_stuff171_train": _Handler(_coco_stuff171_train_locate, _coco_stuff171_train_stage, _coco_stuff171_train_convert),
+    "sa1b_sa_000020": _Handler(_sa1b_sa_000020_locate, _sa1b_sa_000020_stage, _sa1b_sa_000020_convert),
 }
 
 
@@ -573,7 +866,8 @@ def prepare_dataset(
 
     Give either ``downloads_dir`` (the verified archives, by their published file names) or
     ``source_dir`` (an existing raw copy; nothing is downloaded or extracted). ``expected_count``
-    replaces the published image count of the split (for tests and subsets); the check itself always runs.
+    replaces the published image count of the split (for tests and subsets); the check runs whenever a count
+    is published or given (SA-1B publishes none).
     ``checksums`` overrides published checksums by archive key (mirrors, tests).
     Returns the manifest dict.
     """
@@ -612,6 +906,8 @@ def prepare_dataset(
                         raise error(_missing_archive_message(archive, path))
                     checksum = (checksums or {}).get(archive.key, archive.checksum)
                     algo, digest = verify_file(path, checksum, origin=path)
+                    if checksum == archive.checksum:  # an override pins another file (a mirror's, a test's)
+                        check_git_blob(path, archive)
                     archive_paths[archive.key] = path
                     archive_info.append(
                         {
@@ -621,6 +917,7 @@ def prepare_dataset(
                             "checksum": f"{algo}:{digest}",
                             "checksum_published": archive.checksum is not None and checksum == archive.checksum,
                             "checksum_source": archive.checksum_source if checksum == archive.checksum else "override",
+                            **({"git_blob": archive.git_blob} if archive.git_blob and checksum == archive.checksum else {}),
                         }
                     )
                 log.info("%s: extracting the needed members into %s", name, work)
@@ -631,7 +928,7 @@ def prepare_dataset(
             result = handler.convert(paths, writer, classes)
             if not result.ids:
                 raise PrepareError(f"{name}: no images found in the source")
-            if len(result.ids) != expected:
+            if expected is not None and len(result.ids) != expected:
                 raise CountMismatchError(
                     f"{name}: the {spec.split} split has {len(result.ids)} images, expected {expected} "
                     f"({'published count' if expected_count is None else 'expected_count'}); the source is "
@@ -647,7 +944,7 @@ def prepare_dataset(
                 "split": spec.split,
                 "image_count": len(result.ids),
                 "expected_count": expected,
-                "expected_count_is_published": expected_count is None or expected == spec.expected_count,
+                "expected_count_is_published": spec.expected_count is not None and expected == spec.expected_count,
                 "label_convention": classes["source"],
                 "source": source_info,
                 "reencoded_images": writer.reencoded,

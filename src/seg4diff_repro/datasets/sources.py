@@ -1,4 +1,7 @@
-"""Where every evaluation dataset comes from: URLs, archive names, published checksums, counts, disk sizes.
+"""Where every dataset comes from: URLs, archive names, published checksums, counts, disk sizes.
+
+The evaluation datasets, and MAGNET's two training sets (``TRAINING_DATASET_NAMES``: COCO-Stuff-171 on the
+official 10,001-image list, and SA-1B's ``sa_000020`` shard with the official captions).
 
 This module is deliberately standard-library only: ``workflow/rules/datasets.smk`` loads it by file path
 (without importing the package) to name the download jobs.
@@ -15,6 +18,9 @@ from dataclasses import dataclass, field
 #: Prepared-dataset names handled here (``toy_shapes`` is generated, not downloaded; ``voc20`` is a view of
 #: ``voc21``: the reader's ``background="drop"``).
 DATASET_NAMES = ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
+#: MAGNET's training sets (method_spec I.3), prepared by the same machinery but not part of ``prepare_all``:
+#: SA-1B needs a licence accepted by hand.
+TRAINING_DATASET_NAMES = ("coco_stuff171_train", "sa1b_sa_000020")
 #: Target aliases: ``prepare_<alias>`` builds the dataset it points to.
 ALIASES = {"voc20": "voc21"}
 
@@ -31,8 +37,11 @@ class Archive:
     checksum_source: str
     size_gb: float
     login_required: bool = False
-    #: Printed when a login-only archive is missing: where to get it and where to put it.
+    #: Printed when a login-only archive is missing, or a download failed: where to get it and where to put it.
     instructions: str = ""
+    #: For a file of a git repository: its blob id in the pinned commit's tree (sha1 of "blob <size>\\0" + content),
+    #: which preparation checks; it holds even where no digest of the content itself is known.
+    git_blob: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,33 @@ _CITYSCAPES_HELP = (
     "        gtFine/val/<city>/*_gtFine_labelIds.png and leftImg8bit/val/<city>/*_leftImg8bit.png\n"
     "  4. Re-run: snakemake prepare_cityscapes"
 )
+
+#: The official Seg4Diff repository at the commit the method spec cites; its caption files are downloaded from
+#: this commit, so their content cannot move.
+SEG4DIFF_COMMIT = "bb500cac850c86840d3bb733443bea5939763e20"
+SEG4DIFF_RAW = f"https://raw.githubusercontent.com/cvlab-kaist/Seg4Diff/{SEG4DIFF_COMMIT}"
+
+_SA1B_HELP = (
+    "SA-1B is distributed under a licence that must be accepted by hand, so it is never downloaded automatically.\n"
+    "  1. Accept the SA-1B licence at https://ai.meta.com/datasets/segment-anything-downloads/ and download the\n"
+    "     links file it offers (the links are signed and expire).\n"
+    "  2. Download sa_000020.tar (about 11 GB; the only shard the official MAGNET training uses) from its line of\n"
+    "     that file.\n"
+    "  3. Put it, unrenamed, in {downloads_dir}/\n"
+    "     -- or set data.paths.sa1b_sa_000020 to a folder that already holds the extracted sa_*.jpg and\n"
+    "        sa_*.json files (and train_caption_sa1b.json).\n"
+    "  4. Re-run: snakemake prepare_sa1b_sa_000020\n"
+    "  Meta publishes no checksum: the sha256 of the file you placed is recorded on first use (in\n"
+    "  sa_000020.tar.verified and the prepared manifest); pin it with\n"
+    "  data.source_overrides.sa1b_sa_000020.checksum."
+)
+
+_SA1B_CAPTIONS_HELP = (
+    "If the download keeps failing, fetch the file by hand from\n"
+    f"  {SEG4DIFF_RAW}/datasets/captions/train_caption_sa1b.json\n"
+    "  (the official repository, github.com/cvlab-kaist/Seg4Diff, at commit {SEG4DIFF_COMMIT_SHORT})\n"
+    "and put it, unrenamed, in {downloads_dir}/"
+).replace("{SEG4DIFF_COMMIT_SHORT}", SEG4DIFF_COMMIT[:7])
 
 ARCHIVES: dict[str, Archive] = {
     a.key: a
@@ -132,6 +168,50 @@ ARCHIVES: dict[str, Archive] = {
                 "data.source_overrides.cocostuff_stuffthingmaps_trainval2017.checksum"
             ),
             size_gb=0.66,
+        ),
+        Archive(
+            key="coco_train2017_images",
+            filename="train2017.zip",
+            urls=("http://images.cocodataset.org/zips/train2017.zip",),
+            checksum=("sha1", "10ad623668ab00c62c096f0ed636d6aff41faca5"),
+            checksum_source="GluonCV scripts/datasets/mscoco.py (also its docs' download table)",
+            size_gb=18.0,
+        ),
+        Archive(
+            key="seg4diff_train_caption_coco",
+            filename="train_caption_coco.json",
+            urls=(f"{SEG4DIFF_RAW}/datasets/captions/train_caption_coco.json",),
+            checksum=("sha256", "cee34614258ae6745f382fc7724b4dba3abaeb6796bd314da477018f6d4040a1"),
+            checksum_source=f"computed from the official repository's file at commit {SEG4DIFF_COMMIT[:7]} (3,000,796 bytes)",
+            size_gb=0.003,
+            git_blob="b78d764680736f388e7cf39a4773c17d496fe66d",
+        ),
+        Archive(
+            key="sa1b_sa_000020",
+            filename="sa_000020.tar",
+            urls=("https://ai.meta.com/datasets/segment-anything-downloads/",),
+            checksum=None,
+            checksum_source=(
+                "none published by Meta: the sha256 of the placed file is recorded on first use (trust on first "
+                "use) and in the manifest; pin it with data.source_overrides.sa1b_sa_000020.checksum"
+            ),
+            size_gb=11.0,
+            login_required=True,
+            instructions=_SA1B_HELP,
+        ),
+        Archive(
+            key="seg4diff_train_caption_sa1b",
+            filename="train_caption_sa1b.json",
+            urls=(f"{SEG4DIFF_RAW}/datasets/captions/train_caption_sa1b.json",),
+            checksum=None,
+            checksum_source=(
+                f"no content digest known (the stored snapshot of the official repository lists the file at commit "
+                f"{SEG4DIFF_COMMIT[:7]} but lacks its content): the sha256 is recorded on first use, and preparation "
+                "checks the file against its git blob id in that commit's tree"
+            ),
+            git_blob="c272a0a82d9b56c8bd2060cbef7b6439fed7dd27",
+            size_gb=0.01,  # not known; the COCO caption file of the same release is 3 MB
+            instructions=_SA1B_CAPTIONS_HELP,
         ),
         Archive(
             key="cityscapes_gtfine_trainvaltest",
@@ -237,6 +317,43 @@ DATASETS: dict[str, DatasetSource] = {
             raw_layout=(
                 "leftImg8bit/val/<city>/<id>_leftImg8bit.png",
                 "gtFine/val/<city>/<id>_gtFine_labelIds.png",
+            ),
+        ),
+        DatasetSource(
+            name="coco_stuff171_train",
+            title=(
+                "MAGNET COCO training set: the 10,001 COCO train2017 images of the official "
+                "train_caption_coco.json, with COCO-Stuff-171 labels"
+            ),
+            archives=("coco_train2017_images", "cocostuff_stuffthingmaps_trainval2017", "seg4diff_train_caption_coco"),
+            split="train",
+            expected_count=10001,
+            download_gb=18.7,
+            extract_gb=1.7,
+            prepared_gb=1.7,
+            raw_layout=(
+                "train2017/<id>.jpg (or images/train2017/)",
+                "stuffthingmaps_trainval2017/train2017/<id>.png (or annotations/train2017/ or train2017/<id>.png)",
+                "train_caption_coco.json (or datasets/captions/train_caption_coco.json)",
+            ),
+        ),
+        DatasetSource(
+            name="sa1b_sa_000020",
+            title="MAGNET SA-1B training set: the sa_000020 shard, images and masks halved, with the official captions",
+            archives=("sa1b_sa_000020", "seg4diff_train_caption_sa1b"),
+            split="train",
+            # Meta publishes no per-shard count; set data.expected_counts.sa1b_sa_000020 to check one.
+            expected_count=None,
+            download_gb=11.0,
+            extract_gb=0.0,  # members are read from the tar, not extracted
+            prepared_gb=3.5,
+            raw_layout=(
+                "sa_<n>.jpg and sa_<n>.json side by side (or images/sa_000020/ and annotations/sa_000020/)",
+                "train_caption_sa1b.json (or datasets/captions/train_caption_sa1b.json)",
+            ),
+            notes=(
+                "[assumption] images halved with PIL bilinear and masks with nearest (shorter side 750, as the "
+                "official datasets/README says; its resizing code is not released)",
             ),
         ),
     )
