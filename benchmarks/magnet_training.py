@@ -9,11 +9,14 @@ step does not depend on their content. Each step includes the VAE encoding and t
 official trainer. Prints a Markdown table and writes the raw numbers as JSON.
 
     python benchmarks/magnet_training.py --batch-sizes 1 2 4 8 --steps 6 --out magnet_training.json
+
+``--model models/toy_sd3 --device cpu`` runs the same measurement on a saved pipeline (a check of the script).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -52,32 +55,36 @@ class SyntheticMasks:
         return MaskExample(image=image, prompt="A photo of a street. Cars and trees.", masks=masks, class_names=None)
 
 
-def measure(adapter, protocol: str, batch_size: int, steps: int, warmup: int) -> dict:
+def measure(adapter, protocol: str, batch_size: int, steps: int, warmup: int, layer: int) -> dict:
     """Seconds per optimiser step (median of ``steps`` after ``warmup``) and the peak memory of the run."""
-    recipe = MagnetRecipe(protocol=protocol, layer=9, iterations=warmup + steps, batch_size=batch_size,
+    recipe = MagnetRecipe(protocol=protocol, layer=layer, iterations=warmup + steps, batch_size=batch_size,
                           warmup_iterations=1, checkpoint_every=10_000)
     n_masks = 6 if protocol == "coco" else 32
     training_set = SyntheticMasks(protocol, adapter.image_size, n_masks)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = adapter.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory() as folder:
         trainer = MagnetTrainer(adapter, recipe, training_set, Path(folder))
         times = []
         try:
             for step in range(warmup + steps):
-                torch.cuda.synchronize()
+                synchronize()
                 start = time.perf_counter()
                 record = trainer.step()
-                torch.cuda.synchronize()
+                synchronize()
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
         finally:
             _remove_lora(adapter.transformer)
             del trainer
+            gc.collect()
     times.sort()
     return {"protocol": protocol, "batch_size": batch_size, "step_s": times[len(times) // 2],
             "step_s_all": times, "images_per_s": batch_size / times[len(times) // 2],
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": record["loss"]}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": record["loss"]}
 
 
 def _remove_lora(transformer) -> None:
@@ -98,23 +105,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default=None, help="a saved pipeline instead of SD3-medium's random weights")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layer", type=int, default=9)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True  # the official trainer's TF32 matmuls
-    pipe = build_released_random_pipeline("sd3", dtype=torch.float16, device="cuda")
-    adapter = SD3Adapter(pipe, "cuda")
+    if args.model is None:
+        adapter = SD3Adapter(build_released_random_pipeline("sd3", dtype=torch.float16, device=args.device), args.device)
+    else:
+        adapter = SD3Adapter.from_pretrained(args.model, device=args.device)
     rows, largest = [], {}
     for protocol in args.protocols:
         for batch_size in args.batch_sizes:
             try:
-                row = measure(adapter, protocol, batch_size, args.steps, args.warmup)
+                row = measure(adapter, protocol, batch_size, args.steps, args.warmup, args.layer)
             except torch.OutOfMemoryError:
-                _remove_lora(adapter.transformer)
+                gc.collect()
                 torch.cuda.empty_cache()
                 print(f"{protocol} batch {batch_size}: out of memory", flush=True)
                 break
             rows.append(row)
             largest[protocol] = batch_size
-            print(f"{protocol} batch {batch_size}: {row['step_s']:.3f} s/step, {row['peak_gib']:.1f} GiB", flush=True)
+            print(f"{protocol} batch {batch_size}: {row['step_s']:.3f} s/step, peak {row['peak_gib']} GiB", flush=True)
+            args.out.write_text(json.dumps({"rows": rows, "largest_batch": largest}, indent=2))  # kept if cut short
     projections = {}
     for protocol, paper in PAPER_RUNS.items():
         measured = {row["batch_size"]: row for row in rows if row["protocol"] == protocol}
@@ -128,14 +141,14 @@ def main() -> None:
         projections[protocol] = {**paper, "one_h200_hours": one_gpu_s / 3600,
                                  "at_batch": best["batch_size"],
                                  "two_h200_ideal_hours": None if two_gpu_s is None else two_gpu_s / 3600}
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+    result = {"device": torch.cuda.get_device_name() if adapter.device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows,
               "largest_batch": largest, "projections": projections}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\nMAGNET training at SD3-medium size on {result['device']} (fp16, 1024², layer 9)\n")
     print("| protocol | batch | s/step | images/s | peak GiB |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['protocol']} | {row['batch_size']} | {row['step_s']:.3f} | {row['images_per_s']:.2f} "
-              f"| {row['peak_gib']:.1f} |")
+              f"| {row['peak_gib'] or 0:.1f} |")
     print("\n| run | iterations × images | one H200 (h) | two H200, per-GPU batch as official, ideal (h) |\n|---|---|---|---|")
     for protocol, p in projections.items():
         two = "—" if p["two_h200_ideal_hours"] is None else f"{p['two_h200_ideal_hours']:.2f}"
