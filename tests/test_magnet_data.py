@@ -6,7 +6,6 @@ cases and direct slicing of the prepared arrays."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import subprocess
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent / "datasets"))
 from ds_support import LocalServer, jpeg, png_index, sha256, tar_bytes, zip_bytes  # noqa: E402
 
 from seg4diff_repro.cli_datasets import main as cli_main  # noqa: E402
-from seg4diff_repro.datasets import SegmentationDataset, generate_toy_shapes, read_manifest, sources  # noqa: E402
+from seg4diff_repro.datasets import SegmentationDataset, generate_toy_shapes, sources  # noqa: E402
 from seg4diff_repro.datasets.download import LoginRequiredError, download  # noqa: E402
 from seg4diff_repro.datasets.layout import (  # noqa: E402
     save_image_jpeg,
