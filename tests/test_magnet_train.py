@@ -186,3 +186,14 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, toy_root, caplo
 def test_recipe_errors_name_the_setting(change, message):
     with pytest.raises(ValueError, match=message):
         recipe(**change)
+
+
+def test_loader_workers_prepare_the_same_examples(tmp_path, toy_root):
+    """Examples prepared ahead in worker processes are those the main process would draw: same losses."""
+    settings = recipe(iterations=2, conv_head=False)
+    inline = MagnetTrainer(fresh_adapter(), settings, ToyShapesMasks(toy_root), tmp_path / "inline")
+    inline.train()
+    workers = MagnetTrainer(fresh_adapter(), settings, ToyShapesMasks(toy_root), tmp_path / "workers",
+                            loader_workers=2)
+    workers.train()
+    assert [r["loss"] for r in workers.history] == [r["loss"] for r in inline.history]

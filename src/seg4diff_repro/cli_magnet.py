@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +44,11 @@ def _magnet_train(args: argparse.Namespace) -> None:
                          f"(joint layers 0..{adapter.num_layers - 1}); set magnet.runs.{settings['run']}.recipe.layer")
     examples = training_set(settings["data"], adapter.image_size, recipe.seed)
     run_dir = Path(args.run_dir)
-    trainer = MagnetTrainer(adapter, recipe, examples, run_dir, code=code_fingerprint("magnet"))
+    # As the extraction's loader: workers on a GPU host (SEG4DIFF_LOADER_WORKERS overrides), none on a CPU.
+    default_workers = min(4, len(os.sched_getaffinity(0)) - 1) if adapter.device.type == "cuda" else 0
+    workers = int(os.environ.get("SEG4DIFF_LOADER_WORKERS", default_workers))
+    trainer = MagnetTrainer(adapter, recipe, examples, run_dir, code=code_fingerprint("magnet"),
+                            loader_workers=max(0, workers))
     evaluate = None
     if settings.get("validation"):
         from seg4diff_repro.attention.extract import ExtractionSettings

@@ -119,11 +119,33 @@ def learning_rate_factor(iteration: int, recipe: MagnetRecipe) -> float:
     return cosine * (recipe.warmup_factor * (1 - alpha) + alpha)
 
 
+class ScheduledExamples(torch.utils.data.Dataset):
+    """Example k of a run: slot k of the sequence of micro-batches, a function of (seed, k) alone, so that
+    loader workers can prepare examples ahead in any process and a resumed run reads the same ones."""
+
+    def __init__(self, training_set: TrainingSet, recipe: MagnetRecipe):
+        self.training_set, self.recipe = training_set, recipe
+
+    def __len__(self) -> int:
+        return self.recipe.iterations * self.recipe.gradient_accumulation * self.recipe.batch_size
+
+    def __getitem__(self, k: int) -> MaskExample:
+        recipe = self.recipe
+        iteration, within = divmod(k, recipe.gradient_accumulation * recipe.batch_size)
+        micro_step, slot = divmod(within, recipe.batch_size)
+        index = batch_indices(recipe.seed, iteration, micro_step, recipe.batch_size, recipe.gradient_accumulation,
+                              len(self.training_set))[slot]
+        return self.training_set.example(index, iteration_generator(recipe.seed, iteration, 100 + within))
+
+
 class MagnetTrainer:
     """Train a MAGNET LoRA on ``adapter``'s transformer (an ``SD3Adapter``), checkpointing into ``folder``."""
 
-    def __init__(self, adapter, recipe: MagnetRecipe, training_set: TrainingSet, folder: Path, code: str = ""):
-        """``code``: what identifies the training code (its fingerprint); checkpoints of other code are not resumed."""
+    def __init__(self, adapter, recipe: MagnetRecipe, training_set: TrainingSet, folder: Path, code: str = "",
+                 loader_workers: int = 0):
+        """``code``: what identifies the training code (its fingerprint); checkpoints of other code are not resumed.
+        ``loader_workers``: processes preparing the next batches while the model trains (a real SA-1B example
+        takes about a second of CPU)."""
         self.adapter, self.recipe, self.training_set, self.folder = adapter, recipe, training_set, Path(folder)
         self.code = code
         self.transformer = adapter.transformer
@@ -146,6 +168,8 @@ class MagnetTrainer:
         self.sigmas, self.timesteps = self._training_schedule()
         self.iteration = 0
         self.history: list[dict] = []
+        self.loader_workers = loader_workers
+        self._batches, self._next_batch = None, 0
 
     # -- one iteration ------------------------------------------------------------------------------------
     def _training_schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,11 +182,16 @@ class MagnetTrainer:
         return scheduler.sigmas[: self.recipe.train_timesteps].float(), scheduler.timesteps.float()
 
     def _examples(self, micro_step: int) -> list[MaskExample]:
-        recipe = self.recipe
-        indices = batch_indices(recipe.seed, self.iteration, micro_step, recipe.batch_size,
-                                recipe.gradient_accumulation, len(self.training_set))
-        return [self.training_set.example(index, iteration_generator(recipe.seed, self.iteration, 100 + slot))
-                for slot, index in enumerate(indices)]
+        """The micro-batch's examples, prepared ahead by ``loader_workers`` processes when there are any."""
+        batch = self.iteration * self.recipe.gradient_accumulation + micro_step
+        if self._batches is None or self._next_batch != batch:
+            size = self.recipe.batch_size
+            schedule = ScheduledExamples(self.training_set, self.recipe)
+            self._batches = iter(torch.utils.data.DataLoader(
+                schedule, batch_size=size, sampler=range(batch * size, len(schedule)), collate_fn=list,
+                num_workers=self.loader_workers, prefetch_factor=2 if self.loader_workers else None))
+        self._next_batch = batch + 1
+        return next(self._batches)
 
     def _noised(self, latents: torch.Tensor, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_t, the timesteps and the noise ε: u = sigmoid(N(0, std)) picks index ⌊1000u⌋ of the schedule."""
