@@ -147,7 +147,8 @@ def _magnet_grid(args: argparse.Namespace) -> None:
     from seg4diff_repro.generation.runs import read_run
 
     if len(args.runs) != len(args.labels):
-        raise SystemExit(f"magnet-grid: {len(args.runs)} --runs but {len(args.labels)} --labels: give one label per run")
+        raise SystemExit(f"magnet-grid: {len(args.runs)} --runs but {len(args.labels)} --labels: give one label "
+                         "per run")
     runs = [read_run(folder) for folder in args.runs]
     first, _ = runs[0]
     columns = [(e["prompt"], e["seed"]) for e in first["images"]]
@@ -167,21 +168,26 @@ def _magnet_grid(args: argparse.Namespace) -> None:
     rows_text = []
     for label, (manifest, _) in zip(args.labels, runs):
         adapter = manifest.get("adapter")
+        checkpoint = (adapter or {}).get("checkpoint") or {}
         trained = ("" if adapter is None else
-                   f", LoRA of MAGNET run {adapter['run']} ({adapter['protocol']}, checkpoint {adapter['checkpoint']})")
+                   f", LoRA of MAGNET run {adapter['run']} ({adapter['protocol']}, checkpoint: "
+                   f"{checkpoint.get('policy')}, iteration {checkpoint.get('iteration')})")
         rows_text.append(f"{label} = {manifest['run']['model']}{trained}")
     title = f"Appendix Fig. 20: generations of the trained models, {args.stand_in}"
     footer = (f"CFG {sampling['cfg']:g}, {sampling['steps']} steps, {seed_text} (the same in every row), "
               f"{first['width']}x{first['height']} px. Rows: " + "; ".join(rows_text) + ".")
+    labelled = list(zip(args.labels, (manifest for manifest, _ in runs)))
     record = {
-        "model_fingerprint": "; ".join(f"{label}: {m['model_fingerprint']}" for label, (m, _) in zip(args.labels, runs)),
+        # One line per row under the figure (save_figure's footer cites it).
+        "model_fingerprint": "\n".join(f"{label}: {m['model_fingerprint']}" for label, m in labelled),
         "sampling": {"cfg": sampling["cfg"], "steps": sampling["steps"], "seeds": [seed for _, seed in columns]},
         "rows": [{"label": label, "model": m["run"]["model"], "model_source": m["run"]["source"],
                   "model_revision": m["run"]["revision"], "lora": m["run"].get("lora"), "adapter": m.get("adapter"),
-                  "model_fingerprint": m["model_fingerprint"]} for label, (m, _) in zip(args.labels, runs)],
+                  "model_fingerprint": m["model_fingerprint"]} for label, m in labelled],
     }
-    plot_model_grid([prompt for prompt, _ in columns], [(label, images) for label, (_, images) in zip(args.labels, runs)],
-                    title, footer, Path(args.png), Path(args.pdf), model=record)
+    rows = [(label, images) for label, (_, images) in zip(args.labels, runs)]
+    prompts = [prompt for prompt, _ in columns]
+    plot_model_grid(prompts, rows, title, footer, Path(args.png), Path(args.pdf), model=record)
 
 
 def _score_clipscore(args: argparse.Namespace) -> None:
@@ -233,7 +239,8 @@ def _clipscore_table(args: argparse.Namespace) -> None:
         "evaluation). Mean: over the prompt sets, as the paper's mean column"
         + ("" if len(sets) == len(PROMPT_SETS) else f" (here only {', '.join(PROMPT_SETS[n] for n in sets)}, so it "
            "is not comparable with the paper's mean of three)") + ".",
-        "Models: " + "; ".join(f"{row.row} = {row.model} ({row.model_fingerprint})" for row in table.itertuples()) + ".",
+        "Models: " + "; ".join(f"{row.row} = {row.model} ({row.model_fingerprint})" for row in table.itertuples())
+        + ".",
     ]
     if first["clip_weights"] == "random":
         notes.append("Toy world: the CLIP backbone has random weights, so these scores only show that the pipeline "

@@ -171,8 +171,8 @@ def _check_magnet_generation(config: dict) -> None:
     clipscore = config["analyses"]["generation"]["clipscore"]
     for name, prompt_set in clipscore["prompt_sets"].items():
         if (prompt_set["prompts"] is None) == (prompt_set["prompts_file"] is None):
-            raise ConfigError(f"analyses.generation.clipscore.prompt_sets.{name}: give exactly one of `prompts` (a list) "
-                              "and `prompts_file` (a text file, one prompt per line); set the other to null")
+            raise ConfigError(f"analyses.generation.clipscore.prompt_sets.{name}: give exactly one of `prompts` "
+                              "(a list) and `prompts_file` (a text file, one prompt per line); set the other to null")
     if not given or clipscore["weights"] != "random":
         return
     for role in ("sd3", *MAGNET_ROLES):

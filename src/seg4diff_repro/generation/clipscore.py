@@ -141,7 +141,8 @@ class ClipScorer:
         except OSError as error:
             raise OSError(
                 f"could not load CLIP {s.source!r} for CLIPScore: {error}. Without network access, save it elsewhere "
-                "with save_pretrained (model and processor) and set analyses.generation.clipscore.source to that folder."
+                "with save_pretrained (model and processor) and set analyses.generation.clipscore.source to that "
+                "folder."
             ) from error
         return model, processor, model_fingerprint(s.source, s.revision, marker="config.json")
 
