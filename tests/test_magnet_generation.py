@@ -174,6 +174,12 @@ def test_magnet_config_checks_name_the_key():
     both["analyses"]["generation"]["clipscore"]["prompt_sets"]["coco"]["prompts_file"] = "prompts.txt"
     with pytest.raises(ConfigError, match=r"prompt_sets\.coco: give exactly one of `prompts`"):
         check_config(both, SCHEMA)
+    # Random fidelity backbones concern the fidelity figures' roles only, not real MAGNET models beside toy ones
+    # (the rehearsal's config: random-weight stand-ins for sd3/sd35/flux, the paper's MAGNET entries).
+    mixed = toy_config()
+    mixed["appendix"]["models"].update(sd3_magnet_coco="sd3_medium_magnet_coco", sd3_magnet_sa1b="sd3_medium_magnet_sa1b")
+    mixed["analyses"]["generation"]["clipscore"]["weights"] = "pretrained"
+    check_config(mixed, SCHEMA)
     real = merged_paper_config()
     real["analyses"]["generation"]["clipscore"]["weights"] = "random"
     with pytest.raises(ConfigError, match="clipscore.weights = 'random' is allowed for toy.*appendix.models.sd3 "):

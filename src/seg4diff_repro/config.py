@@ -147,7 +147,8 @@ def _check_generation(config: dict) -> None:
             f"{fidelity['clip_pretrained']!r} is a local file, which has no hub revision: remove clip_revision"
         )
     if generation["fidelity"]["weights"] == "random":
-        for role, name in roles.items():
+        for role in generation["fidelity_layers"]:  # the fidelity figures' roles (the MAGNET roles have no scores)
+            name = roles[role]
             if not (config["models"][name].get("toy", False) or config["models"][name].get("random_weights", False)):
                 raise ConfigError(
                     f"analyses.generation.fidelity.weights = 'random' is allowed for toy models and random-weight stand-ins only, but "
@@ -169,6 +170,7 @@ def _check_magnet_generation(config: dict) -> None:
         raise ConfigError(f"appendix.models.{given[0]} is set but appendix.models.{missing} is not: Fig. 20 and "
                           "Table 3 compare the baseline with both MAGNET models; set both, or neither")
     clipscore = config["analyses"]["generation"]["clipscore"]
+    check_device(clipscore["device"], "analyses.generation.clipscore.device")
     for name, prompt_set in clipscore["prompt_sets"].items():
         if (prompt_set["prompts"] is None) == (prompt_set["prompts_file"] is None):
             raise ConfigError(f"analyses.generation.clipscore.prompt_sets.{name}: give exactly one of `prompts` "
