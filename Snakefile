@@ -45,6 +45,8 @@ localrules:
     value_norm_heads_figure,
     value_norm_layers_figure,
     fig01_drawbench_prompts,
+    fig20_magnet_generations,
+    main_table3_clipscore,
 
 
 report: "workflow/report/workflow.rst"

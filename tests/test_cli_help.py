@@ -114,6 +114,7 @@ def dataclass_keys(path: str) -> set[str]:
         ("score-layers", "seg4diff_repro.segmentation.score.ScoringSettings"),
         ("generate-run", "seg4diff_repro.generation.runs.GenerationRun"),
         ("score-fidelity", "seg4diff_repro.generation.fidelity.FidelitySettings"),
+        ("score-clipscore", "seg4diff_repro.generation.clipscore.ClipScoreSettings"),
     ],
 )
 def test_documented_settings_keys_are_the_dataclass_fields(command, dataclass):

@@ -1,9 +1,11 @@
-"""Generation subcommands of `seg4diff-repro` (appendix Figs. 1, 5, 7, 10, 18, 19).
+"""Generation subcommands of `seg4diff-repro` (appendix Figs. 1, 5, 7, 10, 18, 19, 20; main Table 3).
 
 ``generate-run`` makes one run (one model, one perturbed or guided layer or none, every prompt and
 seed), ``score-fidelity`` scores runs against the unperturbed one, ``fidelity-figure`` draws the
 curves and writes the table of one model, ``generation-grid`` draws the image grid of Fig. 18 or 19,
-``prompts-figure`` lists the 50 DrawBench prompts (Fig. 1) and which analyses use which.
+``prompts-figure`` lists the 50 DrawBench prompts (Fig. 1) and which analyses use which,
+``magnet-grid`` draws Fig. 20 (the baseline and the MAGNET models, one seed per column),
+``score-clipscore`` and ``clipscore-table`` make main Table 3.
 """
 
 from __future__ import annotations
@@ -140,6 +142,114 @@ def _prompts_figure(args: argparse.Namespace) -> None:
     plot_prompt_list(prompts, args.title, note, Path(args.png), Path(args.pdf))
 
 
+def _magnet_grid(args: argparse.Namespace) -> None:
+    from seg4diff_repro.figures.generation import plot_model_grid
+    from seg4diff_repro.generation.runs import read_run
+
+    if len(args.runs) != len(args.labels):
+        raise SystemExit(f"magnet-grid: {len(args.runs)} --runs but {len(args.labels)} --labels: give one label "
+                         "per run")
+    runs = [read_run(folder) for folder in args.runs]
+    first, _ = runs[0]
+    columns = [(e["prompt"], e["seed"]) for e in first["images"]]
+    for folder, (manifest, _) in zip(args.runs, runs):
+        # Each column compares the models on one prompt and one starting noise: a row with another prompt, seed or
+        # sampler would compare something else.
+        if [(e["prompt"], e["seed"]) for e in manifest["images"]] != columns:
+            raise ValueError(f"{folder} holds other (prompt, seed) images than {args.runs[0]}: every row of "
+                             "Fig. 20 needs the same prompts and seeds; re-run its generation")
+        if manifest["sampling"] != first["sampling"] or (manifest["width"], manifest["height"]) != (
+                first["width"], first["height"]):
+            raise ValueError(f"{folder} was sampled with other settings than {args.runs[0]}: re-run its generation")
+    sampling = first["sampling"]
+    seeds = sorted({seed for _, seed in columns})
+    seed_text = f"seed {seeds[0]} in every column" if len(seeds) == 1 else "one seed per column: " + ", ".join(
+        str(seed) for _, seed in columns)
+    rows_text = []
+    for label, (manifest, _) in zip(args.labels, runs):
+        adapter = manifest.get("adapter")
+        checkpoint = (adapter or {}).get("checkpoint") or {}
+        trained = ("" if adapter is None else
+                   f", LoRA of MAGNET run {adapter['run']} ({adapter['protocol']}, checkpoint: "
+                   f"{checkpoint.get('policy')}, iteration {checkpoint.get('iteration')})")
+        rows_text.append(f"{label} = {manifest['run']['model']}{trained}")
+    title = f"Appendix Fig. 20: generations of the trained models, {args.stand_in}"
+    footer = (f"CFG {sampling['cfg']:g}, {sampling['steps']} steps, {seed_text} (the same in every row), "
+              f"{first['width']}x{first['height']} px. Rows: " + "; ".join(rows_text) + ".")
+    labelled = list(zip(args.labels, (manifest for manifest, _ in runs)))
+    record = {
+        # One line per row under the figure (save_figure's footer cites it).
+        "model_fingerprint": "\n".join(f"{label}: {m['model_fingerprint']}" for label, m in labelled),
+        "sampling": {"cfg": sampling["cfg"], "steps": sampling["steps"], "seeds": [seed for _, seed in columns]},
+        "rows": [{"label": label, "model": m["run"]["model"], "model_source": m["run"]["source"],
+                  "model_revision": m["run"]["revision"], "lora": m["run"].get("lora"), "adapter": m.get("adapter"),
+                  "model_fingerprint": m["model_fingerprint"]} for label, m in labelled],
+    }
+    rows = [(label, images) for label, (_, images) in zip(args.labels, runs)]
+    prompts = [prompt for prompt, _ in columns]
+    plot_model_grid(prompts, rows, title, footer, Path(args.png), Path(args.pdf), model=record)
+
+
+def _score_clipscore(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.atomic import atomic_write_bytes
+    from seg4diff_repro.generation.clipscore import ClipScorer, ClipScoreSettings, score_clipscore_runs
+
+    scorer = ClipScorer(ClipScoreSettings(**json.loads(args.settings)), toy_model=args.toy_model,
+                        model=", ".join(args.models), device=args.device)
+    frames = []
+    for entry in args.runs:
+        prompt_set, _, folder = entry.partition("=")
+        if not folder:
+            raise SystemExit(f"score-clipscore: --runs entry {entry!r} is not SET=FOLDER")
+        frames.append(score_clipscore_runs({prompt_set: folder}, scorer))
+    atomic_write_bytes(Path(args.out), pd.concat(frames, ignore_index=True).to_csv(index=False).encode())
+
+
+def _clipscore_table(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.generation.clipscore import CLIPSCORE_SCALE
+    from seg4diff_repro.tables.clipscore import PROMPT_SETS, clipscore_table, write_clipscore_table
+
+    scores = pd.read_csv(args.scores)
+    roles = json.loads(args.roles)
+    prompt_sets = json.loads(args.prompt_sets)
+    table = clipscore_table(scores, roles)
+    first = scores.iloc[0]
+    sets = [name for name in PROMPT_SETS if name in set(scores["prompt_set"])]
+    set_notes = []
+    for name in sets:
+        own = scores[scores["prompt_set"] == name]
+        seeds = sorted(own["seed"].unique())
+        cut = own.loc[own["text_cut"], "prompt"].nunique()
+        set_notes.append(f"{PROMPT_SETS[name]}: {own['prompt_index'].nunique()} prompts x {len(seeds)} seed"
+                         f"{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}) per model, "
+                         f"{prompt_sets[name]['description']}"
+                         + (f"; {cut} prompts longer than CLIP's 77 positions, cut as torchmetrics cuts them" if cut
+                            else ""))
+    notes = [
+        f"CLIPScore = {CLIPSCORE_SCALE}; backbone: {first['clip_backbone']} (the paper names neither backbone nor "
+        "scaling: its values fit CLIP ViT-L/14 with torchmetrics' 100·cos [assumption]).",
+        "Prompt sets (the paper's are not published: Pick-a-Pic 500 prompts x 5 seeds, COCO 5,000 captions, SA-1B "
+        "1,000 CogVLM captions): " + "; ".join(set_notes) + ".",
+        f"Generation: CFG {first['cfg']:g}, {first['steps']} steps, {first['width']}x{first['height']} px, one image "
+        "per (prompt, seed); the MAGNET rows apply the trained LoRA to the baseline (no conv head, as the official "
+        "evaluation). Mean: over the prompt sets, as the paper's mean column"
+        + ("" if len(sets) == len(PROMPT_SETS) else f" (here only {', '.join(PROMPT_SETS[n] for n in sets)}, so it "
+           "is not comparable with the paper's mean of three)") + ".",
+        "Models: " + "; ".join(f"{row.row} = {row.model} ({row.model_fingerprint})" for row in table.itertuples())
+        + ".",
+    ]
+    if first["clip_weights"] == "random":
+        notes.append("Toy world: the CLIP backbone has random weights, so these scores only show that the pipeline "
+                     "runs; they measure nothing, and the paper's numbers beside them are SD3-medium's.")
+    notes.append(f"Code: scored by seg4diff-repro {'; '.join(scores['code_version'].unique())}.")
+    title = f"Main Table 3: CLIPScore of generations, {args.stand_in}"
+    write_clipscore_table(table, title, notes, Path(args.csv), Path(args.markdown))
+
+
 def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     """Register the generation subcommands on the main parser's subparsers."""
     command = commands.add_parser("generate-run", help="images of one model with one perturbed/guided layer (or none)")
@@ -190,3 +300,33 @@ def add_generation_commands(commands: argparse._SubParsersAction) -> None:
     for name in ("png", "pdf"):
         command.add_argument(f"--{name}", required=True)
     command.set_defaults(handler=_generation_grid)
+
+    command = commands.add_parser("magnet-grid", help="appendix Fig. 20: the baseline and MAGNET models' generations")
+    command.add_argument("--runs", nargs="+", required=True,
+                         help="one run folder per row (the same prompts and seeds), e.g. baseline, MAGNET-COCO, -SA1B")
+    command.add_argument("--labels", nargs="+", required=True, help="row labels, one per run")
+    command.add_argument("--stand-in", required=True, help="which configured models stand in for the paper's")
+    for name in ("png", "pdf"):
+        command.add_argument(f"--{name}", required=True)
+    command.set_defaults(handler=_magnet_grid)
+
+    command = commands.add_parser("score-clipscore", help="main Table 3: CLIPScore of every image of generation runs")
+    command.add_argument("--runs", nargs="+", required=True, help="SET=FOLDER: a run folder and its prompt set's name")
+    command.add_argument("--settings", required=True, help="JSON of ClipScoreSettings (backbone and weights)")
+    command.add_argument("--models", nargs="+", required=True, help="configured model names (for messages)")
+    command.add_argument("--toy-model", action="store_true",
+                         help="every model is a toy model (`toy: true`): only then are random weights allowed")
+    command.add_argument("--device", default="cpu")
+    command.add_argument("--out", required=True, help="CSV, one row per image")
+    command.set_defaults(handler=_score_clipscore)
+
+    command = commands.add_parser("clipscore-table", help="main Table 3: CLIPScore per model and prompt set")
+    command.add_argument("--scores", required=True, help="CSV of score-clipscore")
+    command.add_argument("--roles", required=True,
+                         help='JSON: appendix role -> configured model, e.g. {"sd3": "sd3_medium", ...}')
+    command.add_argument("--prompt-sets", required=True,
+                         help='JSON: prompt set -> {"description": ...} (analyses.generation.clipscore.prompt_sets)')
+    command.add_argument("--stand-in", required=True, help="which configured models stand in for the paper's")
+    for name in ("csv", "markdown"):
+        command.add_argument(f"--{name}", required=True)
+    command.set_defaults(handler=_clipscore_table)

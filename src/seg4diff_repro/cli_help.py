@@ -99,7 +99,7 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "dtype": "float32, float16 or bfloat16",
             "device": "torch device; --device replaces it (operational: the rules leave it out of the JSON)",
             "run": "none, perturb_l<layer> or guidance_l<layer>",
-            "figure": "caption prompts of this appendix figure (fig18, fig19), or null for the fidelity prompts",
+            "figure": "caption prompts of this appendix figure (fig18, fig19, fig20), or null for the fidelity prompts",
             "prompts_file": "file of fidelity prompts, one per line, or null for the packaged DrawBench 50",
             "n_prompts": "first N fidelity prompts only, or null",
             "seeds": "noise seeds; each prompt is generated once per seed",
@@ -111,6 +111,20 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "max_sequence_length": "T5 tokens of a Flux prompt",
             "distilled_guidance": "Flux guidance embedding (models.<model>.options.guidance_scale)",
             "batch_size": "images per pipeline call; --batch-size replaces it (operational, as the device)",
+            "lora": "MAGNET adapter folder (results/magnet/<run>/adapter) applied after loading, or null",
+            "prompts_list": "the prompts themselves (a Table 3 prompt set given inline), or null",
+        },
+    ),
+    "score-clipscore": (
+        "--settings", "an object of ClipScoreSettings (seg4diff_repro.generation.clipscore)",
+        "in workflow/rules/generation_common.smk (clipscore_settings) from analyses.generation.clipscore, "
+        "without its device and prompt sets",
+        {
+            "weights": "pretrained, or random (toy models only)",
+            "source": "Hugging Face id or local save_pretrained folder of the CLIP model and processor",
+            "revision": "hub commit of the CLIP model (analyses.generation.clipscore.revision), or null",
+            "seed": "initialisation seed of random weights",
+            "batch_size": "images per scoring batch",
         },
     ),
     "score-fidelity": (
@@ -176,7 +190,7 @@ COMMAND_GROUPS = {
     "Generation: perturbation, fidelity and attention figures": [
         "generate-run", "score-fidelity", "fidelity-figure", "generation-grid", "value-norms",
         "value-norm-heads-figure", "value-norm-layers-figure", "pca-qkv-figure", "token-maps-figure",
-        "toy-generations", "prompts-figure",
+        "toy-generations", "prompts-figure", "magnet-grid", "score-clipscore", "clipscore-table",
     ],
     "Report pages": ["table-page", "run-info"],
     "Reviewer verification": ["bundle", "verify", "compare-outputs"],

@@ -147,7 +147,8 @@ def _check_generation(config: dict) -> None:
             f"{fidelity['clip_pretrained']!r} is a local file, which has no hub revision: remove clip_revision"
         )
     if generation["fidelity"]["weights"] == "random":
-        for role, name in roles.items():
+        for role in generation["fidelity_layers"]:  # the fidelity figures' roles (the MAGNET roles have no scores)
+            name = roles[role]
             if not (config["models"][name].get("toy", False) or config["models"][name].get("random_weights", False)):
                 raise ConfigError(
                     f"analyses.generation.fidelity.weights = 'random' is allowed for toy models and random-weight stand-ins only, but "
@@ -155,6 +156,35 @@ def _check_generation(config: dict) -> None:
                     "scores say nothing about a real model. Set analyses.generation.fidelity.weights: pretrained "
                     "(hub weights, or local copies via fidelity.clip_pretrained and fidelity.dino_source)."
                 )
+
+
+# MAGNET (issue 15): appendix Fig. 20 and main Table 3 compare the sd3 role with the two MAGNET roles.
+MAGNET_ROLES = ("sd3_magnet_coco", "sd3_magnet_sa1b")
+
+
+def _check_magnet_generation(config: dict) -> None:
+    roles = config["appendix"]["models"]
+    given = [role for role in MAGNET_ROLES if role in roles]
+    if given and len(given) < len(MAGNET_ROLES):
+        missing = next(role for role in MAGNET_ROLES if role not in roles)
+        raise ConfigError(f"appendix.models.{given[0]} is set but appendix.models.{missing} is not: Fig. 20 and "
+                          "Table 3 compare the baseline with both MAGNET models; set both, or neither")
+    clipscore = config["analyses"]["generation"]["clipscore"]
+    check_device(clipscore["device"], "analyses.generation.clipscore.device")
+    for name, prompt_set in clipscore["prompt_sets"].items():
+        if (prompt_set["prompts"] is None) == (prompt_set["prompts_file"] is None):
+            raise ConfigError(f"analyses.generation.clipscore.prompt_sets.{name}: give exactly one of `prompts` "
+                              "(a list) and `prompts_file` (a text file, one prompt per line); set the other to null")
+    if not given or clipscore["weights"] != "random":
+        return
+    for role in ("sd3", *MAGNET_ROLES):
+        name = roles[role]
+        if not (config["models"][name].get("toy", False) or config["models"][name].get("random_weights", False)):
+            raise ConfigError(
+                f"analyses.generation.clipscore.weights = 'random' is allowed for toy models and random-weight "
+                f"stand-ins only, but appendix.models.{role} = {name!r} is neither: a random CLIP says nothing about "
+                "a real model. Set analyses.generation.clipscore.weights: pretrained."
+            )
 
 
 def check_config(config: dict, schema_path: str | Path) -> None:
@@ -242,6 +272,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     check_device(config["verification"]["device"], "verification.device", allow_auto=True)  # the spot check's
     _check_local_paths(config)
     _check_generation(config)
+    _check_magnet_generation(config)
 
 
 def _check_timesteps(config: dict, used_models: list[str]) -> None:

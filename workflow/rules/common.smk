@@ -298,3 +298,9 @@ def add_code_fingerprints(rules):
         fingerprint = command_fingerprint(match.group(1)) if match else None
         if fingerprint is not None:
             each.set_params(code=fingerprint)
+
+
+# MAGNET (issue 15): where the `magnet_train` job of a training run writes its adapter (adapter.safetensors and
+# adapter.json); a model with `lora: <run>` applies it, and the jobs that load that model take the folder as input.
+def magnet_adapter_folder(run):
+    return f"results/magnet/{run}/adapter"

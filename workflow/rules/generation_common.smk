@@ -1,5 +1,6 @@
 # Helpers of the generation rules (workflow/rules/generation.smk, which includes this file): run settings,
-# the layers each appendix role sweeps, and the targets of `rule all_generation`.
+# the layers each appendix role sweeps, the MAGNET comparisons (Fig. 20, Table 3), and the targets of
+# `rule all_generation`.
 
 from seg4diff_repro.config import generation_layers
 from seg4diff_repro.generation.runs import RUN_PATTERN
@@ -23,10 +24,20 @@ def grid_layers():
 
 
 def generation_prompt_inputs(wildcards):
-    """A user prompts file (so that editing it re-runs the fidelity runs); the packaged lists are code."""
+    """A user prompts file (so that editing it re-runs the fidelity runs); the packaged lists are code. A Table 3
+    prompts file is an input once it exists: until then the DAG builds, and its job stops naming the file."""
     if wildcards.prompt_set == "fidelity" and GENERATION["prompts_file"]:
         return [GENERATION["prompts_file"]]
+    if wildcards.prompt_set.startswith("clipscore_"):
+        prompts_file = clipscore_prompt_set(wildcards.prompt_set)["prompts_file"]
+        return [prompts_file] if prompts_file and Path(prompts_file).is_file() else []
     return []
+
+
+def generation_adapter_inputs(wildcards):
+    """A MAGNET variant's adapter folder (rule magnet_train), applied after loading; nothing for other models."""
+    lora = model_config(wildcards).get("lora")
+    return [magnet_adapter_folder(lora)] if lora else []
 
 
 def generation_run_settings(wildcards):
@@ -34,6 +45,8 @@ def generation_run_settings(wildcards):
     operational: the rule passes them as resources (recorded in the run's manifest, re-running nothing)."""
     model = model_config(wildcards)
     fidelity = wildcards.prompt_set == "fidelity"
+    if wildcards.prompt_set.startswith("clipscore_"):
+        return clipscore_run_settings(wildcards, model)
     settings = {
         "model": wildcards.model,
         "backbone": model["backbone"],
@@ -44,7 +57,7 @@ def generation_run_settings(wildcards):
         "figure": None if fidelity else wildcards.prompt_set,
         "prompts_file": GENERATION["prompts_file"] if fidelity else None,
         "n_prompts": GENERATION["n_prompts"] if fidelity else None,
-        "seeds": GENERATION["seeds"] if fidelity else [GENERATION["grid_seed"]],
+        "seeds": GENERATION["seeds"] if fidelity else [grid_seed(wildcards.prompt_set)],
         "steps": model["num_inference_steps"],
         "cfg": GENERATION["cfg"],
         "guidance_scale": GENERATION["guidance_scale"],
@@ -54,7 +67,96 @@ def generation_run_settings(wildcards):
     }
     if "guidance_scale" in model["options"]:
         settings["distilled_guidance"] = model["options"]["guidance_scale"]
+    if model.get("lora"):
+        settings["lora"] = magnet_adapter_folder(model["lora"])
     return json.dumps(settings, sort_keys=True)
+
+
+def grid_seed(prompt_set):
+    """The one seed of a caption-prompt figure: Fig. 20's (every column, every model) or the grids' (Figs. 18, 19)."""
+    return GENERATION["fig20_seed"] if prompt_set == "fig20" else GENERATION["grid_seed"]
+
+
+# --- MAGNET: appendix Fig. 20 and main Table 3 (issue 15) ------------------------------------------------
+CLIPSCORE = GENERATION["clipscore"]
+# Rows of both, in the paper's Fig. 20 order (baseline, COCO, SA-1B), with their labels.
+MAGNET_ROWS = {"sd3": "Baseline", "sd3_magnet_coco": "MAGNET (COCO)", "sd3_magnet_sa1b": "MAGNET (SA-1B)"}
+
+
+def magnet_comparison_ready():
+    """Fig. 20 and Table 3 join `all` when both MAGNET roles are set and each one's adapter can be had: its run is
+    configured for training (`magnet.runs`) or its folder is already there."""
+    roles = config["appendix"]["models"]
+    if not all(role in roles for role in MAGNET_ROWS):
+        return False
+    runs = (config.get("magnet") or {}).get("runs") or {}
+    loras = [config["models"][roles[role]].get("lora") for role in MAGNET_ROWS]
+    return all(lora is None or lora in runs or Path(magnet_adapter_folder(lora)).is_dir() for lora in loras)
+
+
+def magnet_stand_in():
+    """'toy_sd3 for SD3-medium, toy_sd3_magnet_coco for SD3-medium + MAGNET (COCO), ...'."""
+    return ", ".join(
+        f"{appendix_model(role)} for SD3-medium" + ("" if role == "sd3" else f" + {label}")
+        for role, label in MAGNET_ROWS.items()
+    )
+
+
+def clipscore_prompt_set(prompt_set):
+    return CLIPSCORE["prompt_sets"][prompt_set.removeprefix("clipscore_")]
+
+
+def clipscore_run_settings(wildcards, model):
+    """GenerationRun JSON of a Table 3 run: the set's prompts and seeds, unperturbed, CFG `cfg`, the model's steps."""
+    prompt_set = clipscore_prompt_set(wildcards.prompt_set)
+    settings = {
+        "model": wildcards.model,
+        "backbone": model["backbone"],
+        "source": model["source"],
+        "revision": model["revision"],
+        "dtype": model["dtype"],
+        "run": wildcards.run,
+        "prompts_file": prompt_set["prompts_file"],
+        "prompts_list": prompt_set["prompts"],
+        "n_prompts": prompt_set["n_prompts"],
+        "seeds": prompt_set["seeds"],
+        "steps": model["num_inference_steps"],
+        "cfg": GENERATION["cfg"],
+        "max_sequence_length": GENERATION["max_sequence_length"],
+    }
+    if model.get("lora"):
+        settings["lora"] = magnet_adapter_folder(model["lora"])
+    return json.dumps(settings, sort_keys=True)
+
+
+def fig20_runs(wildcards):
+    return [f"results/generation/{appendix_model(role)}/fig20/none" for role in MAGNET_ROWS]
+
+
+def clipscore_runs():
+    """(prompt set, run folder) of every model x prompt set of Table 3."""
+    return [
+        (name, f"results/generation/{appendix_model(role)}/clipscore_{name}/none")
+        for role in MAGNET_ROWS
+        for name in CLIPSCORE["prompt_sets"]
+    ]
+
+
+def clipscore_settings():
+    """JSON of the scorer's ClipScoreSettings (the device is operational: a resource of the rule)."""
+    return json.dumps({k: v for k, v in CLIPSCORE.items() if k not in ("device", "prompt_sets")}, sort_keys=True)
+
+
+def clipscore_models_are_toy():
+    models = [config["models"][appendix_model(role)] for role in MAGNET_ROWS]
+    return all(model["toy"] or model["random_weights"] for model in models)
+
+
+def magnet_generation_targets():
+    """Appendix Fig. 20 and main Table 3 (without prompt sets: no table)."""
+    figures = [f"{FIGURES}/fig20_magnet_generations.{ext}" for ext in ("png", "pdf")]
+    tables = [f"{TABLES}/main_table3_clipscore.{ext}" for ext in ("csv", "md")] if CLIPSCORE["prompt_sets"] else []
+    return figures + tables
 
 
 def fidelity_settings():
@@ -95,9 +197,11 @@ def drawbench_usage():
 
 
 def generation_targets():
-    """Every generation-side appendix figure and table (Figs. 1, 5, 7, 10, 18, 19)."""
+    """Every generation-side appendix figure and table (Figs. 1, 5, 7, 10, 18, 19; Fig. 20 and main Table 3 once
+    the MAGNET models can be had)."""
     tables = [*FIDELITY_FIGURES, "fig01_drawbench_prompts"]
     return (
         [f"{TABLES}/{name}.{ext}" for name in tables for ext in ("csv", "md")]
         + [f"{FIGURES}/{name}.{ext}" for name in [*tables, *GRID_FIGURES] for ext in ("png", "pdf")]
+        + (magnet_generation_targets() if magnet_comparison_ready() else [])
     )

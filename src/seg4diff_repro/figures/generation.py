@@ -1,5 +1,6 @@
-"""Figures of the generation analyses: fidelity curves over layers (appendix Figs. 5, 7, 10) and labelled
-image grids of per-layer perturbation and perturbed-I2T guidance (Figs. 18, 19)."""
+"""Figures of the generation analyses: fidelity curves over layers (appendix Figs. 5, 7, 10), labelled
+image grids of per-layer perturbation and perturbed-I2T guidance (Figs. 18, 19), and the generations of the
+baseline and the MAGNET-fine-tuned models side by side (Fig. 20)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from seg4diff_repro.figures import save_figure, wrap_title  # noqa: E402
 from seg4diff_repro.tables.fidelity import METRIC_NAMES, METRICS  # noqa: E402
 
-__all__ = ["plot_fidelity_curves", "plot_layer_grid"]
+__all__ = ["plot_fidelity_curves", "plot_layer_grid", "plot_model_grid"]
 
 
 def plot_fidelity_curves(table: pd.DataFrame, title: str, footer: str, png_path: Path, pdf_path: Path) -> None:
@@ -103,3 +104,41 @@ def plot_layer_grid(
     fig.suptitle(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
     fig.tight_layout()
     save_figure(fig, png_path, pdf_path)
+
+
+def _prompt_label(number: int, prompt: str, width: int = 26, max_lines: int = 7) -> str:
+    """"(1) “prompt”" wrapped to ``width`` characters; a long caption is cut after ``max_lines`` lines with "…"."""
+    lines = textwrap.wrap(f"({number}) “{prompt}”", width)
+    return "\n".join(lines if len(lines) <= max_lines else [*lines[: max_lines - 1], lines[max_lines - 1] + " …"])
+
+
+def plot_model_grid(
+    prompts: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[np.ndarray]]],
+    title: str,
+    footer: str,
+    png_path: Path,
+    pdf_path: Path,
+    model: dict | None = None,
+) -> None:
+    """One row per model (``rows``: label and one image per prompt, in prompt order), one column per prompt.
+
+    The caller checks that each column's images share their prompt and seed. ``model``: the record kept in the
+    files' metadata (`save_figure`).
+    """
+    n_rows, n_columns = len(rows), len(prompts)
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(1.45 * n_columns + 1.0, 1.5 * n_rows + 1.4), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c, image in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(_prompt_label(c + 1, prompts[c]), fontsize=5.5, loc="left", va="bottom")
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(wrap_title(title, fig.get_figwidth(), 9), fontsize=9)
+    fig.text(0.5, 0.005, wrap_title(footer, fig.get_figwidth(), 6.5), ha="center", va="bottom", fontsize=6.5)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, png_path, pdf_path, model=model)

@@ -1,9 +1,10 @@
-"""One generation run of the appendix's perturbation analyses: a folder of PNG images and a JSON manifest.
+"""One generation run of the appendix's generation analyses: a folder of PNG images and a JSON manifest.
 
 A run is one model with one setting for every (prompt, seed) pair of a prompt set: unperturbed
 ("none"), with the I2T attention of one layer blurred ("perturb_l<layer>", Figs. 5, 7, 10, 18), or with
 perturbed-I2T guidance at one layer ("guidance_l<layer>", Fig. 19). Each run is its own Snakemake job,
-so the layers of a sweep spread over GPUs.
+so the layers of a sweep spread over GPUs. A MAGNET-fine-tuned model (``lora``: its adapter folder) is the
+base pipeline with the trained LoRA applied right after loading (Fig. 20, Table 3).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from seg4diff_repro.provenance import provenance
 if TYPE_CHECKING:
     from seg4diff_repro.generation.sampling import SamplingSettings
 
-__all__ = ["GenerationRun", "RUN_PATTERN", "parse_run", "read_run", "run_generation"]
+__all__ = [
+    "GenerationRun", "RUN_PATTERN", "apply_model_lora", "generation_model_fingerprint", "parse_run", "read_run",
+    "run_generation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ class GenerationRun:
     distilled_guidance: float = 3.5
     batch_size: int = 4
     revision: str | None = None  # the hub commit of `source` (None: a local folder, or the newest)
+    lora: str | None = None  # a MAGNET adapter folder (results/magnet/<run>/adapter) applied after loading
+    prompts_list: list[str] | None = None  # the prompts themselves (a config's inline prompt set), else as above
 
     @classmethod
     def from_json(cls, text: str) -> GenerationRun:
@@ -76,6 +82,13 @@ class GenerationRun:
     def prompts(self) -> list[str]:
         if self.figure is not None:
             return figure_prompts(self.figure)
+        if self.prompts_list is not None:
+            return list(self.prompts_list[: self.n_prompts])
+        if self.prompts_file is not None and not Path(self.prompts_file).is_file():
+            raise FileNotFoundError(
+                f"the prompts file {self.prompts_file} of {self.model}'s run does not exist: write the prompt set "
+                "there, one prompt per line (the paper's Table 3 lists are not published: README, main Table 3)"
+            )
         return load_prompts(self.prompts_file, self.n_prompts)
 
     def sampling(self) -> SamplingSettings:
@@ -91,7 +104,8 @@ class GenerationRun:
         )
 
 
-def _load_pipeline(run: GenerationRun):
+def _load_pipeline(run: GenerationRun) -> tuple[object, dict | None]:
+    """The pipeline of ``run``'s model and, for a MAGNET variant, its adapter's ``adapter.json`` (else None)."""
     import torch
 
     from seg4diff_repro.models.flux import load_flux_pipeline
@@ -99,8 +113,28 @@ def _load_pipeline(run: GenerationRun):
 
     load = load_flux_pipeline if run.backbone == "flux" else load_sd3_pipeline
     pipe = load(run.source, getattr(torch, run.dtype), run.revision).to(run.device)
+    adapter = apply_model_lora(pipe, run.lora)
     pipe.transformer.eval().requires_grad_(False)
-    return pipe
+    return pipe, adapter
+
+
+def apply_model_lora(pipe, lora: str | Path | None) -> dict | None:
+    """Put the MAGNET LoRA of the adapter folder ``lora`` on ``pipe.transformer`` (LoRA only, no conv head: the
+    official evaluation) and return its ``adapter.json``; None leaves the pipeline as loaded."""
+    if lora is None:
+        return None
+    from seg4diff_repro.magnet.lora import apply_lora
+
+    return apply_lora(pipe.transformer, lora)
+
+
+def generation_model_fingerprint(run: GenerationRun) -> str:
+    """The base model's fingerprint, joined by the adapter folder's content hash for a MAGNET variant, so that a
+    retrained adapter is a different model wherever runs are compared or cached."""
+    from seg4diff_repro.models.common import model_fingerprint
+
+    base = model_fingerprint(run.source, run.revision)
+    return base if run.lora is None else f"{base}+lora:{model_fingerprint(run.lora)}"
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -112,9 +146,8 @@ def _png_bytes(image: np.ndarray) -> bytes:
 def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
     """Generate every (prompt, seed) image of ``run`` into ``out_dir`` (replaced atomically); return the manifest."""
     from seg4diff_repro.generation.sampling import sample_images, truncated_prompts
-    from seg4diff_repro.models.common import model_fingerprint
 
-    pipe = _load_pipeline(run)
+    pipe, adapter = _load_pipeline(run)
     prompts = run.prompts()
     pairs = [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in run.seeds]
     settings = run.sampling()
@@ -135,7 +168,10 @@ def run_generation(run: GenerationRun, out_dir: str | Path) -> dict:
         "width": width,
         "n_prompts": len(prompts),
         "truncated_prompts": truncated,
-        "model_fingerprint": model_fingerprint(run.source, run.revision),
+        "model_fingerprint": generation_model_fingerprint(run),
+        # A MAGNET variant's adapter: which training run and checkpoint, on which base model (adapter.json).
+        "adapter": None if adapter is None else {key: adapter.get(key) for key in
+                                                 ("run", "protocol", "lora", "base_model", "checkpoint", "seed")},
         "provenance": provenance("generation"),
         "images": [
             {"file": f"p{index:03d}_s{seed}.png", "prompt_index": index, "prompt": prompt, "seed": seed}

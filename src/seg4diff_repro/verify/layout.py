@@ -27,13 +27,13 @@ REDERIVED_COMMANDS = frozenset({
     "score-layers", "score-unsupervised", "per-layer-table", "per-layer-figure", "toy-world-summary",
     "timestep-sweep", "normalisation-table", "unsupervised-table", "head-figure", "timestep-panels",
     "normalisation-panels", "appendix-per-layer", "overlays", "main-table", "fidelity-figure", "generation-grid",
-    "value-norm-heads-figure", "value-norm-layers-figure",
+    "value-norm-heads-figure", "value-norm-layers-figure", "magnet-grid", "clipscore-table",
 })
 # GPU work (forward passes, generation, backbone scoring): its outputs are bundled and are the inputs of the
 # re-derivation; attention caches among them are spot-checked by re-extraction,
 GPU_COMMANDS = frozenset({
     "extract-attention", "gather-attention", "score-heads", "generate-run", "score-fidelity", "value-norms",
-    "pca-qkv-figure", "token-maps-figure", "toy-generations",
+    "pca-qkv-figure", "token-maps-figure", "toy-generations", "score-clipscore",
 })
 # and the sources (models, datasets), recorded by content fingerprint rather than bundled file by file.
 SOURCE_COMMANDS = frozenset({
