@@ -65,6 +65,9 @@ class MagnetRecipe:
     warmup_factor: float = 0.01
     clip_grad_norm: float = 0.01
     focal_p_t_from: Literal["logit", "probability"] = "logit"  # "logit": the official p_t from the raw score
+    # "raw": the official pre-softmax scores as mask logits; "normalized": the paper's text, each map min-max
+    # scaled over the image (the official att2mask, whose call the trainer has commented out).
+    mask_logits: Literal["raw", "normalized"] = "raw"
     timestep_std: float = 0.5
     train_timesteps: int = 1000
     shift: float = 3.0
@@ -76,6 +79,7 @@ class MagnetRecipe:
 
     def __post_init__(self) -> None:
         choices = {"protocol": ("coco", "sa1b"), "focal_p_t_from": ("logit", "probability"),
+                   "mask_logits": ("raw", "normalized"),
                    "checkpoint_policy": ("last", "best")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -207,6 +211,9 @@ class MagnetTrainer:
         head·77 + token (SA-1B), the conv head's residual added to each."""
         heads, n_image, n_text = logits.shape
         maps = logits.mean(0, keepdim=True) if self.recipe.protocol == "coco" else logits
+        if self.recipe.mask_logits == "normalized":
+            low = maps.amin(dim=1, keepdim=True)
+            maps = (maps - low) / ((maps - low).amax(dim=1, keepdim=True) + 1e-6)
         maps = maps.transpose(1, 2).reshape(-1, *grid)
         return self.head(maps) if self.head is not None else maps
 
