@@ -197,3 +197,36 @@ def test_loader_workers_prepare_the_same_examples(tmp_path, toy_root):
                             loader_workers=2)
     workers.train()
     assert [r["loss"] for r in workers.history] == [r["loss"] for r in inline.history]
+
+
+def test_validation_miou_equals_the_scoring_rules_on_the_same_model(tmp_path, toy_root):
+    """The best-checkpoint criterion: the pipeline's extraction + scoring of each layer, recomputed in memory."""
+    from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention
+    from seg4diff_repro.magnet.validate import supervised_layer_miou
+    from seg4diff_repro.segmentation.score import ScoringSettings, score_layers
+
+    settings = ExtractionSettings.from_dict(dict(
+        model="toy_sd3", dataset="toy", backbone="sd3", source=str(TOY_MODEL), dtype="float32", timestep=8,
+        num_steps=28, layers=[0, 3], seed=0, short_side=None, resize="stretch", prompt="oracle",
+        background_name="background", split="train", background="drop", limit=6))
+    manifest = extract_attention(settings, toy_root, tmp_path / "cache", batch_size=6)
+    scores = score_layers(tmp_path / "cache/manifest.json", toy_root, ScoringSettings(), tmp_path / "shards")
+    assert manifest["layers"] == [0, 3]
+    adapter = fresh_adapter()
+    for layer in (0, 3):
+        expected = float(scores.loc[scores["layer"] == layer, "mIoU"].iloc[0])
+        assert supervised_layer_miou(adapter, toy_root, settings, layer, batch_size=4) == pytest.approx(expected, abs=1e-9)
+
+
+def test_normalized_mask_logits_are_min_max_scaled_per_map(tmp_path, toy_root):
+    trainer = MagnetTrainer(fresh_adapter(), recipe(mask_logits="normalized", conv_head=False, protocol="sa1b"),
+                            ToyShapesMasks(toy_root, "sa1b"), tmp_path)
+    logits = torch.randn(4, 16 * 16, 77, dtype=torch.float64).float() * 5
+    maps = trainer._candidates(logits, (16, 16))
+    assert maps.shape == (4 * 77, 16, 16)
+    flat = maps.flatten(1)
+    torch.testing.assert_close(flat.amin(1), torch.zeros(4 * 77))
+    torch.testing.assert_close(flat.amax(1), torch.ones(4 * 77), atol=1e-5, rtol=0)
+    # head-major candidate order (head·77 + token), as the official combined index
+    expected = (logits[1, :, 5] - logits[1, :, 5].min()) / (logits[1, :, 5].max() - logits[1, :, 5].min() + 1e-6)
+    torch.testing.assert_close(maps[77 + 5].flatten(), expected)

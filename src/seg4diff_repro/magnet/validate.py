@@ -32,7 +32,8 @@ def supervised_layer_miou(adapter, dataset_root: Path, settings: ExtractionSetti
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = record_batch(adapter, samples, dataset.class_names, settings, noising, [layer],
                              record=("i2t",), heads="mean")
-        maps = batch.recorder.i2t[layer][:, 0].float().cpu().numpy()  # [B, image tokens, prompt window]
+        # [B, image tokens, prompt window], rounded to float16 as the caches the scoring rules read hold them
+        maps = batch.recorder.i2t[layer][:, 0].half().float().cpu().numpy()
         for sample, prompt, box, token_maps in zip(samples, batch.prompts, batch.boxes, maps):
             label = dataset.label_for_scoring(crop_to_box(sample.label, box))
             spans = window_spans(prompt.spans, adapter.prompt_tokens, "official")
