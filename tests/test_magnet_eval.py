@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from magnet_adapters import TOY_MODEL, make_toy_adapter
+from magnet_adapters import TOY_MODEL, make_toy_adapter, plan_adapters
 from seg4diff_repro.cli import main
 from seg4diff_repro.config import ConfigError, check_config
 from seg4diff_repro.magnet.lora import ADAPTER_WEIGHTS
@@ -147,6 +147,9 @@ def toy_config() -> dict:
          "magnet.runs.again.model = 'toy_sd3_magnet_coco' is itself a MAGNET variant"),
         (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(protocol="ade"),
          "magnet.runs.toy_sd3_coco.protocol = 'ade' is not allowed; allowed values: ['coco', 'sa1b']"),
+        (lambda c: c["appendix"]["models"].update(sd3="toy_sd3_magnet_coco"),
+         "appendix.models.sd3 = 'toy_sd3_magnet_coco' is a MAGNET variant (lora: toy_sd3_coco), but the generation "
+         "analyses of this role do not apply adapters: name its base model ('toy_sd3')"),
         (lambda c: c["appendix"]["models"].update(sd3_magnet_coco="toy_sd3"),
          "appendix.models.sd3_magnet_coco = 'toy_sd3' has no `lora`"),
         (lambda c: c["appendix"]["models"].update(sd3_magnet_coco="toy_sd3_magnet_sa1b"),
@@ -172,11 +175,7 @@ def test_without_magnet_roles_the_config_is_valid():
 
 def test_a_dry_run_gives_the_variants_jobs_the_adapter_as_input_and_setting(tmp_path):
     workdir = copy_workflow(tmp_path)
-    rules = "".join(path.read_text() for path in (workdir / "workflow/rules").glob("*.smk"))
-    if "rule magnet_train:" not in rules:  # before the trainer's rule exists: a stand-in that writes the folder
-        (workdir / "Snakefile").write_text((workdir / "Snakefile").read_text() + (
-            '\n\nrule adapter_stand_in:\n    output:\n        directory("results/magnet/{run}/adapter"),\n'
-            '    shell:\n        "mkdir -p {output}"\n'))
+    plan_adapters(workdir)
     stdout = snakemake(
         workdir, "-n", "-p", "results/attention/toy_sd3_magnet_coco/toy_shapes/t8/manifest.json",
         "results/attention_null/toy_sd3_magnet_sa1b/toy_shapes_bg/t8/manifest.json",
@@ -254,3 +253,35 @@ def test_the_magnet_table_reproduces_the_score_files_it_reads(tmp_path):
         main(["magnet-effect-table", "--base", str(files[0]), "--variants", *map(str, files[1:]),
               "--adapters", *map(str, adapters), "--layer", str(layer), "--title", "Toy MAGNET",
               "--csv", str(out["csv"]), "--markdown", str(out["md"])])
+
+
+def check_magnet_outputs(workdir: Path, tables: str = "paper_tables/toy") -> None:
+    """The toy MAGNET table and the + MAGNET rows of main Table 1 against the per-layer score files they read."""
+    effect = pd.read_csv(workdir / tables / "toy_world_magnet_t8.csv")
+    assert effect["model"].tolist() == ["toy_sd3", "toy_sd3_magnet_sa1b", "toy_sd3_magnet_coco"]
+    layer = int(effect["supervised_layer"].iloc[0])
+    per_layer = {model: pd.read_csv(workdir / f"results/segmentation/{model}/toy_shapes/t8/per_layer.csv")
+                 for model in effect["model"]}
+    for row in effect.itertuples():
+        scores = per_layer[row.model]
+        assert row.mIoU == scores["mIoU"][layer] and row.mACC == scores["mACC"][layer]  # full precision
+        assert row.diff_mIoU == pytest.approx(scores["mIoU"][layer] - per_layer["toy_sd3"]["mIoU"][layer], abs=1e-12)
+        assert (row.best_layer, row.best_mIoU) == (scores["mIoU"].idxmax(), scores["mIoU"].max())
+    adapters = effect.dropna(subset=["lora_run"])
+    assert adapters["lora_run"].tolist() == ["toy_sd3_sa1b", "toy_sd3_coco"]
+    for row in adapters.itertuples():  # what the adapter folder records, and the bytes it holds now
+        info = json.loads((workdir / f"results/magnet/{row.lora_run}/adapter/adapter.json").read_text())
+        assert (row.lora_protocol, row.lora_iteration) == (info["protocol"], info["checkpoint"]["iteration"])
+        assert json.loads(row.lora_recipe) == info["recipe"]
+    main_table = pd.read_csv(workdir / tables / "main_table1_ovss.csv")
+    magnet = main_table[main_table["paper_model"].str.contains("MAGNET")]
+    assert sorted(magnet["model"].unique()) == ["toy_sd3_magnet_coco", "toy_sd3_magnet_sa1b"]
+    for row in magnet.itertuples():
+        scores = pd.read_csv(workdir / f"results/segmentation/{row.model}/{row.dataset}/t8/per_layer.csv")
+        assert row.layer == layer and row.mIoU == pytest.approx(scores["mIoU"][layer], abs=0.005)  # 2 decimals
+        assert row.lora_run == scores["lora_run"][layer] and row.lora_iteration == scores["lora_iteration"][layer]
+
+
+@pytest.mark.slow
+def test_the_default_run_shows_magnets_effect_and_the_magnet_rows(toy_run):
+    check_magnet_outputs(toy_run)

@@ -203,8 +203,16 @@ def _check_magnet(config: dict) -> None:
         if "build" in model:
             raise ConfigError(f"models.{name} has both `lora` and `build`: a variant loads its base model's "
                               f"weights (models.{base_name}.source); remove `build`")
-    # The "+ MAGNET" rows of the main tables sit under the SD3 row: the same base model, the role's protocol.
     roles = config["appendix"]["models"]
+    for role in ("sd3", "sd35", "flux"):  # their generation analyses load models without adapters
+        if models[roles[role]]["lora"] is not None:
+            raise ConfigError(
+                f"appendix.models.{role} = {roles[role]!r} is a MAGNET variant (lora: {models[roles[role]]['lora']}), "
+                "but the generation analyses of this role do not apply adapters: name its base model "
+                f"({runs[models[roles[role]]['lora']]['model']!r}); the \"+ MAGNET\" rows come from "
+                "appendix.models.sd3_magnet_sa1b and sd3_magnet_coco"
+            )
+    # The "+ MAGNET" rows of the main tables sit under the SD3 row: the same base model, the role's protocol.
     for protocol in ("sa1b", "coco"):
         role, name = f"sd3_magnet_{protocol}", roles.get(f"sd3_magnet_{protocol}")
         if name is None:

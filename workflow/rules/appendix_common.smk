@@ -144,3 +144,15 @@ def main_table_entries(name):
         for m in main_table_model_roles(name)
         for d in dataset_roles
     ]
+
+
+def magnet_role_models():
+    """The MAGNET variants the appendix roles name (sd3_magnet_sa1b, sd3_magnet_coco), those the config sets."""
+    return [appendix_model(role) for role in MAGNET_ROLES if appendix_model(role) is not None]
+
+
+def toy_world_magnet_targets():
+    """The toy MAGNET table, when the run is the toy world (as toy_world_targets) and the config names variants."""
+    if not toy_world_targets() or not magnet_role_models():
+        return []
+    return [f"{TABLES}/toy_world_magnet_t{config['attention']['timestep']}.{ext}" for ext in ("csv", "md")]

@@ -1,19 +1,7 @@
 # MAGNET's evaluation (issue 15): a trained adapter is a model variant (`models.<name>.lora: <run>`), so every
 # segmentation target accepts it (its jobs apply the adapter after loading; the adapter folder is their input).
 # The "+ MAGNET" rows of the main tables come from the appendix roles sd3_magnet_sa1b and sd3_magnet_coco; this file
-# adds the toy world's table of MAGNET's effect on the supervised layer.
-
-
-def magnet_role_models():
-    """The MAGNET variants the appendix roles name (sd3_magnet_sa1b, sd3_magnet_coco), those the config sets."""
-    return [appendix_model(role) for role in MAGNET_ROLES if appendix_model(role) is not None]
-
-
-def toy_world_magnet_targets():
-    """The toy MAGNET table, when the run is the toy world (as toy_world_targets) and the config names variants."""
-    if not toy_world_targets() or not magnet_role_models():
-        return []
-    return [f"{TABLES}/toy_world_magnet_t{config['attention']['timestep']}.{ext}" for ext in ("csv", "md")]
+# adds the toy world's table of MAGNET's effect on the supervised layer (helpers in appendix_common.smk).
 
 
 rule toy_world_magnet:
