@@ -22,6 +22,7 @@ include: "workflow/rules/appendix_common.smk"
 include: "workflow/rules/segmentation_appendix.smk"
 include: "workflow/rules/generation.smk"
 include: "workflow/rules/attention_figures.smk"
+include: "workflow/rules/magnet_eval.smk"
 
 
 # On a cluster these run where Snakemake runs (the login node), not as jobs: the cheap tables and figures, and
@@ -40,6 +41,7 @@ localrules:
     tab01_normalisation,
     appendix_per_layer,
     main_table,
+    toy_world_magnet,
     fidelity_figure,
     generation_grid,
     value_norm_heads_figure,
@@ -58,6 +60,7 @@ ALL_TARGETS = [
     *segmentation_appendix_targets(),
     *generation_targets(),
     *attention_figure_targets(),
+    *toy_world_magnet_targets(),
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from magnet_adapters import plan_adapters
 from seg4diff_repro.cli import main
 from test_workflow import REPO, copy_workflow, snakemake
 
@@ -24,17 +25,22 @@ TABLE1 = {
     "SD3-medium": [89.2, 62.0, 49.0, 34.2, 26.5],
     "SD3.5-medium": [86.1, 57.8, 43.4, 30.7, 23.8],
     "FLUX.1-dev": [83.1, 50.6, 38.2, 23.9, 17.1],
+    "SD3-medium + MAGNET (SA-1B)": [89.1, 62.0, 49.1, 34.7, 25.4],
+    "SD3-medium + MAGNET (COCO)": [89.8, 62.9, 51.2, 35.2, 26.0],
 }
 TABLE2 = {
     "columns": ["VOC21 (with background)", "PC59 (with background)", "COCO-Object (with background)", "COCO-Stuff-27",
                 "Cityscapes", "ADE20K-150"],
     "SD3-medium": [54.9, 52.6, 38.5, 49.7, 24.2, 44.9],
     "SD3.5-medium": [52.3, 52.9, 36.8, 47.1, 24.2, 41.5],
+    "SD3-medium + MAGNET (SA-1B)": [55.1, 52.8, 39.0, 50.8, 24.2, 45.0],
+    "SD3-medium + MAGNET (COCO)": [56.1, 53.5, 38.8, 53.5, 24.4, 45.4],
 }
 KEYS = {"VOC20": "voc20", "COCO-Object": "coco_object", "PC59": "pc59", "ADE20K-150": "ade150",
         "Cityscapes": "cityscapes", "VOC21 (with background)": "voc21",
         "COCO-Object (with background)": "coco_object", "PC59 (with background)": "pc59", "COCO-Stuff-27": "coco_stuff27"}
-MODEL_KEYS = {"SD3-medium": "sd3_medium", "SD3.5-medium": "sd35_medium", "FLUX.1-dev": "flux_dev"}
+MODEL_KEYS = {"SD3-medium": "sd3_medium", "SD3.5-medium": "sd35_medium", "FLUX.1-dev": "flux_dev",
+              "SD3-medium + MAGNET (SA-1B)": "sd3_medium_magnet_sa1b", "SD3-medium + MAGNET (COCO)": "sd3_medium_magnet_coco"}
 
 
 def planned_entries(dry_run_stdout: str, table: str, namespace: str) -> tuple[list[dict], str]:
@@ -49,6 +55,7 @@ def planned_entries(dry_run_stdout: str, table: str, namespace: str) -> tuple[li
 @pytest.mark.parametrize("paper_config", [False, True], ids=["toy world", "paper config"])
 def test_main_tables_carry_every_column_of_the_papers_tables(tmp_path, paper_config):
     workdir = copy_workflow(tmp_path)
+    plan_adapters(workdir)  # the + MAGNET rows' models apply trained adapters
     namespace = "paper" if paper_config else "toy"
     arguments = ["-n", "-p", f"paper_tables/{namespace}/main_table1_ovss.csv",
                  f"paper_tables/{namespace}/main_table2_unsupervised.csv"]
@@ -64,6 +71,11 @@ def test_main_tables_carry_every_column_of_the_papers_tables(tmp_path, paper_con
         assert [(entry["paper_model"], entry["paper_dataset"]) for entry in entries] == [
             (MODEL_KEYS[model], KEYS[column]) for model, column in expected
         ]
+        # The + MAGNET rows: the variants of the sd3 role's model, read at its layer.
+        magnet = [entry for entry in entries if "MAGNET" in entry["role_model"]]
+        prefix = "sd3_medium" if paper_config else "toy_sd3"
+        assert {entry["path"].split("/")[2] for entry in magnet} == {f"{prefix}_magnet_sa1b", f"{prefix}_magnet_coco"}
+        assert {entry["layer"] for entry in magnet} == {e["layer"] for e in entries if e["role_model"] == "SD3-medium"}
         for entry in entries:
             # What stands in for each paper dataset is named in the title.
             assert f"{entry['path'].split('/')[3]} for {entry['role_dataset']}" in title
@@ -108,7 +120,7 @@ def test_main_table1_rows_carry_their_own_settings_and_the_papers_numbers(tmp_pa
                 "prompt": "oracle", "seed": 10 * m + c, "images": 100 + c}
 
     table, markdown = run_main_table(tmp_path, "ovss", TABLE1, settings_of)
-    assert len(table) == 3 * 5
+    assert len(table) == 5 * 5
     for index, row in table.iterrows():
         m, c = divmod(index, 5)
         assert (row["model"], row["dataset"]) == (f"ours_{m}", f"set_{c}")
@@ -129,11 +141,11 @@ def test_main_table2_states_tau_per_row_and_in_the_title(tmp_path):
     table, markdown = run_main_table(
         tmp_path, "unsupervised", TABLE2, lambda m, c: {"timestep_k": 8, "kl_threshold": 0.01, "geometry": "official"}
     )
-    assert len(table) == 2 * 6 and (table["kl_threshold"] == 0.01).all()
+    assert len(table) == 4 * 6 and (table["kl_threshold"] == 0.01).all()
     assert markdown.startswith("# Main Table, τ = 0.01\n")
     assert "official code hard-codes 0.1" in markdown
     stuff = table[table["paper_dataset"] == "COCO-Stuff-27"]
-    assert stuff["paper_mIoU"].tolist() == [49.7, 47.1]
+    assert stuff["paper_mIoU"].tolist() == [49.7, 47.1, 50.8, 53.5]
     assert "mACC" not in table  # the paper's Table 2 reports mIoU (and we add pACC)
 
 
@@ -142,7 +154,7 @@ def test_main_table2_shows_the_official_per_row_and_the_corrected_per_image_mIoU
         return {"kl_threshold": 0.1, "matching": "per_row", "mIoU_per_row": 41.0 + c, "mIoU_per_image": 30.5 + c}
 
     table, markdown = run_main_table(tmp_path, "unsupervised", TABLE2, settings_of)
-    assert table["mIoU_per_image"].tolist() == [30.5 + c for _ in range(2) for c in range(6)]
+    assert table["mIoU_per_image"].tolist() == [30.5 + c for _ in range(4) for c in range(6)]
     layout = markdown.split("## In the paper's layout")[1].split("##")[0]
     assert "official per-row matching, corrected per-image matching" in layout
     paper = TABLE2["SD3-medium"][0]

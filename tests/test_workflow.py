@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from magnet_adapters import plan_adapters
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -282,6 +284,7 @@ def job_counts(dry_run_stdout: str) -> dict[str, int]:
 def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(REPO / "configs", workdir / "configs")
+    plan_adapters(workdir)  # the + MAGNET rows' models apply trained adapters
     dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml")
     counts = job_counts(dry_run.stdout)
     # The README states the paper run's size as this dry run prints it.
@@ -289,12 +292,13 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
     assert stated and int(stated.group(1)) == int(re.search(r"^total\s+(\d+)", dry_run.stdout, re.MULTILINE).group(1))
     # t = 8 for 3 models x 5 datasets, of which SD3 on VOC20 and on COCO-Object come from the two 28-step sweep
     # jobs of appendix Fig. 2 (one job per pair: VAE and text encoders once per image); 27 more scorings each.
-    assert counts["extract_attention"] == 3 * 5 - 2
+    # Main Table 1's "+ MAGNET" rows: SD3 with each of the two adapters on its 5 sets.
+    assert counts["extract_attention"] == 3 * 5 - 2 + 2 * 5
     assert counts["extract_attention_sweep"] == 2
-    assert counts["score_layers"] == 3 * 5 + 2 * 27
+    assert counts["score_layers"] == 3 * 5 + 2 * 27 + 2 * 5
     assert counts["timestep_sweep"] == 2
-    # Unsupervised: main Table 2's models (SD3, SD3.5) on 6 sets.
-    assert counts["extract_unsupervised_attention"] == 2 * 6
+    # Unsupervised: main Table 2's models (SD3, SD3.5, and SD3 with each MAGNET adapter) on 6 sets.
+    assert counts["extract_unsupervised_attention"] == 4 * 6
     assert counts["unsupervised_table"] == 12
     for rule in ("per_layer_table", "per_layer_figure", "normalisation_table"):
         assert counts[rule] == 15, rule

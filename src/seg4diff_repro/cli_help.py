@@ -31,6 +31,7 @@ _EXTRACTION_KEYS = {
     "backbone": "sd3 (SD3, SD3.5) or flux",
     "source": "Hugging Face id or local save_pretrained folder",
     "revision": "hub commit of `source` (models.<model>.revision), or null",
+    "lora": "folder of the MAGNET adapter applied after loading (results/magnet/<models.<model>.lora>/adapter), or null",
     "dtype": "float32, float16 or bfloat16",
     "model_options": "models.<model>.options (Flux switches; {} otherwise)",
     "timestep": "k of 't = k of N': the input is noised to timesteps[-k]",
@@ -185,7 +186,7 @@ COMMAND_GROUPS = {
     "Segmentation tables and figures": [
         "per-layer-table", "per-layer-figure", "toy-world-summary", "timestep-sweep", "normalisation-table",
         "unsupervised-table", "appendix-per-layer", "timestep-panels", "normalisation-panels", "head-figure",
-        "overlays", "main-table",
+        "overlays", "main-table", "magnet-effect-table",
     ],
     "Generation: perturbation, fidelity and attention figures": [
         "generate-run", "score-fidelity", "fidelity-figure", "generation-grid", "value-norms",

@@ -178,6 +178,20 @@ def _main_table(args: argparse.Namespace) -> None:
     write_main_table(table, title, note, args.csv, args.markdown)
 
 
+def _magnet_effect_table(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from seg4diff_repro.models.common import adapter_record
+    from seg4diff_repro.tables.magnet import magnet_effect, write_magnet_effect
+
+    if len(args.variants) != len(args.adapters):
+        raise SystemExit(f"--variants ({len(args.variants)}) and --adapters ({len(args.adapters)}) must name one "
+                         "score file and one adapter folder per MAGNET variant, in the same order")
+    variants = [(pd.read_csv(scores), adapter_record(folder)) for scores, folder in zip(args.variants, args.adapters)]
+    write_magnet_effect(magnet_effect(pd.read_csv(args.base), variants, args.layer), args.title, args.csv,
+                        args.markdown)
+
+
 def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser("score-heads", help="per-(layer, head) scores, streamed (appendix Fig. 4)")
     command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")
@@ -237,3 +251,14 @@ def add_segmentation_appendix_commands(commands: argparse._SubParsersAction) -> 
                          help="JSON list of {path, layer, paper_model, paper_dataset, role_model, role_dataset}")
     _outputs(command, table=True, figure=False)
     command.set_defaults(handler=_main_table)
+
+    command = commands.add_parser("magnet-effect-table",
+                                  help="MAGNET: base model vs its LoRA variants at the supervised layer")
+    command.add_argument("--base", required=True, help="per-layer score CSV of score-layers for the base model")
+    command.add_argument("--variants", nargs="+", required=True,
+                         help="per-layer score CSVs of its MAGNET variants (models with `lora`), one per variant")
+    command.add_argument("--adapters", nargs="+", required=True,
+                         help="the adapter folder of each variant (results/magnet/<run>/adapter), in the order of --variants")
+    command.add_argument("--layer", type=int, required=True, help="the supervised layer (the base model's analysis_layer)")
+    _outputs(command, table=True, figure=False)
+    command.set_defaults(handler=_magnet_effect_table)

@@ -125,7 +125,7 @@ def generation_layers(spec: str | list[int], name: str, model: dict, key: str) -
 
 def _check_generation(config: dict) -> None:
     generation = config["analyses"]["generation"]
-    roles = config["appendix"]["models"]
+    roles = appendix_roles(config)
     for role, spec in generation["fidelity_layers"].items():
         key = f"analyses.generation.fidelity_layers.{role}"
         generation_layers(spec, roles[role], config["models"][roles[role]], key)
@@ -158,15 +158,94 @@ def _check_generation(config: dict) -> None:
                 )
 
 
+def appendix_roles(config: dict) -> dict[str, str]:
+    """``appendix.models`` without the optional roles left null (MAGNET's): role → configured model."""
+    return {role: name for role, name in config["appendix"]["models"].items() if name is not None}
+
+
+# What a MAGNET variant shares with its run's base model: the weights the LoRA was trained on, the forward pass
+# (switches, schedule) and the layer it supervises, so that a variant is scored exactly as its base (its
+# empty-prompt cache holds that layer).
+LORA_BASE_KEYS = ("backbone", "source", "revision", "dtype", "options", "num_inference_steps", "analysis_layer")
+
+
+def _check_magnet(config: dict) -> None:
+    """Every `lora` names a run; every run names a base model that is no variant itself; a variant keeps its
+    base model's weights and layer (LORA_BASE_KEYS)."""
+    runs, models = config["magnet"]["runs"], config["models"]
+    for run_name, run in runs.items():
+        base = models.get(run["model"])
+        if base is None:
+            raise ConfigError(f"magnet.runs.{run_name}.model = {run['model']!r} is not defined; defined models: "
+                              f"{sorted(models)}")
+        if base["lora"] is not None:
+            raise ConfigError(
+                f"magnet.runs.{run_name}.model = {run['model']!r} is itself a MAGNET variant (models.{run['model']}"
+                f".lora = {base['lora']!r}): name a model without `lora`, such as the one the variant was made from"
+            )
+    for name, model in models.items():
+        run_name = model["lora"]
+        if run_name is None:
+            continue
+        if run_name not in runs:
+            raise ConfigError(
+                f"models.{name}.lora = {run_name!r} names no MAGNET run; defined runs (magnet.runs): "
+                f"{sorted(runs)}. Define the run under magnet.runs (model, protocol), or remove the key"
+            )
+        base_name = runs[run_name]["model"]
+        base = models[base_name]
+        for key in LORA_BASE_KEYS:
+            if model[key] != base[key]:
+                raise ConfigError(
+                    f"models.{name}.{key} = {model[key]!r}, but its adapter (lora: {run_name}) is trained on "
+                    f"models.{base_name} (magnet.runs.{run_name}.model), whose {key} is {base[key]!r}: a variant "
+                    f"keeps its base model's {', '.join(LORA_BASE_KEYS)}; set models.{name}.{key} to {base[key]!r}"
+                )
+        if "build" in model:
+            raise ConfigError(f"models.{name} has both `lora` and `build`: a variant loads its base model's "
+                              f"weights (models.{base_name}.source); remove `build`")
+    roles = config["appendix"]["models"]
+    for role in ("sd3", "sd35", "flux"):  # their generation analyses load models without adapters
+        if models[roles[role]]["lora"] is not None:
+            raise ConfigError(
+                f"appendix.models.{role} = {roles[role]!r} is a MAGNET variant (lora: {models[roles[role]]['lora']}), "
+                "but the generation analyses of this role do not apply adapters: name its base model "
+                f"({runs[models[roles[role]]['lora']]['model']!r}); the \"+ MAGNET\" rows come from "
+                "appendix.models.sd3_magnet_sa1b and sd3_magnet_coco"
+            )
+    # The "+ MAGNET" rows of the main tables sit under the SD3 row: the same base model, the role's protocol.
+    for protocol in ("sa1b", "coco"):
+        role, name = f"sd3_magnet_{protocol}", roles.get(f"sd3_magnet_{protocol}")
+        if name is None:
+            continue
+        run_name = models[name]["lora"]
+        if run_name is None:
+            raise ConfigError(f"appendix.models.{role} = {name!r} has no `lora`: name a MAGNET variant (a model "
+                              f"with `lora: <run>`), or null for no \"+ MAGNET\" rows")
+        run = runs[run_name]
+        if run["protocol"] != protocol or run["model"] != roles["sd3"]:
+            raise ConfigError(
+                f"appendix.models.{role} = {name!r} applies run {run_name!r} (protocol {run['protocol']}, base model "
+                f"{run['model']!r}), but the role needs protocol {protocol} on the sd3 role's model "
+                f"{roles['sd3']!r} (appendix.models.sd3): name a variant of such a run"
+            )
+
+
+def lora_base(config: dict, name: str) -> str:
+    """The model whose weights model ``name`` loads: its MAGNET run's base model for a `lora` variant, else itself."""
+    run = config["models"][name].get("lora")
+    return name if run is None else config["magnet"]["runs"][run]["model"]
+
+
 # MAGNET (issue 15): appendix Fig. 20 and main Table 3 compare the sd3 role with the two MAGNET roles.
 MAGNET_ROLES = ("sd3_magnet_coco", "sd3_magnet_sa1b")
 
 
 def _check_magnet_generation(config: dict) -> None:
     roles = config["appendix"]["models"]
-    given = [role for role in MAGNET_ROLES if role in roles]
+    given = [role for role in MAGNET_ROLES if roles.get(role) is not None]
     if given and len(given) < len(MAGNET_ROLES):
-        missing = next(role for role in MAGNET_ROLES if role not in roles)
+        missing = next(role for role in MAGNET_ROLES if roles.get(role) is None)
         raise ConfigError(f"appendix.models.{given[0]} is set but appendix.models.{missing} is not: Fig. 20 and "
                           "Table 3 compare the baseline with both MAGNET models; set both, or neither")
     clipscore = config["analyses"]["generation"]["clipscore"]
@@ -204,7 +283,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
             if name not in config[kind]:
                 raise ConfigError(f"run.{kind} names {name!r}, which is not defined; defined {kind}: {sorted(config[kind])}")
         for role, name in config["appendix"][kind].items():
-            if name not in config[kind]:
+            if name is not None and name not in config[kind]:  # null: an optional role left out (MAGNET's)
                 raise ConfigError(
                     f"appendix.{kind}.{role} names {name!r}, which is not defined; "
                     f"defined {kind}: {sorted(config[kind])}"
@@ -216,6 +295,7 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                 f"analyses.unsupervised.models names {name!r}, which is not defined; defined models: {sorted(config['models'])}"
             )
 
+    _check_magnet(config)
     for name, model in config["models"].items():
         expected = f"results/models/{name}"
         if "build" in model and str(model["source"]).rstrip("/") != expected:
@@ -225,9 +305,9 @@ def check_config(config: dict, schema_path: str | Path) -> None:
             )
         check_device(model["device"], f"models.{name}.device")
 
-    used_models = list(dict.fromkeys([*config["run"]["models"], *config["appendix"]["models"].values()]))
-    for name in used_models:
-        _check_model_source(name, config["models"][name], config["toy_model"]["source"])
+    used_models = list(dict.fromkeys([*config["run"]["models"], *appendix_roles(config).values()]))
+    for name in used_models:  # a variant loads its base model's folder, which a rule may build
+        _check_model_source(name, config["models"][lora_base(config, name)], config["toy_model"]["source"])
     _check_timesteps(config, used_models)
 
     for name, model in config["models"].items():

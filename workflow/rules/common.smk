@@ -6,6 +6,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 # Jobs run this checkout's package, whichever environment runs them (the active one, or with `--sdm conda`
 # one built from envs/*.yaml, which hold third-party packages only: Snakemake builds a conda env from a copy of
@@ -25,7 +26,7 @@ shell.prefix(
 )
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT
-from seg4diff_repro.config import apply_defaults, check_config, load_schema, looks_like_local_path
+from seg4diff_repro.config import apply_defaults, check_config, load_schema, looks_like_local_path, lora_base
 from seg4diff_repro.provenance import command_fingerprint
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
@@ -95,9 +96,26 @@ def model_mem_mb(wildcards):
     return gpu_job_scale(wildcards.model)["mem_mb"]
 
 
+# ---- MAGNET variants (issue 15): a model with `lora: <run>` loads its run's base model, then the run's adapter.
+def magnet_adapter_folder(run):
+    """The adapter folder that the MAGNET training of `run` (rule magnet_train) writes, and its evaluations read."""
+    return f"results/magnet/{run}/adapter"
+
+
+def model_lora_folder(name):
+    """The adapter folder that jobs loading configured model `name` apply, or None for a model without `lora`."""
+    run = config["models"][name]["lora"]
+    return None if run is None else magnet_adapter_folder(run)
+# ---- end of MAGNET variants
+
+
 def model_inputs(wildcards):
     """The built model folder, the trained toy model's index file, the record of a Hugging Face model's
-    download (rule download_model), so that GPU jobs never download, or every file of a local model folder."""
+    download (rule download_model), so that GPU jobs never download, or every file of a local model folder;
+    for a MAGNET variant (`lora`), those of its base model and the adapter folder."""
+    lora = model_lora_folder(wildcards.model)
+    if lora is not None:
+        return model_inputs(SimpleNamespace(model=lora_base(config, wildcards.model))) + [lora]
     model = model_config(wildcards)
     if "build" in model:
         return [model["source"]]
@@ -155,6 +173,7 @@ def _extraction_settings(wildcards, overrides):
             "backbone": model["backbone"],
             "source": model["source"],
             "revision": model["revision"],
+            "lora": model_lora_folder(wildcards.model),
             "model_options": model["options"],
             "dtype": model["dtype"],
             "timestep": int(wildcards.get("timestep", config["attention"]["timestep"])),
@@ -299,8 +318,3 @@ def add_code_fingerprints(rules):
         if fingerprint is not None:
             each.set_params(code=fingerprint)
 
-
-# MAGNET (issue 15): where the `magnet_train` job of a training run writes its adapter (adapter.safetensors and
-# adapter.json); a model with `lora: <run>` applies it, and the jobs that load that model take the folder as input.
-def magnet_adapter_folder(run):
-    return f"results/magnet/{run}/adapter"

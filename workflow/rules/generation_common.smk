@@ -87,7 +87,7 @@ def magnet_comparison_ready():
     """Fig. 20 and Table 3 join `all` when both MAGNET roles are set and each one's adapter can be had: its run is
     configured for training (`magnet.runs`) or its folder is already there."""
     roles = config["appendix"]["models"]
-    if not all(role in roles for role in MAGNET_ROWS):
+    if not all(roles.get(role) is not None for role in MAGNET_ROWS):
         return False
     runs = (config.get("magnet") or {}).get("runs") or {}
     loras = [config["models"][roles[role]].get("lora") for role in MAGNET_ROWS]

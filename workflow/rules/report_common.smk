@@ -42,6 +42,7 @@ ANALYSIS_ITEMS = {
     "timestep_sweep_": ("Per model and dataset", "Timestep sweep"),
     "normalisation_": ("Per model and dataset", "Score normalisation"),
     "unsupervised_": ("Per model and dataset", "Unsupervised segmentation"),
+    "toy_world_magnet": ("Toy world", "MAGNET vs the base model"),  # before the prefix below, which it also has
     "toy_world_": ("Toy world", "Trained model vs random control"),
     "toy_generations": ("Toy world", "Generations"),
     "run_info": ("This run", "Commit and configuration"),

@@ -24,7 +24,7 @@ from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_json, dataset_fingerprint
 from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
 from seg4diff_repro.models import load_adapter
-from seg4diff_repro.models.common import describe_model_source, model_fingerprint
+from seg4diff_repro.models.common import adapter_record, describe_model_source, model_fingerprint
 from seg4diff_repro.progress import progress
 from seg4diff_repro.provenance import code_fingerprint, provenance
 from seg4diff_repro.segmentation.prompts import build_class_prompt, prompt_class_ids, prompt_label, window_spans
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SEED_RULE = "per-image noise seed = sha256('<seed>:<image_id>')[:8] >> 1"
 # What a cache's manifest takes from its shards' records (they agree on all of it; `gather_shards` checks).
 _SHARED_MANIFEST_FIELDS = ("settings", "noising", "layers", "token_grid", "text_tokens", "class_names",
-                           "ignore_index", "model", "inputs", "provenance", "seed_rule")
+                           "ignore_index", "model", "lora", "inputs", "provenance", "seed_rule")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class ExtractionSettings:
     pad_multiple: int | None = None  # zero-pad to a multiple before the stretch (the unsupervised model's input)
     prompt_classes_from: str = "resized"  # the oracle class set: from the short-side resized label (official)
     revision: str | None = None  # the hub commit of `source` (None: a local folder, or the newest)
+    lora: str | None = None  # folder of the MAGNET adapter applied after loading (a `lora` variant), or None
 
     @classmethod
     def from_dict(cls, spec: dict) -> ExtractionSettings:
@@ -81,10 +82,11 @@ def image_seed(base_seed: int, image_id: str) -> int:
 
 def extraction_inputs(settings: ExtractionSettings, dataset_root: Path) -> dict:
     """What the cached maps were computed from besides the settings: the extraction code, the model's
-    weights and the prepared dataset's files, each by content, so that a change to any of them recomputes."""
+    weights (with the MAGNET adapter's, if any) and the prepared dataset's files, each by content, so that a change
+    to any of them (a retrained adapter too) recomputes."""
     return {
         "code_fingerprint": code_fingerprint("extraction"),
-        "model_fingerprint": model_fingerprint(settings.source, settings.revision),
+        "model_fingerprint": model_fingerprint(settings.source, settings.revision, lora=settings.lora),
         "dataset_fingerprint": dataset_fingerprint(dataset_root),
     }
 
@@ -247,7 +249,8 @@ def extract_attention_timesteps(
             log.info("%s: removed %d temp files of a killed run", cache.out_dir, removed)
     dataset = SegmentationDataset(dataset_root, base.split, background=base.background, limit=base.limit)
     if adapter is None:
-        adapter = load_adapter(base.backbone, base.source, base.dtype, device, base.revision, **dict(base.model_options))
+        adapter = load_adapter(base.backbone, base.source, base.dtype, device, base.revision, lora=base.lora,
+                               **dict(base.model_options))
     inputs = extraction_inputs(base, dataset_root)
     positions = range(len(dataset)) if image_ids is None else _positions(dataset.ids, image_ids, dataset_root)
     if shard is not None:
@@ -286,6 +289,7 @@ def extract_attention_timesteps(
             "class_names": dataset.class_names,
             "ignore_index": dataset.ignore_index,
             "model": describe_model_source(base.source),
+            "lora": None if base.lora is None else adapter_record(base.lora),  # MAGNET run, protocol, checkpoint, recipe
             "inputs": inputs,
             "provenance": provenance("extraction"),
             "seed_rule": SEED_RULE,

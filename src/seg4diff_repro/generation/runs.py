@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from seg4diff_repro.generation.sampling import SamplingSettings
 
 __all__ = [
-    "GenerationRun", "RUN_PATTERN", "apply_model_lora", "generation_model_fingerprint", "parse_run", "read_run",
+    "GenerationRun", "RUN_PATTERN", "generation_model_fingerprint", "parse_run", "read_run",
     "run_generation",
 ]
 
@@ -113,19 +113,13 @@ def _load_pipeline(run: GenerationRun) -> tuple[object, dict | None]:
 
     load = load_flux_pipeline if run.backbone == "flux" else load_sd3_pipeline
     pipe = load(run.source, getattr(torch, run.dtype), run.revision).to(run.device)
-    adapter = apply_model_lora(pipe, run.lora)
+    adapter = None
+    if run.lora is not None:  # LoRA only, no conv head: the official evaluation
+        from seg4diff_repro.magnet.lora import apply_lora
+
+        adapter = apply_lora(pipe.transformer, run.lora)
     pipe.transformer.eval().requires_grad_(False)
     return pipe, adapter
-
-
-def apply_model_lora(pipe, lora: str | Path | None) -> dict | None:
-    """Put the MAGNET LoRA of the adapter folder ``lora`` on ``pipe.transformer`` (LoRA only, no conv head: the
-    official evaluation) and return its ``adapter.json``; None leaves the pipeline as loaded."""
-    if lora is None:
-        return None
-    from seg4diff_repro.magnet.lora import apply_lora
-
-    return apply_lora(pipe.transformer, lora)
 
 
 def generation_model_fingerprint(run: GenerationRun) -> str:
@@ -133,8 +127,7 @@ def generation_model_fingerprint(run: GenerationRun) -> str:
     retrained adapter is a different model wherever runs are compared or cached."""
     from seg4diff_repro.models.common import model_fingerprint
 
-    base = model_fingerprint(run.source, run.revision)
-    return base if run.lora is None else f"{base}+lora:{model_fingerprint(run.lora)}"
+    return model_fingerprint(run.source, run.revision, lora=run.lora)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

@@ -25,20 +25,24 @@ def __getattr__(name: str):
 
 
 def load_adapter(
-    backbone: str, source: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None, **options
+    backbone: str, source: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
+    lora: str | Path | None = None, **options
 ):
-    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source`` (at ``revision``)."""
+    """The analysis adapter of ``backbone`` ("sd3" for SD3/SD3.5, "flux") loaded from ``source`` (at ``revision``);
+    ``lora``: the folder of a trained MAGNET adapter, applied to the transformer right after loading (a model
+    variant with `lora: <run>` in the config)."""
     import torch
 
     if backbone == "sd3":
         from seg4diff_repro.models.sd3 import SD3Adapter
 
-        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, revision=revision, **options)
+        return SD3Adapter.from_pretrained(source, dtype=getattr(torch, dtype), device=device, revision=revision,
+                                          lora=lora, **options)
     if backbone == "flux":
         from seg4diff_repro.models.flux import FluxAdapter
 
         return FluxAdapter.from_pretrained(
-            source, dtype=getattr(torch, dtype), device=device, revision=revision, **options
+            source, dtype=getattr(torch, dtype), device=device, revision=revision, lora=lora, **options
         )
     raise ValueError(f"unknown backbone {backbone!r}: use 'sd3' (SD3, SD3.5) or 'flux'")
 

@@ -73,6 +73,17 @@ def encode_normalised_latents(vae, pixels: torch.Tensor, device: torch.device) -
     return (mean - shift) * vae.config.scaling_factor
 
 
+def apply_model_lora(adapter, lora: str | Path | None) -> None:
+    """Put the MAGNET adapter in folder ``lora`` on a loaded backbone adapter's transformer (LoRA only, as the
+    official evaluation: `magnet.lora.apply_lora`) and keep its adapter.json as ``adapter.lora_info``."""
+    if lora is None:
+        return
+    from seg4diff_repro.magnet.lora import apply_lora
+
+    adapter.lora_info = apply_lora(adapter.transformer, lora)
+    adapter.transformer.eval()  # the injected LoRA layers start in training mode
+
+
 def _error_chain(error: BaseException) -> list[BaseException]:
     """``error`` and every exception it was raised from or while handling (``__cause__``, ``__context__``)."""
     chain, todo = [], [error]
@@ -213,24 +224,46 @@ class FileHashes:
             atomic_write_json(self.path, self.known)  # concurrent jobs: the last writer wins, nothing breaks
 
 
-def model_fingerprint(source: str | Path, revision: str | None = None, *, marker: str = "model_index.json") -> str:
+def _folder_fingerprint(folder: Path) -> str:
+    """``sha256:...`` over a folder's files (names and bytes; hidden files left out)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    hashes = FileHashes()
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + bytes.fromhex(hashes.sha256(path)))
+    hashes.save()
+    return f"sha256:{digest.hexdigest()}"
+
+
+def adapter_fingerprint(folder: str | Path) -> str:
+    """What a MAGNET adapter folder holds, by content (its weights and adapter.json), with the error of
+    `read_adapter_info` when the folder is not an adapter."""
+    from seg4diff_repro.magnet.lora import read_adapter_info
+
+    read_adapter_info(folder)
+    return _folder_fingerprint(Path(folder).expanduser())
+
+
+def model_fingerprint(
+    source: str | Path, revision: str | None = None, *, marker: str = "model_index.json", lora: str | Path | None = None
+) -> str:
     """What the weights are, by content: ``sha256:...`` over a local folder's files (names and bytes), or
     ``hub:<id>@<commit>`` for a Hugging Face id, read from the local hub cache that loading filled
-    (``revision`` None: the commit the hub's ``main`` pointed at when it was loaded).
+    (``revision`` None: the commit the hub's ``main`` pointed at when it was loaded). ``lora``: the MAGNET adapter
+    folder applied after loading; its content is appended (``...+lora:sha256:...``).
 
-    Keys of cached results include it, so that rebuilding, retraining or replacing a model recomputes
-    what was computed from it. ``marker``: a file every snapshot of the repository has (a diffusers
+    Keys of cached results include it, so that rebuilding, retraining or replacing a model (or its adapter)
+    recomputes what was computed from it. ``marker``: a file every snapshot of the repository has (a diffusers
     pipeline's model_index.json; config.json for a transformers model).
     """
+    weights = _weights_fingerprint(source, revision, marker)
+    return weights if lora is None else f"{weights}+lora:{adapter_fingerprint(lora)}"
+
+
+def _weights_fingerprint(source: str | Path, revision: str | None, marker: str) -> str:
     folder = Path(source).expanduser()
     if folder.is_dir():
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        hashes = FileHashes()
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + bytes.fromhex(hashes.sha256(path)))
-        hashes.save()
-        return f"sha256:{digest.hexdigest()}"
+        return _folder_fingerprint(folder)
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(str(source), marker, revision=revision)
@@ -247,6 +280,16 @@ def model_record(source: str | Path, revision: str | None = None) -> dict[str, s
     revision and the fingerprint of what was loaded (the resolved commit for a hub id)."""
     return {"model_source": str(source), "model_revision": revision,
             "model_fingerprint": model_fingerprint(source, revision)}
+
+
+def adapter_record(folder: str | Path) -> dict:
+    """What outputs made with a MAGNET adapter record of it: where it was read, its content fingerprint, and
+    from its adapter.json the run, protocol, checkpoint (policy, iteration), LoRA settings, recipe and seed."""
+    from seg4diff_repro.magnet.lora import read_adapter_info
+
+    info = read_adapter_info(folder)
+    return {"folder": str(folder), "fingerprint": adapter_fingerprint(folder),
+            **{key: info.get(key) for key in ("run", "protocol", "checkpoint", "lora", "recipe", "seed", "base_model")}}
 
 
 def describe_model_source(source: str | Path) -> dict:

@@ -29,6 +29,7 @@ import torch
 from seg4diff_repro.models.common import (
     ModelLoadError,
     Noising,
+    apply_model_lora,
     encode_normalised_latents,
     load_pipeline,
     noise_latents_per_image,
@@ -137,6 +138,7 @@ class FluxAdapter:
         self.pipe = pipe.to(device)
         self.device = torch.device(device)
         self.transformer = pipe.transformer
+        self.lora_info: dict | None = None  # adapter.json of the MAGNET adapter applied (from_pretrained's lora)
         self.dtype = pipe.transformer.dtype
         self.mu_from_channels = mu_from_channels
         self.scale_to_unit_range = scale_to_unit_range
@@ -158,9 +160,13 @@ class FluxAdapter:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         revision: str | None = None,
+        lora: str | Path | None = None,
         **options,
     ) -> FluxAdapter:
-        return cls(load_flux_pipeline(source, dtype, revision), device, **options)
+        """Load the pipeline; ``lora``: a MAGNET adapter folder to apply to its transformer after loading."""
+        adapter = cls(load_flux_pipeline(source, dtype, revision), device, **options)
+        apply_model_lora(adapter, lora)
+        return adapter
 
     @property
     def tokenizer(self):

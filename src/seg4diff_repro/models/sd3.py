@@ -16,6 +16,7 @@ import torch
 from seg4diff_repro.models.common import (
     ModelLoadError,
     Noising,
+    apply_model_lora,
     encode_normalised_latents,
     load_pipeline,
     noise_latents_per_image,
@@ -47,6 +48,7 @@ class SD3Adapter:
         self.pipe = pipe.to(device)
         self.device = torch.device(device)
         self.transformer = pipe.transformer
+        self.lora_info: dict | None = None  # adapter.json of the MAGNET adapter applied (from_pretrained's lora)
         self.dtype = pipe.transformer.dtype
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.eval().requires_grad_(False)
@@ -58,8 +60,12 @@ class SD3Adapter:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         revision: str | None = None,
+        lora: str | Path | None = None,
     ) -> SD3Adapter:
-        return cls(load_sd3_pipeline(source, dtype, revision), device)
+        """Load the pipeline; ``lora``: a MAGNET adapter folder to apply to its transformer after loading."""
+        adapter = cls(load_sd3_pipeline(source, dtype, revision), device)
+        apply_model_lora(adapter, lora)
+        return adapter
 
     @property
     def tokenizer(self):

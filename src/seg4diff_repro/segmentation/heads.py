@@ -20,11 +20,13 @@ from seg4diff_repro.attention.cache import settings_key
 from seg4diff_repro.attention.extract import ExtractionSettings, extraction_inputs, record_batch
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.models import load_adapter
+from seg4diff_repro.models.common import adapter_record
 from seg4diff_repro.models.preprocess import crop_to_box
 from seg4diff_repro.provenance import code_fingerprint, provenance, provenance_label
 from seg4diff_repro.segmentation.maps import predict_labels_batch
 from seg4diff_repro.segmentation.metrics import ConfusionMatrixStack, RunningMean
 from seg4diff_repro.segmentation.prompts import overflowing_classes, window_spans
+from seg4diff_repro.segmentation.score import lora_columns
 from seg4diff_repro.segmentation.shards import accumulate_in_shards
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def score_heads(
     )
     if adapter is None:
         adapter = load_adapter(settings.backbone, settings.source, settings.dtype, device, settings.revision,
+                               lora=settings.lora,
                                **dict(settings.model_options))
     noising = adapter.noising(settings.timestep, settings.num_steps)
     layers = list(range(adapter.num_layers)) if settings.layers is None else list(settings.layers)
@@ -110,6 +113,7 @@ def score_heads(
             "resize": settings.resize, "attention": "post-softmax, single head",
             "seed": settings.seed, "model_source": settings.source, "model_revision": settings.revision,
             "model_fingerprint": inputs["model_fingerprint"],  # the resolved commit of a hub id
+            **lora_columns(None if settings.lora is None else adapter_record(settings.lora)),
             "code_version": provenance_label(provenance("scoring")),
         }
         for layer in layers

@@ -52,6 +52,16 @@ def _layer_name(layer: int) -> str:
     return f"layer_{layer:03d}"
 
 
+def lora_columns(record: dict | None) -> dict:
+    """Score columns naming the MAGNET adapter the maps were computed with (`models.common.adapter_record`, a cache
+    manifest's ``lora``): run, protocol, checkpoint policy and iteration, content fingerprint; none without one."""
+    if record is None:
+        return {}
+    checkpoint = record.get("checkpoint") or {}
+    return {"lora_run": record["run"], "lora_protocol": record["protocol"], "lora_checkpoint": checkpoint.get("policy"),
+            "lora_iteration": checkpoint.get("iteration"), "lora_fingerprint": record["fingerprint"]}
+
+
 def _scoring_key(cache_manifest: Path, settings: dict) -> str:
     """Key of a scoring run: the cache it reads (its manifest, byte for byte: settings, model, dataset and
     extraction code), the settings and the scoring code."""
@@ -144,6 +154,7 @@ def score_layers(
             "attention": settings.attention,
             **asdict(settings),
             "seed": extraction["seed"],
+            **lora_columns(manifest.get("lora")),
             "code_version": provenance_label(provenance("scoring")),
         }
         for layer in layers
@@ -255,6 +266,7 @@ def score_unsupervised(
             "geometry": geometry, "attention": "post-softmax, head mean", "kl_threshold": kl_threshold,
             "background": extraction["background"], "scored_classes": num_classes,
             "out_of_range_pixels": results[matching]["n_out_of_range"],
-            "seed": extraction["seed"], "code_version": provenance_label(provenance("scoring")),
+            "seed": extraction["seed"], **lora_columns(manifest.get("lora")),
+            "code_version": provenance_label(provenance("scoring")),
         })
     return pd.DataFrame(rows)

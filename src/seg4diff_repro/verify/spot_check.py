@@ -108,8 +108,11 @@ def spot_check_cache(
         return [Check(label, "model", recorded, "not here", passed=False,
                       note=f"the recorded model folder {local} does not exist: build it (`snakemake {settings.source}` "
                            "for a toy model) or pass --model-root with the folder that holds it")]
+    lora = None  # a MAGNET variant's adapter folder, resolved as the model's
+    if settings.lora is not None:
+        lora = Path(settings.lora) if Path(settings.lora).is_absolute() else Path(model_root) / settings.lora
     try:
-        found = model_fingerprint(model)
+        found = model_fingerprint(model, lora=lora)
     except Exception as error:
         return [Check(label, "model", recorded, None, passed=False,
                       note=f"the recorded model {settings.source} is not available here ({error}): build or download it")]
@@ -118,7 +121,8 @@ def spot_check_cache(
                       note=f"the model at {model} is not the one this cache was extracted with")]
     rng = random.Random(f"{seed}:{label}")
     sample = sorted(rng.sample(manifest["image_ids"], min(k, len(manifest["image_ids"]))))
-    settings = ExtractionSettings.from_dict({**manifest["settings"], "source": str(model)})
+    settings = ExtractionSettings.from_dict({**manifest["settings"], "source": str(model),
+                                             "lora": None if lora is None else str(lora)})
     with tempfile.TemporaryDirectory(prefix="spot_check_") as scratch:
         extract_attention(settings, dataset_root, Path(scratch), device=device, batch_size=batch_size, image_ids=sample)
         tolerance = MAP_TOLERANCE.get(settings.dtype, MAP_TOLERANCE["bfloat16"])
