@@ -183,6 +183,16 @@ def _check_magnet(config: dict) -> None:
                 f"magnet.runs.{run_name}.model = {run['model']!r} is itself a MAGNET variant (models.{run['model']}"
                 f".lora = {base['lora']!r}): name a model without `lora`, such as the one the variant was made from"
             )
+        validation = run["validation"]["dataset"]
+        if validation is not None and validation not in config["datasets"]:
+            raise ConfigError(f"magnet.runs.{run_name}.validation.dataset = {validation!r} is not defined; defined "
+                              f"datasets: {sorted(config['datasets'])}")
+        if run["recipe"].get("checkpoint_policy") == "best" and validation is None:
+            raise ConfigError(f"magnet.runs.{run_name}.recipe.checkpoint_policy is best, which needs a validation set: "
+                              f"set magnet.runs.{run_name}.validation.dataset (the official: voc20), or use last")
+        if run["data"]["format"] == "sa1b" and run["protocol"] != "sa1b":
+            raise ConfigError(f"magnet.runs.{run_name}.data.format is sa1b, whose masks have no classes for the "
+                              f"{run['protocol']} protocol's identity matching: use protocol sa1b")
     for name, model in models.items():
         run_name = model["lora"]
         if run_name is None:

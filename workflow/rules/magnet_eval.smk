@@ -4,6 +4,16 @@
 # adds the toy world's table of MAGNET's effect on the supervised layer (helpers in appendix_common.smk).
 
 
+def magnet_supervised_layer():
+    """The layer the variants' runs supervised (magnet.runs.<run>.recipe.layer; MAGNET's default: 9)."""
+    layers = {config["magnet"]["runs"][config["models"][model]["lora"]]["recipe"].get("layer", 9)
+              for model in magnet_role_models()}
+    if len(layers) != 1:
+        raise ValueError(f"the MAGNET variants {magnet_role_models()} were trained on different layers {sorted(layers)}: "
+                            "the toy MAGNET table compares one supervised layer; give their runs the same recipe.layer")
+    return layers.pop()
+
+
 rule toy_world_magnet:
     input:
         base=f"results/segmentation/{appendix_model('sd3')}/toy_shapes/t{{timestep}}/per_layer.csv",
@@ -17,7 +27,7 @@ rule toy_world_magnet:
         ),
         markdown=f"{TABLES}/toy_world_magnet_t{{timestep}}.md",
     params:
-        layer=config["models"][appendix_model("sd3")]["analysis_layer"],
+        layer=lambda wildcards: magnet_supervised_layer(),
         title=lambda wildcards: (
             f"Toy world: MAGNET's effect on the supervised layer, {appendix_model('sd3')} and its variants "
             f"{', '.join(magnet_role_models())} on toy_shapes (oracle prompt, t = {wildcards.timestep} of "

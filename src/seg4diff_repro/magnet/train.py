@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -75,7 +75,7 @@ class MagnetRecipe:
     checkpoint_every: int = 250
     checkpoint_policy: Literal["last", "best"] = "last"
     seed: int = 0
-    scaling: dict = field(default_factory=dict)  # what was scaled down from the official recipe, and why
+    scaling: str = ""  # what was scaled from the official recipe, and why
 
     def __post_init__(self) -> None:
         choices = {"protocol": ("coco", "sa1b"), "focal_p_t_from": ("logit", "probability"),

@@ -77,8 +77,8 @@ def write_magnet_effect(table: pd.DataFrame, title: str, csv_path: Path, md_path
         for row in table.itertuples() if isinstance(row.lora_recipe, str)
     )
     note = (
-        f"Supervised layer: {int(table['supervised_layer'].iloc[0])}, the base model's analysis layer, on which "
-        "MAGNET's mask loss trains the LoRA. pACC, mACC and mIoU in percent at that layer; `diff_mIoU` = variant − "
+        f"Supervised layer: {int(table['supervised_layer'].iloc[0])}, the layer on which the runs' mask loss "
+        "trained the LoRA (magnet.runs.<run>.recipe.layer). pACC, mACC and mIoU in percent at that layer; `diff_mIoU` = variant − "
         "base model there; `best_layer`/`best_mIoU`: each model's best layer over all scored layers. Every variant "
         "is the base model's weights with its run's LoRA applied after loading (the conv head is not used), scored "
         "with the same settings (the columns after `lora_iteration`)."
