@@ -14,15 +14,21 @@ from test_workflow import copy_workflow, snakemake, write_config
 TEST_GENERATION = {"n_prompts": 2, "seeds": [3], "fidelity_layers": {"sd3": [0], "sd35": [1], "flux": [1]},
                    "grid_layers": [0]}
 
+# The toy MAGNET runs shortened for the shared run (the default trains 100 iterations each).
+TEST_MAGNET_RECIPE = {"iterations": 6, "checkpoint_every": 3, "warmup_iterations": 2}
+
 
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory) -> Path:
     """The whole default DAG (`snakemake` with no target) on a small toy world, run once for every module that
-    checks its outputs: 6 validation images, and the generation analyses of TEST_GENERATION. Tests that change
+    checks its outputs: 6 validation images, the generation analyses of TEST_GENERATION and MAGNET's toy runs
+    shortened to TEST_MAGNET_RECIPE. Tests that change
     its config put it back; a test that breaks something works on a copy."""
     workdir = copy_workflow(tmp_path_factory.mktemp("toy_run"))
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["analyses"]["generation"].update(TEST_GENERATION)
+    for run in config["magnet"]["runs"].values():  # MAGNET's toy trainings: a few iterations, two checkpoints
+        run["recipe"] = {**run["recipe"], **TEST_MAGNET_RECIPE}
     write_config(workdir, config)
     snakemake(workdir)
     return workdir

@@ -143,8 +143,14 @@ def toy_config() -> dict:
          "set models.toy_sd3_magnet_coco.analysis_layer to 0"),
         (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(model="missing"),
          "magnet.runs.toy_sd3_coco.model = 'missing' is not defined"),
-        (lambda c: c["magnet"]["runs"].update(again={"model": "toy_sd3_magnet_coco", "protocol": "coco"}),
+        (lambda c: c["magnet"]["runs"].update(again={"model": "toy_sd3_magnet_coco", "protocol": "coco", "data": {"prepared": "toy_shapes"}}),
          "magnet.runs.again.model = 'toy_sd3_magnet_coco' is itself a MAGNET variant"),
+        (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(validation={"dataset": "voc99"}),
+         "magnet.runs.toy_sd3_coco.validation.dataset = 'voc99' is not defined"),
+        (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(recipe={"checkpoint_policy": "best"}),
+         "magnet.runs.toy_sd3_coco.recipe.checkpoint_policy is best, which needs a validation set"),
+        (lambda c: c["magnet"]["runs"]["toy_sd3_coco"]["data"].update(format="sa1b"),
+         "magnet.runs.toy_sd3_coco.data.format is sa1b, whose masks have no classes for the coco protocol"),
         (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(protocol="ade"),
          "magnet.runs.toy_sd3_coco.protocol = 'ade' is not allowed; allowed values: ['coco', 'sa1b']"),
         (lambda c: c["appendix"]["models"].update(sd3="toy_sd3_magnet_coco"),
@@ -189,6 +195,8 @@ def test_a_dry_run_gives_the_variants_jobs_the_adapter_as_input_and_setting(tmp_
         run = "toy_sd3_coco" if "toy_sd3_magnet_coco" in message else "toy_sd3_sa1b"
         assert f"results/magnet/{run}/adapter" in reason.split("Input files updated by another job: ")[1], reason
     settings = [json.loads(match) for match in re.findall(r"--settings '(\{.*?\})'", stdout)]
+    assert sum("recipe" in s for s in settings) == 2  # the two magnet_train jobs that write the adapters
+    settings = [s for s in settings if "recipe" not in s]
     assert sorted(s["lora"] for s in settings) == ["results/magnet/toy_sd3_coco/adapter"] * 2 + [
         "results/magnet/toy_sd3_sa1b/adapter"]
     assert all(s["source"] == "models/toy_sd3" for s in settings)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 #: Prepared-dataset names handled here (``toy_shapes`` is generated, not downloaded; ``voc20`` is a view of
 #: ``voc21``: the reader's ``background="drop"``).
 DATASET_NAMES = ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes")
-#: MAGNET's training sets (method_spec I.3), prepared by the same machinery but not part of ``prepare_all``:
+#: MAGNET's training sets (docs/method.md#magnet), prepared by the same machinery but not part of ``prepare_all``:
 #: SA-1B needs a licence accepted by hand.
 TRAINING_DATASET_NAMES = ("coco_stuff171_train", "sa1b_sa_000020")
 #: Target aliases: ``prepare_<alias>`` builds the dataset it points to.

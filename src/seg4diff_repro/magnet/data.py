@@ -1,6 +1,6 @@
 """MAGNET's training examples: the official training mappers' preprocessing, as torch Datasets.
 
-Two protocols (method_spec I.2 step 1 and I.3; the official ``mask_former_semantic_dataset_mapper.py``,
+Two protocols (docs/method.md#magnet; the official ``mask_former_semantic_dataset_mapper.py``,
 ``sa1b_dataset_mapper.py`` and ``Seg4DiffTrainer.forward``/``prepare_targets``):
 
 * **COCO** (:class:`CocoProtocolMaskDataset`, a prepared dataset with label maps: ``coco_stuff171_train``, or
@@ -220,7 +220,7 @@ class _MaskDataset(Dataset):
     def record(self) -> dict[str, Any]:
         """The settings that decide the examples, for the training outputs."""
         return {
-            "protocol": self.protocol,
+            "mapper": self.protocol,  # the official data mapper these examples follow (the run may match otherwise)
             "root": str(self.root),
             "split": self.split,
             "images": len(self),
