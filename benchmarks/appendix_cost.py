@@ -34,7 +34,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT_MODELS = {"sd3": "sd3_medium_random", "sd35": "sd35_medium_random", "flux": "flux_dev_random"}
-PAPER_MODELS = {"sd3_medium": "sd3", "sd35_medium": "sd35", "flux_dev": "flux"}
+# The paper models and the MAGNET variants of SD3-medium (its weights with a LoRA: the same cost per image).
+PAPER_MODELS = {"sd3_medium": "sd3", "sd35_medium": "sd35", "flux_dev": "flux",
+                "sd3_medium_magnet_coco": "sd3", "sd3_medium_magnet_sa1b": "sd3"}
+# The paper's CLIPScore sets (main Table 3), for pricing when the prompt files are not there: prompts x seeds.
+CLIPSCORE_SET_SIZES = {"pickapic": 500 * 5, "coco": 5000, "sa1b": 1000}
+MAGNET_MEASUREMENT = Path(__file__).parent / "results/magnet_h200/magnet_training.json"
 STEPS = {"sd3": 28, "sd35": 28, "flux": 50}  # config.yaml's num_inference_steps of the paper models
 ANALYSIS_LAYER = {"sd3": 9, "sd35": 9, "flux": 12}
 DTYPE = "float16"  # config.yaml's dtype of the paper models
@@ -240,10 +245,22 @@ GROUPS = {
     "extract_unsupervised_attention": "segmentation: unsupervised caches",
     "score_heads": "segmentation: Fig. 4 per-head scoring",
     "generate_run": "generation: perturbation runs (Figs. 5, 7, 10, 18, 19)",
+    "magnet_train": "MAGNET training (2 runs, one H200 each)",
     "value_norms": "generation: value norms (Figs. 6, 9, 15)",
     "pca_qkv_figure": "generation: PCA, token maps (Figs. 3, 12-14, 16, 17)",
     "token_maps_figure": "generation: PCA, token maps (Figs. 3, 12-14, 16, 17)",
 }
+
+
+def magnet_training_seconds(run: dict) -> float:
+    """A MAGNET run's GPU time: its iterations x the step time measured on one H200 at SD3-medium size for the
+    run's protocol and batch (benchmarks/magnet_training.py); data loading overlaps it in loader workers."""
+    from seg4diff_repro.magnet.train import MagnetRecipe
+
+    recipe = MagnetRecipe(protocol=run["protocol"], **run["recipe"])
+    rows = json.loads(MAGNET_MEASUREMENT.read_text())["rows"]
+    step = next(r["step_s"] for r in rows if r["protocol"] == recipe.protocol and r["batch_size"] == recipe.batch_size)
+    return recipe.iterations * recipe.gradient_accumulation * step
 
 
 def dry_run_jobs(config_files: list[str]) -> list[dict]:
@@ -363,6 +380,10 @@ def bill(args: argparse.Namespace) -> None:
         group = GROUPS.get(rule)
         if group is None:
             continue
+        if rule == "generate_run" and w["prompt_set"].startswith("clipscore_"):
+            group = "generation: main Table 3 CLIPScore sets (8,500 images per model)"
+        elif rule == "generate_run" and w["prompt_set"] == "fig20":
+            group = "generation: Fig. 20 (9 prompts per model)"
         variant = PAPER_MODELS.get(w.get("model", ""), "sd3")
         if rule == "value_norms" and "model" not in w:
             variant = "sd3"
@@ -385,12 +406,20 @@ def bill(args: argparse.Namespace) -> None:
         elif rule == "score_heads":
             gpu_s[group] += load + images(w["dataset"]) * row["score_heads_s_per_image"]
         elif rule == "generate_run":
-            prompts = n_fidelity if w["prompt_set"] == "fidelity" else len(figure_prompts(w["prompt_set"]))
+            prompt_set = w["prompt_set"]
+            if prompt_set == "fidelity":
+                prompts = n_fidelity
+            elif prompt_set.startswith("clipscore_"):
+                prompts = CLIPSCORE_SET_SIZES[prompt_set.removeprefix("clipscore_")]
+            else:
+                prompts = len(figure_prompts(prompt_set))
             branches = 1.5 if w["run"].startswith("guidance") else 1.0  # a third, perturbed branch per step
             gpu_s[group] += load + prompts * branches * row["generation_s_per_image"]
             disk[group] += prompts * 1.6e6  # a 1024² PNG
         elif rule == "value_norms":
             gpu_s[group] += load + n_value_norms * row["generation_s_per_image"]
+        elif rule == "magnet_train":
+            gpu_s[group] += magnet_training_seconds(config["magnet"]["runs"][w["run"]])
         elif rule in rehearsal or "pca_qkv_figure" in rehearsal:
             # A few fixed prompts: as long as in the rehearsal (token maps, where absent, as the PCA job).
             gpu_s[group] += rehearsal.get(rule, rehearsal.get("pca_qkv_figure"))
@@ -402,7 +431,7 @@ def bill(args: argparse.Namespace) -> None:
           f"({rates['dtype']}, random weights at the released sizes); job list from Snakemake's DAG (--forceall).")
     print("| target group | jobs | GPU-hours | disk, GB |")
     print("|---|---:|---:|---:|")
-    for group in dict.fromkeys(GROUPS.values()):
+    for group in dict.fromkeys([*GROUPS.values(), *counts]):
         if counts[group]:
             print(f"| {group} | {counts[group]} | {gpu_s[group] / 3600:.2f} | {disk[group] / 1e9:.1f} |")
     print(f"| **total** | {sum(counts.values())} | **{total_h:.2f}** | **{total_gb:.1f}** |")

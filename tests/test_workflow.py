@@ -304,6 +304,9 @@ def test_paper_config_dry_run_lists_every_analysis_for_the_real_models(tmp_path)
         assert counts[rule] == 15, rule
     for name in ("voc21", "coco_object", "pc59", "ade150", "coco_stuff27", "cityscapes"):
         assert counts[f"prepare_{name}"] == 1
+    # MAGNET: the two official trainings of SD3-medium, on their prepared training sets.
+    assert counts["magnet_train"] == 2
+    assert counts["prepare_coco_stuff171_train"] == counts["prepare_sa1b_sa_000020"] == 1
     # The appendix's segmentation targets under their paper names, for the real models.
     assert counts["score_heads"] == 1  # Fig. 4: SD3 on VOC21
     assert counts["appendix_overlays"] == 6 and counts["appendix_per_layer"] == 3 and counts["main_table"] == 2
