@@ -22,6 +22,7 @@ include: "workflow/rules/appendix_common.smk"
 include: "workflow/rules/segmentation_appendix.smk"
 include: "workflow/rules/generation.smk"
 include: "workflow/rules/attention_figures.smk"
+include: "workflow/rules/magnet_common.smk"
 include: "workflow/rules/magnet.smk"
 include: "workflow/rules/magnet_eval.smk"
 

@@ -3,51 +3,6 @@
 # Checkpoints stay in results/magnet/<run>/checkpoints, outside the job's output: a killed job resumes from them.
 
 
-wildcard_constraints:
-    run="|".join(sorted(config["magnet"]["runs"], key=len, reverse=True)) or "(?!)",
-
-
-def magnet_run(wildcards):
-    return config["magnet"]["runs"][wildcards.run]
-
-
-def magnet_base(wildcards):
-    """The run's base model, as the wildcards of the model rules."""
-    return SimpleNamespace(model=magnet_run(wildcards)["model"])
-
-
-def magnet_data_root(wildcards):
-    return DATA_ROOT / "prepared" / magnet_run(wildcards)["data"]["prepared"]
-
-
-def magnet_validation_inputs(wildcards):
-    """The validation set's manifest, for checkpoint_policy best."""
-    dataset = magnet_run(wildcards)["validation"]["dataset"]
-    return [prepared_manifest(SimpleNamespace(dataset=dataset))] if dataset else []
-
-
-def magnet_settings(wildcards):
-    """JSON of everything that decides the adapter (the base model, data, recipe and validation)."""
-    run = magnet_run(wildcards)
-    model = config["models"][run["model"]]
-    data = run["data"]
-    validation = None
-    if run["validation"]["dataset"]:
-        dataset = SimpleNamespace(model=run["model"], dataset=run["validation"]["dataset"])
-        settings = json.loads(_extraction_settings(dataset, {"limit": run["validation"]["limit"]}))
-        validation = {"root": str(prepared_root(dataset)), "settings": settings}
-    return json.dumps(
-        {
-            "run": wildcards.run,
-            "model": {"name": run["model"], **{key: model[key] for key in ("backbone", "source", "revision", "dtype")}},
-            "data": {"root": str(magnet_data_root(wildcards)), **{k: v for k, v in data.items() if k != "prepared"}},
-            "recipe": {"protocol": run["protocol"], **run["recipe"]},
-            "validation": validation,
-        },
-        sort_keys=True,
-    )
-
-
 rule magnet_train:
     input:
         model=lambda wildcards: model_inputs(magnet_base(wildcards)),

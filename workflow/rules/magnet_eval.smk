@@ -4,16 +4,6 @@
 # adds the toy world's table of MAGNET's effect on the supervised layer (helpers in appendix_common.smk).
 
 
-def magnet_supervised_layer():
-    """The layer the variants' runs supervised (magnet.runs.<run>.recipe.layer; MAGNET's default: 9)."""
-    layers = {config["magnet"]["runs"][config["models"][model]["lora"]]["recipe"].get("layer", 9)
-              for model in magnet_role_models()}
-    if len(layers) != 1:
-        raise ValueError(f"the MAGNET variants {magnet_role_models()} were trained on different layers {sorted(layers)}: "
-                            "the toy MAGNET table compares one supervised layer; give their runs the same recipe.layer")
-    return layers.pop()
-
-
 rule toy_world_magnet:
     input:
         base=f"results/segmentation/{appendix_model('sd3')}/toy_shapes/t{{timestep}}/per_layer.csv",
