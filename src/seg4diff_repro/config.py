@@ -305,7 +305,15 @@ def check_config(config: dict, schema_path: str | Path) -> None:
                 f"analyses.unsupervised.models names {name!r}, which is not defined; defined models: {sorted(config['models'])}"
             )
 
-    _check_magnet(config)
+    for name, model in config["models"].items():
+        if model.get("revision") is not None and looks_like_local_path(model["source"]):
+            raise ConfigError(
+                f"models.{name}.revision = {model['revision']!r} is set, but models.{name}.source = "
+                f"{model['source']!r} is a local folder, which has no hub revision: remove the revision "
+                "(a local folder is identified by its contents)"
+            )
+
+    _check_magnet(config)  # after each model's own checks: a variant repeats its base model's keys
     for name, model in config["models"].items():
         expected = f"results/models/{name}"
         if "build" in model and str(model["source"]).rstrip("/") != expected:
@@ -319,14 +327,6 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     for name in used_models:  # a variant loads its base model's folder, which a rule may build
         _check_model_source(name, config["models"][lora_base(config, name)], config["toy_model"]["source"])
     _check_timesteps(config, used_models)
-
-    for name, model in config["models"].items():
-        if model.get("revision") is not None and looks_like_local_path(model["source"]):
-            raise ConfigError(
-                f"models.{name}.revision = {model['revision']!r} is set, but models.{name}.source = "
-                f"{model['source']!r} is a local folder, which has no hub revision: remove the revision "
-                "(a local folder is identified by its contents)"
-            )
 
     attention = config["attention"]
     for name in used_models:
