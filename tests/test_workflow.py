@@ -131,13 +131,15 @@ def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
     assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/toy/fig04_head_miou.md").read_text()
     main1 = pd.read_csv(toy_run / "paper_tables/toy/main_table1_ovss.csv")
-    assert len(main1) == 3 * 5 and main1["paper_mIoU"].notna().all()  # 3 models x the paper's 5 columns
+    # 3 models and the two "+ MAGNET" rows x the paper's 5 columns
+    assert len(main1) == 5 * 5 and main1["paper_mIoU"].notna().all()
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
     per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
     assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
     main2 = pd.read_csv(toy_run / "paper_tables/toy/main_table2_unsupervised.csv")
-    assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random"} and main2["paper_mIoU"].notna().all()
-    assert len(main2) == 2 * 6 and (main2["kl_threshold"] == 0.01).all()  # the paper's 6 columns, tau per row
+    assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random", "toy_sd3_magnet_sa1b", "toy_sd3_magnet_coco"}
+    assert main2["paper_mIoU"].notna().all()
+    assert len(main2) == 4 * 6 and (main2["kl_threshold"] == 0.01).all()  # the paper's 6 columns, tau per row
     fig02 = pd.read_csv(toy_run / "paper_tables/toy/fig02_timestep.csv")
     assert fig02["panel"].nunique() == 2
     assert "seed = 0" in (toy_run / "paper_tables/toy/tab01_normalisation.md").read_text()
@@ -156,7 +158,7 @@ def test_scoring_change_reruns_scoring_not_the_cache(toy_run):
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
     edit_config(toy_run, "segmentation", norm_after_merge=True)
     assert planned_jobs(snakemake(toy_run, "-n")) == {
-        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "timestep_sweep", "all",
+        "score_layers", "per_layer_table", "per_layer_figure", "toy_world_summary", "toy_world_magnet", "timestep_sweep", "all",
         "appendix_per_layer", "fig02_timestep", "tab01_normalisation", "main_table",
         "run_info", "table_page",  # the report's record of the config, and the table pages that quote the settings
     }
@@ -325,8 +327,9 @@ def test_full_sweep_stays_available_as_an_option(tmp_path):
     (workdir / "full.yaml").write_text("analyses: {timestep_sweep: {scope: all, record: attention_layers}}\n")
     dry_run = snakemake(workdir, "-n", "--forceall", "--configfile", "config.yaml", "configs/paper.yaml", "full.yaml")
     counts = job_counts(dry_run.stdout)
-    assert counts["extract_attention_sweep"] == 3 * 5 and "extract_attention" not in counts
-    assert counts["score_layers"] == 3 * 5 * 28 and counts["timestep_sweep"] == 15
+    # Every run model x dataset swept; the two MAGNET variants of the main tables keep their t = 8 caches.
+    assert counts["extract_attention_sweep"] == 3 * 5 and counts["extract_attention"] == 2 * 5
+    assert counts["score_layers"] == 3 * 5 * 28 + 2 * 5 and counts["timestep_sweep"] == 15
 
 
 def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp_path):
