@@ -183,17 +183,21 @@ NEW_WEIGHTS_JOBS = {
     "normalisation_table": 1, "timestep_sweep": 1, "unsupervised_table": 1, "toy_world_summary": 1, "table_page": 5,
     "run_info": 1, "all": 1,
 }
-# What depends on the toy-shapes dataset: every cache of every view of it (10 t = 8 and 2 sweep caches, 7 empty-prompt
+# What depends on the toy-shapes dataset: every cache of every view of it (14 t = 8 and 2 sweep caches, 13 empty-prompt
 # ones), their scorings, tables and figures, the appendix targets, the head scoring and the toy generations' figure;
 # not the models, nor the generation analyses (DrawBench prompts).
 NEW_DATA_JOBS = {
-    "prepare_toy_shapes": 1, "extract_attention_shard": 10, "extract_attention": 10, "extract_attention_sweep_shard": 2,
-    "extract_attention_sweep": 2, "extract_unsupervised_attention_shard": 7, "extract_unsupervised_attention": 7,
-    "score_heads": 1, "toy_generations": 1, "fig04_head_miou": 1, "appendix_overlays": 6, "score_layers": 22,
-    "score_normalisation_variant": 12, "score_unsupervised": 7, "table_page": 17, "appendix_per_layer": 3,
+    "prepare_toy_shapes": 1, "extract_attention_shard": 14, "extract_attention": 14, "extract_attention_sweep_shard": 2,
+    "extract_attention_sweep": 2, "extract_unsupervised_attention_shard": 13, "extract_unsupervised_attention": 13,
+    "score_heads": 1, "toy_generations": 1, "fig04_head_miou": 1, "appendix_overlays": 6, "score_layers": 26,
+    "score_normalisation_variant": 12, "score_unsupervised": 13, "table_page": 19, "appendix_per_layer": 3,
     "main_table": 2, "normalisation_table": 3, "per_layer_table": 2, "timestep_sweep": 3, "unsupervised_table": 2,
     "fig02_timestep": 1, "per_layer_figure": 2, "tab01_normalisation": 1, "toy_world_summary": 1, "run_info": 1,
     "all": 1,
+    # MAGNET: the toy adapters train on toy-shapes, so they, their variants' generations (Fig. 20, Table 3) and the
+    # toy MAGNET table follow (the variants' caches are counted above: 4 t = 8 and 6 empty-prompt ones).
+    "magnet_train": 2, "generate_run": 8, "fig20_magnet_generations": 1, "score_clipscore": 1,
+    "main_table3_clipscore": 1, "toy_world_magnet": 1,
 }
 
 
