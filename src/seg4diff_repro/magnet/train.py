@@ -102,16 +102,17 @@ def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generat
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 10_007 + stream)
 
 
+def example_index(seed: int, slot: int, n_examples: int) -> int:
+    """The example in ``slot`` of an endless sequence of seeded permutations (one per pass over the data)."""
+    epoch, position = divmod(slot, n_examples)
+    return int(torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[position])
+
+
 def batch_indices(seed: int, iteration: int, micro_step: int, batch_size: int, accumulation: int,
                   n_examples: int) -> list[int]:
-    """The examples of one micro-batch: consecutive slots of an endless sequence of seeded permutations."""
+    """The examples of one micro-batch: consecutive slots of the sequence of ``example_index``."""
     first = (iteration * accumulation + micro_step) * batch_size
-    indices = []
-    for slot in range(first, first + batch_size):
-        epoch, position = divmod(slot, n_examples)
-        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        indices.append(int(order[position]))
-    return indices
+    return [example_index(seed, slot, n_examples) for slot in range(first, first + batch_size)]
 
 
 def learning_rate_factor(iteration: int, recipe: MagnetRecipe) -> float:
@@ -136,9 +137,7 @@ class ScheduledExamples(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> MaskExample:
         recipe = self.recipe
         iteration, within = divmod(k, recipe.gradient_accumulation * recipe.batch_size)
-        micro_step, slot = divmod(within, recipe.batch_size)
-        index = batch_indices(recipe.seed, iteration, micro_step, recipe.batch_size, recipe.gradient_accumulation,
-                              len(self.training_set))[slot]
+        index = example_index(recipe.seed, k, len(self.training_set))  # slot k: as batch_indices numbers them
         return self.training_set.example(index, iteration_generator(recipe.seed, iteration, 100 + within))
 
 
