@@ -215,7 +215,7 @@ def test_validation_miou_equals_the_scoring_rules_on_the_same_model(tmp_path, to
     adapter = fresh_adapter()
     for layer in (0, 3):
         expected = float(scores.loc[scores["layer"] == layer, "mIoU"].iloc[0])
-        assert supervised_layer_miou(adapter, toy_root, settings, layer, batch_size=4) == pytest.approx(expected, abs=1e-9)
+        assert supervised_layer_miou(adapter, toy_root, settings, layer, batch_size=6) == pytest.approx(expected, abs=1e-9)
 
 
 def test_normalized_mask_logits_are_min_max_scaled_per_map(tmp_path, toy_root):
