@@ -29,10 +29,10 @@ def _build_tiny_model(args: argparse.Namespace) -> None:
 
         write_tiny_flux_pipeline(Path(args.out), seed=args.seed)
     else:
-        from seg4diff_repro.models.tiny import TINY_SD35_CONFIG, TinySD3Config, write_tiny_sd3_pipeline
+        from seg4diff_repro.config import tiny_sd3_config
+        from seg4diff_repro.models.tiny import write_tiny_sd3_pipeline
 
-        config = TINY_SD35_CONFIG if args.variant == "sd35" else TinySD3Config()
-        write_tiny_sd3_pipeline(Path(args.out), config=config, seed=args.seed)
+        write_tiny_sd3_pipeline(Path(args.out), config=tiny_sd3_config({"variant": args.variant}), seed=args.seed)
 
 
 def _download_model(args: argparse.Namespace) -> None:
@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("build-tiny-model", help="write a tiny random-weight pipeline of the real classes")
     command.add_argument("--backbone", choices=["sd3", "flux"], default="sd3", help="model family of the pipeline")
-    command.add_argument("--variant", choices=["sd3", "sd35"], default="sd3", help="sd3 backbone: SD3 or SD3.5 blocks")
+    command.add_argument("--variant", choices=["sd3", "sd35", "toy_world"], default="sd3",
+                         help="sd3 backbone: SD3 or SD3.5 blocks at the tests' tiny size, or the toy world's model size")
     command.add_argument("--out", required=True, help="folder to write the pipeline to (save_pretrained layout)")
     command.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     command.set_defaults(handler=_build_tiny_model)

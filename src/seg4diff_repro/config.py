@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from seg4diff_repro.models.tiny_sizes import TINY_SD35_CONFIG, TinyFluxConfig, TinySD3Config
+from seg4diff_repro.models.tiny_sizes import TINY_SD35_CONFIG, TOY_WORLD_SD3_CONFIG, TinyFluxConfig, TinySD3Config
 from seg4diff_repro.steps import PAPER_STEPS
 
 # Joint (MM-DiT) layer counts of the hub models, so that the DAG can be checked without downloading.
@@ -72,7 +72,7 @@ def load_schema(schema_path: str | Path) -> dict:
 
 def tiny_sd3_config(build: dict) -> TinySD3Config:
     """The sizes that the rule build_tiny_model gives an sd3-backbone model with this `build` entry."""
-    return TINY_SD35_CONFIG if build.get("variant") == "sd35" else TinySD3Config()
+    return {"sd35": TINY_SD35_CONFIG, "toy_world": TOY_WORLD_SD3_CONFIG}.get(build.get("variant"), TinySD3Config())
 
 
 def model_num_layers(model: dict) -> int | None:

@@ -50,7 +50,7 @@ import math
 import platform
 import re
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from seg4diff_repro.models.tiny import (
     folder_size_bytes,
     save_pipeline_folder,
 )
+from seg4diff_repro.models.tiny_sizes import TOY_WORLD_SD3_CONFIG
 
 __all__ = [
     "MAX_FOLDER_BYTES",
@@ -83,10 +84,10 @@ log = logging.getLogger(__name__)
 MAX_FOLDER_BYTES = 20_000_000  # the committed model folder must stay <= 20 MB
 CLIP_TOKENS = 77
 
-# The trained toy model's sizes: TinySD3Config's, except one layer per CLIP text encoder. The SD3
+# The trained toy model's sizes (models/tiny_sizes.py): one layer per CLIP text encoder, among others. The SD3
 # pipeline reads the penultimate hidden states, which for a one-layer encoder are its token + position
 # embeddings, so every text position holds its own word only (see the module docstring, point 5).
-TOY_TRAINED_CONFIG = replace(TinySD3Config(), text_num_layers=1)
+TOY_TRAINED_CONFIG = TOY_WORLD_SD3_CONFIG
 
 
 def class_name_prompt(caption: str) -> str:
