@@ -10,7 +10,10 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from seg4diff_repro.models.tiny_sizes import TOY_WORLD_SD3_CONFIG
 
 
 def _resolve_device(device: str) -> str:
@@ -22,7 +25,7 @@ def _resolve_device(device: str) -> str:
 
 
 def _train_toy_model(args: argparse.Namespace) -> None:
-    from seg4diff_repro.models.train_toy import train_toy_model
+    from seg4diff_repro.models.train_toy import TOY_TRAINED_CONFIG, train_toy_model
 
     start = time.monotonic()
     device = _resolve_device(args.device)
@@ -43,6 +46,11 @@ def _train_toy_model(args: argparse.Namespace) -> None:
         train_text_encoders=not args.freeze_text_encoders,
         limit=args.limit,
         max_wall_s=args.max_wall_s,
+        config=replace(
+            TOY_TRAINED_CONFIG,
+            num_attention_heads=args.attention_heads,
+            caption_projection_dim=args.attention_heads * TOY_TRAINED_CONFIG.attention_head_dim,
+        ),
     )
     losses = record["final_losses"]
     logging.getLogger(__name__).info(
@@ -105,6 +113,9 @@ def add_toy_commands(subparsers) -> None:
     )
     command.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     command.add_argument("--max-wall-s", type=float, default=None, help="safety cap on the training time")
+    command.add_argument("--attention-heads", type=int, default=TOY_WORLD_SD3_CONFIG.num_attention_heads,
+                         help="heads of the transformer (its width: heads x attention_head_dim); default: the toy "
+                         "world's model")
     command.set_defaults(handler=_train_toy_model)
 
     command = subparsers.add_parser(

@@ -16,10 +16,10 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
    σ = shift·u / (1 + (shift − 1)·u) with the scheduler's shift (3.0; dreambooth gets the same
    shifted σ by indexing the scheduler's sigma table with u), x_t = (1 − σ)·z + σ·ε,
    timestep = 1000·σ, target ε − z, plain MSE (the "logit_normal" scheme has unit weights).
-4. **Prompts**: the dataset captions ("a red circle and a blue square"). Each training example uses
+4. **Prompts**: the dataset captions ("a red circle and a striped blue square"). Each training example uses
    the empty prompt with probability ``caption_dropout`` (so classifier-free guidance works with the
    stock pipeline's empty negative prompt), the class names alone in the analysis' oracle format
-   ("circle square", ascending class id) with probability ``names_prob``, and the full caption
+   ("background circle square", ascending class id) with probability ``names_prob``, and the full caption
    otherwise. The class-name prompts make the analysis prompt in-distribution, so the class-name
    tokens themselves must carry the appearance of their region.
 5. **Text encoders: one layer each, trained jointly** (``train_text_encoders``). SD3 feeds the
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from seg4diff_repro.progress import progress
 
 from seg4diff_repro.datasets import SegmentationDataset
-from seg4diff_repro.datasets.toy_shapes import TOY_CLASSES
+from seg4diff_repro.datasets.toy_shapes import BACKGROUND, STUFF, TOY_CLASS_NAMES
 from seg4diff_repro.models.tiny import (
     TinySD3Config,
     build_tiny_sd3_pipeline,
@@ -91,13 +91,19 @@ TOY_TRAINED_CONFIG = TOY_WORLD_SD3_CONFIG
 
 
 def class_name_prompt(caption: str) -> str:
-    """The toy classes named in ``caption``, ascending by class id, joined by spaces ("circle square").
+    """The toy classes named in ``caption``, ascending by class id, joined by spaces ("background circle square").
 
-    This is the analysis' oracle prompt format (docs/method.md#prompts-and-token-spans). A caption naming no toy
-    class is returned unchanged.
+    This is the analysis' oracle prompt format (docs/method.md#prompts-and-token-spans). A caption that names no
+    stuff region describes objects on the background class, which is then named too, first (its class id is 0),
+    so that the word "background" is trained as the prompts of the views with a background class use it. A caption
+    naming no toy class is returned unchanged.
     """
-    names = [c.name for c in sorted(TOY_CLASSES, key=lambda c: c.index) if re.search(rf"\b{c.name}\b", caption)]
-    return " ".join(names) if names else caption
+    names = [name for name in TOY_CLASS_NAMES[1:] if re.search(rf"\b{name}\b", caption)]
+    if not names:
+        return caption
+    if not any(name in STUFF for name in names):
+        names.insert(0, BACKGROUND)
+    return " ".join(names)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
