@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train the toy world's committed model (models/toy_sd3) once, on one GPU, with a fixed seed.
 #
-# Run from the repository root on the GPU machine (no network; diffusers, open_clip_torch and pandas wheels in
-# .gpujob/.whl/): `bash scripts/gpu/train_toy_model.sh` (it installs them into /tmp/site itself).
+# Run from the repository root on the GPU machine (no network): `bash scripts/gpu/train_toy_model.sh`. Where diffusers
+# is missing it installs the wheels of $WHEELS (default .gpuwheels/: diffusers, open_clip_torch, ftfy, wcwidth) into
+# /tmp/site.
 #
 # HEADS lists the widths to train (attention heads of 16 channels), one training each, run side by side on the GPU
 # (the tiny models leave it mostly idle). Per width it writes into $OUT/h<heads>/: toy_sd3.tar.gz (the
@@ -32,8 +33,8 @@ DEVICE="${DEVICE:-cuda}"
 MAX_FILE_BYTES=16000000
 
 mkdir -p "$OUT" "$WORK"
-if ! "$PY" -c "import diffusers, pandas" 2>/dev/null; then  # the GPU image: install the carried wheels
-  mkdir -p /tmp/whl && cp .gpujob/.whl/*.whl /tmp/whl/
+if ! "$PY" -c "import diffusers" 2>/dev/null; then  # the GPU image: install the carried wheels
+  mkdir -p /tmp/whl && cp "${WHEELS:-.gpuwheels}"/*.whl /tmp/whl/
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD/src"
 fi
@@ -47,7 +48,7 @@ stamp "preflight"
 "$PY" - <<'PYEOF'
 import importlib.util, sys
 from pathlib import Path
-missing = [m for m in ("torch", "diffusers", "transformers", "safetensors", "PIL", "numpy", "tqdm", "pandas")
+missing = [m for m in ("torch", "diffusers", "transformers", "safetensors", "PIL", "numpy", "tqdm")
            if importlib.util.find_spec(m) is None]
 spec = importlib.util.find_spec("open_clip")
 locations = list(spec.submodule_search_locations or []) if spec else []
