@@ -51,6 +51,8 @@ def _train_toy_model(args: argparse.Namespace) -> None:
             num_attention_heads=args.attention_heads,
             caption_projection_dim=args.attention_heads * TOY_TRAINED_CONFIG.attention_head_dim,
         ),
+        init_from=args.init_from,
+        compile_transformer=args.compile,
     )
     losses = record["final_losses"]
     logging.getLogger(__name__).info(
@@ -113,6 +115,9 @@ def add_toy_commands(subparsers) -> None:
     )
     command.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     command.add_argument("--max-wall-s", type=float, default=None, help="safety cap on the training time")
+    command.add_argument("--compile", action="store_true", help="train through torch.compile (faster on a GPU)")
+    command.add_argument("--init-from", default=None,
+                         help="continue from this trained toy model folder (its seg4diff_model.json is kept on record)")
     command.add_argument("--attention-heads", type=int, default=TOY_WORLD_SD3_CONFIG.num_attention_heads,
                          help="heads of the transformer (its width: heads x attention_head_dim); default: the toy "
                          "world's model")

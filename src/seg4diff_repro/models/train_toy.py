@@ -45,6 +45,7 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -294,12 +295,18 @@ def train_toy_model(
     limit: int | None = None,
     max_wall_s: float | None = None,
     config: TinySD3Config = TOY_TRAINED_CONFIG,
+    init_from: str | Path | None = None,
+    compile_transformer: bool = False,
 ) -> dict[str, Any]:
     """Train the tiny pipeline on the ``train`` split of ``dataset_root`` and save it into ``out_dir``.
 
     ``batch_size`` is the transformer's batch; the VAE's is ``vae_batch_size`` (default: the same).
     Returns the ``seg4diff_model.json`` record. ``max_wall_s`` is a safety cap: the VAE phase stops
     after 25% of it and the transformer phase at 100%, and the record says how many steps were done.
+    ``init_from`` continues an earlier run: its saved folder (weights of every component, VAE included, whose
+    training then takes ``vae_steps`` more steps: 0 keeps it) replaces the random initialisation, and its record
+    is kept in this one's ``init_from``, so that the whole recipe stays on record. ``compile_transformer`` runs the
+    transformer's training passes through ``torch.compile`` (the same computation, faster on a GPU).
     """
     for name, value in (("vae_steps", vae_steps), ("transformer_steps", transformer_steps)):
         if value < 0:
@@ -328,7 +335,17 @@ def train_toy_model(
     if device_t.type == "cuda":
         images_u8 = images_u8.to(device_t)
 
-    pipe = build_tiny_sd3_pipeline(config, seed=seed)
+    earlier_record = None
+    if init_from is None:
+        pipe = build_tiny_sd3_pipeline(config, seed=seed)
+    else:
+        from seg4diff_repro.models.sd3 import load_sd3_pipeline
+
+        earlier_record = json.loads((Path(init_from) / "seg4diff_model.json").read_text())
+        if earlier_record["config"] != json.loads(json.dumps(asdict(config))):
+            raise ValueError(f"{init_from} was trained with other sizes than asked for: its seg4diff_model.json config "
+                             f"is {earlier_record['config']}; ask for those sizes")
+        pipe = load_sd3_pipeline(init_from, torch.float32)
     vae, transformer = pipe.vae, pipe.transformer
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     for encoder in encoders:
@@ -399,7 +416,11 @@ def train_toy_model(
         noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator, device=device_t)
         return latents[idx], prompt_idx, sigma, noise
 
-    def flow_loss(z, prompt_idx, sigma, noise):
+    # The compiled module shares the transformer's parameters: the optimiser, the EMA and the saved folder see them.
+    # Only training steps go through it; the fixed-batch evaluations run eagerly.
+    training_forward = torch.compile(transformer) if compile_transformer else transformer
+
+    def flow_loss(z, prompt_idx, sigma, noise, forward=transformer):
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * z + s * noise
         with autocast():
@@ -407,7 +428,7 @@ def train_toy_model(
                 context, pooled = clip_prompt_embeds(pipe, ids_l[prompt_idx], ids_g[prompt_idx])
             else:
                 context, pooled = bank[prompt_idx], pooled_bank[prompt_idx]
-            pred = transformer(
+            pred = forward(
                 hidden_states=noisy,
                 timestep=sigma * 1000,
                 encoder_hidden_states=context,
@@ -437,9 +458,19 @@ def train_toy_model(
         if _time_is_up(deadline, "transformer", step, transformer_steps):
             break
         _set_scheduled_lr(optimizer, lr, step, transformer_steps, warmup)
-        loss = flow_loss(*sample_batch(g))
+        batch = sample_batch(g)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = flow_loss(*batch, forward=training_forward)
+            loss.backward()
+        except Exception:  # noqa: BLE001 - whatever breaks the compiler: train eagerly rather than not at all
+            if training_forward is transformer:
+                raise
+            log.exception("torch.compile failed at step %d: training on without it", step)
+            training_forward, compile_transformer = transformer, False
+            optimizer.zero_grad(set_to_none=True)
+            loss = flow_loss(*batch)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         ema.update()
@@ -521,8 +552,10 @@ def train_toy_model(
             "autocast": "bf16" if device_t.type == "cuda" else "none (fp32)",
             "saved_dtype": "float16",
             "max_wall_s": max_wall_s,
+            "compiled": compile_transformer,
         },
         "config": asdict(config),
+        "init_from": None if init_from is None else {"folder": str(init_from), "record": earlier_record},
     }
     weights_bytes = sum(
         sum(p.numel() * p.element_size() for p in m.parameters())
