@@ -9,9 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from seg4diff_repro.datasets import generate_toy_shapes
-from seg4diff_repro.models.tiny import build_tiny_sd3_pipeline
+from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline
 from seg4diff_repro.models.train_toy import (
     MAX_FOLDER_BYTES,
     TOY_TRAINED_CONFIG,
@@ -176,3 +177,28 @@ def test_refuses_an_unrelated_folder_before_training(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="refusing to replace"):
         train_toy_model(tmp_path / "no-dataset-needed", out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_init_from_continues_the_earlier_model_and_keeps_its_record(trained, tmp_path: Path) -> None:
+    """With lr = 0 and no VAE steps, continuing changes no weight: the start is the earlier folder, not a new random
+    initialisation (which the same seed would give); and the earlier record is kept."""
+    folder, record = trained
+    generate_toy_shapes(tmp_path / "data", n_train=4, n_val=0, seed=0)
+    continued = train_toy_model(
+        tmp_path / "data", tmp_path / "continued", vae_steps=0, transformer_steps=2, batch_size=2, lr=0.0,
+        seed=0, device="cpu", init_from=folder,
+    )
+    assert continued["init_from"] == {"folder": str(folder), "record": json.loads((folder / "seg4diff_model.json").read_text())}
+    assert continued["init_from"]["record"]["steps"] == record["steps"]
+    for component in COMPONENTS:
+        before, after = (load_file(next((root / component).glob("*.safetensors"))) for root in (folder, tmp_path / "continued"))
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before), component
+
+
+def test_init_from_refuses_other_sizes(trained, tmp_path: Path) -> None:
+    folder, _ = trained
+    generate_toy_shapes(tmp_path / "data", n_train=2, n_val=0, seed=0)
+    with pytest.raises(ValueError, match="other sizes than asked for"):
+        train_toy_model(tmp_path / "data", tmp_path / "m", vae_steps=0, transformer_steps=1, batch_size=2,
+                        device="cpu", init_from=folder, config=TinySD3Config(num_layers=2))

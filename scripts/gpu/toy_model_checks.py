@@ -6,7 +6,7 @@ image at several KL thresholds (empty prompt, every layer). Writes one JSON per 
 
     python scripts/gpu/toy_model_checks.py --data DATA_ROOT --work WORK --out OUT MODEL_DIR [MODEL_DIR ...]
 
-DATA_ROOT holds the val sets made by `generate_toy_shapes(DATA_ROOT/<preset>, preset=<preset>, n_train=0, ...)`.
+DATA_ROOT holds the val sets made by `generate_toy_world(DATA_ROOT/<preset>, preset=<preset>, n_train=0, ...)`.
 """
 
 from __future__ import annotations

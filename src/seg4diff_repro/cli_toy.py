@@ -24,8 +24,19 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _trained_sizes(sizes: str, attention_heads: int | None):
+    """The sizes of a toy model to train: the committed toy-shapes model's, or the harder toy world's (issue 16)."""
+    from seg4diff_repro.models.train_toy import TOY_TRAINED_CONFIG
+
+    config = TOY_TRAINED_CONFIG if sizes == "toy_shapes" else TOY_WORLD_SD3_CONFIG
+    if attention_heads is None:
+        return config
+    return replace(config, num_attention_heads=attention_heads,
+                   caption_projection_dim=attention_heads * config.attention_head_dim)
+
+
 def _train_toy_model(args: argparse.Namespace) -> None:
-    from seg4diff_repro.models.train_toy import TOY_TRAINED_CONFIG, train_toy_model
+    from seg4diff_repro.models.train_toy import train_toy_model
 
     start = time.monotonic()
     device = _resolve_device(args.device)
@@ -46,11 +57,7 @@ def _train_toy_model(args: argparse.Namespace) -> None:
         train_text_encoders=not args.freeze_text_encoders,
         limit=args.limit,
         max_wall_s=args.max_wall_s,
-        config=replace(
-            TOY_TRAINED_CONFIG,
-            num_attention_heads=args.attention_heads,
-            caption_projection_dim=args.attention_heads * TOY_TRAINED_CONFIG.attention_head_dim,
-        ),
+        config=_trained_sizes(args.sizes, args.attention_heads),
         init_from=args.init_from,
         compile_transformer=args.compile,
     )
@@ -118,9 +125,11 @@ def add_toy_commands(subparsers) -> None:
     command.add_argument("--compile", action="store_true", help="train through torch.compile (faster on a GPU)")
     command.add_argument("--init-from", default=None,
                          help="continue from this trained toy model folder (its seg4diff_model.json is kept on record)")
-    command.add_argument("--attention-heads", type=int, default=TOY_WORLD_SD3_CONFIG.num_attention_heads,
-                         help="heads of the transformer (its width: heads x attention_head_dim); default: the toy "
-                         "world's model")
+    command.add_argument("--sizes", choices=["toy_shapes", "toy_world"], default="toy_shapes",
+                         help="the committed toy-shapes model's sizes, or the harder toy world's (12 blocks, 32 x 32 "
+                         "token maps)")
+    command.add_argument("--attention-heads", type=int, default=None,
+                         help="heads of the transformer (its width: heads x attention_head_dim); default: the sizes'")
     command.set_defaults(handler=_train_toy_model)
 
     command = subparsers.add_parser(

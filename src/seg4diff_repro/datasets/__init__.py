@@ -14,13 +14,14 @@ from .layout import (
     write_manifest,
     write_split,
 )
-from .toy_shapes import TOY_CLASS_NAMES, TOY_PRESETS, generate_toy_shapes
+from .toy_shapes import TOY_CLASS_NAMES, TOY_CLASSES, ToyClass, generate_toy_shapes
 
 __all__ = [
+    "TOY_CLASSES",
     "TOY_CLASS_NAMES",
-    "TOY_PRESETS",
     "Sample",
     "SegmentationDataset",
+    "ToyClass",
     "atomic_write_bytes",
     "atomic_write_json",
     "generate_toy_shapes",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,3 +426,25 @@ class SegmentationDataset:
             label = np.where(is_class & (label > bg), label - 1, label)
             label[raw == bg] = self.ignore_index if self.background == "drop" else num_classes - 1
         return Sample(image_id=image_id, image=image, label=label, caption=self._captions.get(image_id))
+
+
+def refuse_foreign_folder(root: Path, generator: str, our_class_names: Callable[[tuple[str, ...]], bool]) -> None:
+    """Raise unless ``root`` is absent, empty or an earlier output of the dataset generator ``generator``, which alone
+    may be replaced: its manifest names the generator or, when the manifest is gone (Snakemake deletes a rule's
+    declared output, manifest.json, before it re-runs the rule), ``our_class_names`` accepts its classes.json names."""
+    if not root.exists() or not any(root.iterdir()):
+        return
+    manifest, classes = root / MANIFEST_FILE, root / CLASSES_FILE
+    try:
+        if manifest.is_file():
+            ours = json.loads(manifest.read_text()).get("extra", {}).get("generator") == generator
+        else:
+            ours = classes.is_file() and our_class_names(tuple(json.loads(classes.read_text()).get("names", ())))
+    except (ValueError, AttributeError):  # unreadable JSON, or JSON that is not an object: not ours
+        ours = False
+    if not ours:
+        label = generator.replace("_", "-")
+        raise FileExistsError(
+            f"{root} exists and is not a {label} dataset (no {label} manifest.json or classes.json); "
+            "refusing to overwrite it. Delete it or choose another output folder."
+        )

@@ -16,10 +16,10 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
    σ = shift·u / (1 + (shift − 1)·u) with the scheduler's shift (3.0; dreambooth gets the same
    shifted σ by indexing the scheduler's sigma table with u), x_t = (1 − σ)·z + σ·ε,
    timestep = 1000·σ, target ε − z, plain MSE (the "logit_normal" scheme has unit weights).
-4. **Prompts**: the dataset captions ("a red circle and a striped blue square"). Each training example uses
+4. **Prompts**: the dataset captions ("a red circle and a blue square"). Each training example uses
    the empty prompt with probability ``caption_dropout`` (so classifier-free guidance works with the
    stock pipeline's empty negative prompt), the class names alone in the analysis' oracle format
-   ("background circle square", ascending class id) with probability ``names_prob``, and the full caption
+   ("circle square", ascending class id) with probability ``names_prob``, and the full caption
    otherwise. The class-name prompts make the analysis prompt in-distribution, so the class-name
    tokens themselves must carry the appearance of their region.
 5. **Text encoders: one layer each, trained jointly** (``train_text_encoders``). SD3 feeds the
@@ -51,7 +51,8 @@ import math
 import platform
 import re
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ import torch.nn.functional as F
 from seg4diff_repro.progress import progress
 
 from seg4diff_repro.datasets import SegmentationDataset
-from seg4diff_repro.datasets.toy_shapes import BACKGROUND, STUFF, TOY_CLASS_NAMES
+from seg4diff_repro.datasets.toy_shapes import TOY_CLASS_NAMES
+from seg4diff_repro.datasets.toy_world import BACKGROUND, STUFF
 from seg4diff_repro.models.tiny import (
     TinySD3Config,
     build_tiny_sd3_pipeline,
@@ -69,7 +71,6 @@ from seg4diff_repro.models.tiny import (
     folder_size_bytes,
     save_pipeline_folder,
 )
-from seg4diff_repro.models.tiny_sizes import TOY_WORLD_SD3_CONFIG
 
 __all__ = [
     "MAX_FOLDER_BYTES",
@@ -85,24 +86,26 @@ log = logging.getLogger(__name__)
 MAX_FOLDER_BYTES = 20_000_000  # the committed model folder must stay <= 20 MB
 CLIP_TOKENS = 77
 
-# The trained toy model's sizes (models/tiny_sizes.py): one layer per CLIP text encoder, among others. The SD3
+# The trained toy model's sizes: TinySD3Config's, except one layer per CLIP text encoder. The SD3
 # pipeline reads the penultimate hidden states, which for a one-layer encoder are its token + position
 # embeddings, so every text position holds its own word only (see the module docstring, point 5).
-TOY_TRAINED_CONFIG = TOY_WORLD_SD3_CONFIG
+# (The harder toy world's model, TOY_WORLD_SD3_CONFIG in models/tiny_sizes.py, has one text layer too.)
+TOY_TRAINED_CONFIG = replace(TinySD3Config(), text_num_layers=1)
 
 
-def class_name_prompt(caption: str) -> str:
-    """The toy classes named in ``caption``, ascending by class id, joined by spaces ("background circle square").
+def class_name_prompt(caption: str, class_names: Sequence[str] = TOY_CLASS_NAMES) -> str:
+    """The classes of ``class_names`` named in ``caption``, ascending by class id, joined by spaces ("circle square").
 
-    This is the analysis' oracle prompt format (docs/method.md#prompts-and-token-spans). A caption that names no
-    stuff region describes objects on the background class, which is then named too, first (its class id is 0),
-    so that the word "background" is trained as the prompts of the views with a background class use it. A caption
-    naming no toy class is returned unchanged.
+    This is the analysis' oracle prompt format (docs/method.md#prompts-and-token-spans). In a vocabulary with stuff
+    classes (toy-world's), a caption that names no stuff region describes objects on the background class, which
+    is then named too, first (its class id is 0), as the prompts of the views with a background class name it.
+    A caption naming no class is returned unchanged.
     """
-    names = [name for name in TOY_CLASS_NAMES[1:] if re.search(rf"\b{name}\b", caption)]
+    names = [name for name in class_names if name != BACKGROUND and re.search(rf"\b{name}\b", caption)]
     if not names:
         return caption
-    if not any(name in STUFF for name in names):
+    has_stuff = any(name in STUFF for name in class_names)
+    if has_stuff and BACKGROUND in class_names and not any(name in STUFF for name in names):
         names.insert(0, BACKGROUND)
     return " ".join(names)
 
@@ -372,7 +375,8 @@ def train_toy_model(
     vae_time = time.monotonic() - start_time
 
     # --- phase 2: transformer -----------------------------------------------------------------
-    names = [class_name_prompt(c) for c in captions]
+    vocabulary = json.loads((Path(dataset_root) / "classes.json").read_text())["names"]
+    names = [class_name_prompt(c, vocabulary) for c in captions]
     unique = sorted(set(captions) | set(names) | {""})
     index = {p: i for i, p in enumerate(unique)}
     ids_l, ids_g = (ids.to(device_t) for ids in tokenize_prompts(pipe, unique))
