@@ -107,8 +107,9 @@ def raise_on_failed_size_checks(config: TinySD3Config | TinyFluxConfig, checks: 
 # SD3.5-medium's block layout at tiny size: QK-norm everywhere, dual attention in the first half of the blocks.
 TINY_SD35_CONFIG = TinySD3Config(qk_norm="rms_norm", dual_attention_layers=(0, 1, 2))
 
-# The toy world's model (the trained models/toy_sd3 and its random control): 12 joint blocks, so that an expert layer
-# has room to form in the middle of the stack, and patch size 1 on the 32 x 32 latent, so that a token map has
+# The harder toy world's model (issue 16: scripts/gpu/train_toy_model.sh trains it on datasets/toy_world.py; the
+# build variant toy_world gives its random control; the committed models/toy_sd3 is still the 6-block toy-shapes
+# model): 12 joint blocks, so that an expert layer has room to form in the middle of the stack, and patch size 1 on the 32 x 32 latent, so that a token map has
 # 32 x 32 positions and the unsupervised merging threshold of 64 x 64 maps (0.1) separates proposals as in the paper.
 # One layer per CLIP text encoder: see models/train_toy.py (point 5 of its docstring).
 TOY_WORLD_SD3_CONFIG = TinySD3Config(
