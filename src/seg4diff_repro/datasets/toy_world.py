@@ -311,8 +311,7 @@ def _make_sample(rng: np.random.Generator, preset: ToyPreset, size: int) -> tupl
             if all(np.count_nonzero(label == i) >= min_pixels for i in thing_ids):
                 break
         else:
-            if not things:
-                raise AssertionError("a scene without objects cannot fail placement")
+            # (a scene without objects never gets here: its first attempt succeeds)
             things, looks, thing_ids = things[:-1], looks[:-1], thing_ids[:-1]
             continue
         break
@@ -344,14 +343,21 @@ def _image_preset(rng: np.random.Generator, preset: str) -> ToyPreset:
     return TOY_PRESETS[names[int(rng.choice(len(names), p=list(MIXED_PRESET_WEIGHTS.values())))]]
 
 
-def _write_image(tmp: Path, preset: str, split: str, index: int, image_size: int, seed: int) -> str:
+def _local_label_table(preset: str) -> np.ndarray:
+    """Lookup table from ``TOY_CLASS_NAMES`` indices to the preset's own label indices."""
+    to_local = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for local, name in enumerate(preset_class_names(preset)):
+        to_local[TOY_CLASS_NAMES.index(name)] = local
+    return to_local
+
+
+def _write_image(
+    tmp: Path, preset: str, to_local: np.ndarray, split: str, index: int, image_size: int, seed: int
+) -> str:
     """Draw image ``index`` of ``split`` into ``tmp``; returns its caption. One random stream per image, so that
     changing n_train leaves the val images unchanged and any number of workers gives the same set."""
     rng = np.random.default_rng([seed, PRESET_NAMES.index(preset), _SPLIT_CODES[split], index])
     image, label, caption = _make_sample(rng, _image_preset(rng, preset), image_size)
-    to_local = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for local, name in enumerate(preset_class_names(preset)):
-        to_local[TOY_CLASS_NAMES.index(name)] = local
     image_id = f"toy_{split}_{index:05d}"
     save_image_jpeg(tmp / IMAGE_DIR / f"{image_id}.jpg", image, quality=95)
     save_label_png(tmp / LABEL_DIR / f"{image_id}.png", to_local[label])
@@ -383,6 +389,7 @@ def generate_toy_world(
     root = Path(root)
     refuse_foreign_folder(root, GENERATOR_NAME, _our_class_names)  # before the work; checked again before the swap
     names = preset_class_names(preset)
+    to_local = _local_label_table(preset)  # once per set, not per image
     with replace_folder_atomically(root) as tmp, ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         (tmp / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
         (tmp / LABEL_DIR).mkdir(parents=True, exist_ok=True)
@@ -391,7 +398,7 @@ def generate_toy_world(
             if count == 0:
                 continue
             ids = [f"toy_{split}_{i:05d}" for i in range(count)]
-            draw = partial(_write_image, tmp, preset, split, image_size=image_size, seed=seed)
+            draw = partial(_write_image, tmp, preset, to_local, split, image_size=image_size, seed=seed)
             drawn = pool.map(draw, range(count), chunksize=64) if pool else map(draw, range(count))
             captions.update(zip(ids, drawn))
             write_split(tmp, split, ids)
