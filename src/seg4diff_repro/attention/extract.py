@@ -19,7 +19,7 @@ from seg4diff_repro.atomic import remove_leftover_temp_files
 from seg4diff_repro.attention.cache import (
     CACHE_FORMAT, RERUN_NOTE, CachedImage, cache_path, cached_key, rebuild_command, settings_key, write_cached_image,
 )
-from seg4diff_repro.attention.recorder import AttentionRecorder
+from seg4diff_repro.attention.recorder import AttentionRecorder, stop_after_layer
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.layout import atomic_write_json, dataset_fingerprint
 from seg4diff_repro.models.preprocess import crop_to_box, prepare_image
@@ -503,9 +503,10 @@ def record_batch(
 
 def _record(adapter, latents, noising, seeds, prompt_embeds, pooled, layers, record, heads) -> AttentionRecorder:
     noisy = adapter.noise_latents(latents, noising, seeds)
+    # Only the maps are kept, so the blocks after the last recorded layer need not run.
     with AttentionRecorder(
         adapter.transformer, layers=layers, record=record, heads=heads, text_tokens=adapter.prompt_tokens
-    ) as recorder:
+    ) as recorder, stop_after_layer(adapter.transformer, max(layers)):
         adapter.forward(noisy, noising, prompt_embeds, pooled)
     return recorder
 
