@@ -67,6 +67,25 @@ def test_figure_prompts_are_the_captions_verbatim(appendix_text):
     assert [len(figure_prompts(k)) for k in ("fig18", "fig19", "fig20")] == [3, 3, 9]
 
 
+def test_a_figure_run_draws_the_first_n_of_its_caption_prompts(tmp_path):
+    from dataclasses import replace
+
+    from seg4diff_repro.generation.runs import GenerationRun
+
+    run = GenerationRun(model="m", backbone="sd3", source="m", run="none", seeds=[42], figure="fig20", n_prompts=3)
+    assert run.prompts() == figure_prompts("fig20")[:3] and len(run.prompts()) == 3
+    assert replace(run, n_prompts=None).prompts() == figure_prompts("fig20")  # null: all 9, the paper's
+    # The rule passes analyses.generation.fig20_n_prompts to Fig. 20's runs only.
+    workdir = copy_workflow(tmp_path)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    # Layers every toy model has, so that the DAG builds whichever toy_sd3 is committed.
+    config["analyses"]["generation"].update(fig20_n_prompts=2, grid_layers=[0], fidelity_layers={"sd3": [0], "sd35": [0], "flux": [0]})
+    write_config(workdir, config)
+    dry_run = snakemake(workdir, "-n", "results/generation/toy_sd3/fig20/none", "results/generation/toy_sd3/fig18/none")
+    settings = {s["figure"]: s for s in (json.loads(m) for m in re.findall(r"--settings '(\{.*?\})'", dry_run.stdout))}
+    assert settings["fig20"]["n_prompts"] == 2 and settings["fig18"]["n_prompts"] is None
+
+
 def test_prompt_files_are_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
