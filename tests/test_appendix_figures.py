@@ -311,8 +311,8 @@ def test_fig01_is_a_target_of_all_generation(tmp_path):
     assert "fig01_drawbench_prompts" in planned_jobs(dry_run)
     for path in ("figures/toy/fig01_drawbench_prompts.png", "paper_tables/toy/fig01_drawbench_prompts.md"):
         assert path in dry_run.stdout
-    # The toy config uses the first 4 prompts for both analyses, and the figure says so.
-    assert '"fidelity (Figs. 5, 7, 10)": 4' in dry_run.stdout
+    # The toy config uses the first 2 prompts for both analyses, and the figure says so.
+    assert '"fidelity (Figs. 5, 7, 10)": 2' in dry_run.stdout and '"value norms (Figs. 6, 9, 15)": 2' in dry_run.stdout
 
 
 def test_wrapped_titles_fit_and_keep_step_labels_whole():

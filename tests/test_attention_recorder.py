@@ -8,6 +8,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from seg4diff_repro.attention import AttentionRecorder
+from seg4diff_repro.attention.recorder import stop_after_layer
 
 N_TEXT = 154
 
@@ -114,6 +115,31 @@ def test_maps_equal_float64_softmax_over_all_joint_keys(kind):
         torch.testing.assert_close(rec.t2i[layer].double(), t2i_ref, rtol=1e-5, atol=1e-9)
         # The text block alone does not sum to one: image keys share the normalisation.
         assert rec.i2t[layer].sum(-1).max() < 1 - 1e-3
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSFORMERS))
+def test_stop_after_layer_skips_the_later_blocks_and_records_what_a_full_pass_records(kind):
+    transformer = TRANSFORMERS[kind]()
+    model_inputs = inputs()
+    with AttentionRecorder(transformer, layers=[0, 1], record=("i2t", "logits")) as full, torch.no_grad():
+        transformer(**model_inputs)
+    ran = []
+    handles = [block.register_forward_pre_hook(lambda module, args, index=index: ran.append(index))
+               for index, block in enumerate(transformer.transformer_blocks)]
+    with AttentionRecorder(transformer, layers=[0, 1], record=("i2t", "logits")) as stopped, \
+            stop_after_layer(transformer, 1), torch.no_grad():
+        transformer(**model_inputs)
+    assert ran == [0, 1]  # block 2 of 3 never ran
+    for layer in (0, 1):
+        assert torch.equal(stopped.i2t[layer], full.i2t[layer])
+        assert torch.equal(stopped.logits_i2t[layer], full.logits_i2t[layer])
+    # The stop is gone after the context: a later call runs every block to the stock output.
+    ran.clear()
+    with torch.no_grad():
+        assert torch.equal(transformer(**model_inputs)[0], block_outputs(transformer, model_inputs)[-1])
+    assert ran[:3] == [0, 1, 2]
+    for handle in handles:
+        handle.remove()
 
 
 def test_head_mean_is_mean_of_heads():

@@ -67,6 +67,25 @@ def test_figure_prompts_are_the_captions_verbatim(appendix_text):
     assert [len(figure_prompts(k)) for k in ("fig18", "fig19", "fig20")] == [3, 3, 9]
 
 
+def test_a_figure_run_draws_the_first_n_of_its_caption_prompts(tmp_path):
+    from dataclasses import replace
+
+    from seg4diff_repro.generation.runs import GenerationRun
+
+    run = GenerationRun(model="m", backbone="sd3", source="m", run="none", seeds=[42], figure="fig20", n_prompts=3)
+    assert run.prompts() == figure_prompts("fig20")[:3] and len(run.prompts()) == 3
+    assert replace(run, n_prompts=None).prompts() == figure_prompts("fig20")  # null: all 9, the paper's
+    # The rule passes analyses.generation.fig20_n_prompts to Fig. 20's runs only.
+    workdir = copy_workflow(tmp_path)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    # Layers every toy model has, so that the DAG builds whichever toy_sd3 is committed.
+    config["analyses"]["generation"].update(fig20_n_prompts=2, grid_layers=[0], fidelity_layers={"sd3": [0], "sd35": [0], "flux": [0]})
+    write_config(workdir, config)
+    dry_run = snakemake(workdir, "-n", "results/generation/toy_sd3/fig20/none", "results/generation/toy_sd3/fig18/none")
+    settings = {s["figure"]: s for s in (json.loads(m) for m in re.findall(r"--settings '(\{.*?\})'", dry_run.stdout))}
+    assert settings["fig20"]["n_prompts"] == 2 and settings["fig18"]["n_prompts"] is None
+
+
 def test_prompt_files_are_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -170,13 +189,14 @@ def job_counts(dry_run) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE)}
 
 
-def test_default_toy_dry_run_perturbs_every_layer_and_only_flux_double_stream_blocks(tmp_path):
+def test_default_toy_dry_run_perturbs_the_configured_layers_and_only_flux_double_stream_blocks(tmp_path):
     dry_run = snakemake(copy_workflow(tmp_path), "-n", "all_generation")
     runs = [o for o in planned_outputs(dry_run) if o.startswith("results/generation/")]
     flux = sorted(o.rsplit("/", 1)[1] for o in runs if "/toy_flux_random/" in o)
     assert flux == ["none", "perturb_l0", "perturb_l1"]  # 2 double-stream blocks of 4
-    assert sum("/toy_sd3/fidelity/perturb_l" in o for o in runs) == 6
-    assert sum("/toy_sd3/fig19/guidance_l" in o for o in runs) == 6
+    # config.yaml's subsets of the 12-block toy model's layers: 4 perturbed for Fig. 5, 3 grid rows.
+    assert sorted(o.rsplit("_l", 1)[1] for o in runs if "/toy_sd3/fidelity/perturb_l" in o) == ["0", "11", "4", "7"]
+    assert sorted(o.rsplit("_l", 1)[1] for o in runs if "/toy_sd3/fig19/guidance_l" in o) == ["0", "11", "6"]
     assert set(TARGETS) <= {f for o in planned_outputs(dry_run) for f in o.split(", ")}
 
 

@@ -34,3 +34,16 @@ def test_cpu_stage_modules_import_no_model_library():
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(found) == set(CPU_STAGE_MODULES)
     assert {module: names for module, names in found.items() if names} == {}
+
+
+def test_gathering_extraction_shards_imports_no_torch():
+    """A gather job (one per attention cache, 24 in the toy run) only reads records and cache keys: without torch it
+    starts in a fraction of a second instead of the 2-3 s torch's import takes."""
+    probe = (
+        "import sys\n"
+        "from seg4diff_repro.attention.shards import gather_shards\n"
+        "import seg4diff_repro.cli\n"
+        "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

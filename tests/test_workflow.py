@@ -183,14 +183,14 @@ NEW_WEIGHTS_JOBS = {
     "normalisation_table": 1, "timestep_sweep": 1, "unsupervised_table": 1, "toy_world_summary": 1, "table_page": 5,
     "run_info": 1, "all": 1,
 }
-# What depends on the toy-shapes dataset: every cache of every view of it (14 t = 8 and 2 sweep caches, 13 empty-prompt
-# ones), their scorings, tables and figures, the appendix targets, the head scoring and the toy generations' figure;
-# not the models, nor the generation analyses (DrawBench prompts).
+# What depends on the toy-shapes dataset: every cache of every view of it (8 t = 8 and 3 sweep caches, Fig. 2's
+# COCO-Object stand-in among the sweeps, 13 empty-prompt ones), their scorings, tables and figures, the appendix targets,
+# the head scoring and the toy generations' figure; not the models, nor the generation analyses (DrawBench prompts).
 NEW_DATA_JOBS = {
-    "prepare_toy_shapes": 1, "extract_attention_shard": 14, "extract_attention": 14, "extract_attention_sweep_shard": 2,
-    "extract_attention_sweep": 2, "extract_unsupervised_attention_shard": 13, "extract_unsupervised_attention": 13,
+    "prepare_toy_shapes": 1, "extract_attention_shard": 8, "extract_attention": 8, "extract_attention_sweep_shard": 3,
+    "extract_attention_sweep": 3, "extract_unsupervised_attention_shard": 13, "extract_unsupervised_attention": 13,
     "score_heads": 1, "toy_generations": 1, "fig04_head_miou": 1, "appendix_overlays": 6, "score_layers": 26,
-    "score_normalisation_variant": 12, "score_unsupervised": 13, "table_page": 19, "appendix_per_layer": 3,
+    "score_normalisation_variant": 12, "score_unsupervised": 13, "table_page": 20, "appendix_per_layer": 3,
     "main_table": 2, "normalisation_table": 3, "per_layer_table": 2, "timestep_sweep": 3, "unsupervised_table": 2,
     "fig02_timestep": 1, "per_layer_figure": 2, "tab01_normalisation": 1, "toy_world_summary": 1, "run_info": 1,
     "all": 1,

@@ -76,7 +76,8 @@ def _extract_attention(args: argparse.Namespace) -> None:
 
 
 def _gather_attention(args: argparse.Namespace) -> None:
-    from seg4diff_repro.attention.extract import gather_shards
+    # Without torch: a gather job starts in a fraction of a second.
+    from seg4diff_repro.attention.shards import gather_shards
 
     gather_shards([json.loads(Path(path).read_text()) for path in args.shards], Path(args.dataset_root))
 

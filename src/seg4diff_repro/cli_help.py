@@ -102,7 +102,7 @@ SETTINGS_JSON: dict[str, tuple[str, str, str, dict[str, str]]] = {
             "run": "none, perturb_l<layer> or guidance_l<layer>",
             "figure": "caption prompts of this appendix figure (fig18, fig19, fig20), or null for the fidelity prompts",
             "prompts_file": "file of fidelity prompts, one per line, or null for the packaged DrawBench 50",
-            "n_prompts": "first N fidelity prompts only, or null",
+            "n_prompts": "first N prompts only (of the figure's, or of the fidelity prompts), or null for all",
             "seeds": "noise seeds; each prompt is generated once per seed",
             "steps": "sampling steps",
             "cfg": "classifier-free guidance scale (SD3, SD3.5)",

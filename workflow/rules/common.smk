@@ -222,13 +222,14 @@ def toy_world_targets():
 
 def sweep_pairs():
     """(model, dataset) pairs swept over timesteps: Fig. 2's (the sd3 role on the voc20 and coco_object roles),
-    or every run model x dataset with `analyses.timestep_sweep.scope: all`."""
+    and with `analyses.timestep_sweep.scope: all` every run model x dataset too. Fig. 2's pairs are one sweep job
+    each in both scopes (one model load and one encoding per image for all timesteps), not a job per timestep."""
     sweep = config["analyses"]["timestep_sweep"]
     if not sweep["timesteps"]:
         return []
-    if sweep["scope"] == "all":
-        return [(model, dataset) for model in config["run"]["models"] for dataset in config["run"]["datasets"]]
     pairs = [(appendix_model("sd3"), appendix_dataset(role)) for role in ("voc20", "coco_object")]
+    if sweep["scope"] == "all":
+        pairs = [(model, dataset) for model in config["run"]["models"] for dataset in config["run"]["datasets"]] + pairs
     return list(dict.fromkeys(pairs))
 
 

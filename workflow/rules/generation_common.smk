@@ -56,7 +56,7 @@ def generation_run_settings(wildcards):
         "run": wildcards.run,
         "figure": None if fidelity else wildcards.prompt_set,
         "prompts_file": GENERATION["prompts_file"] if fidelity else None,
-        "n_prompts": GENERATION["n_prompts"] if fidelity else None,
+        "n_prompts": GENERATION["n_prompts"] if fidelity else fig20_n_prompts(wildcards.prompt_set),
         "seeds": GENERATION["seeds"] if fidelity else [grid_seed(wildcards.prompt_set)],
         "steps": model["num_inference_steps"],
         "cfg": GENERATION["cfg"],
@@ -70,6 +70,11 @@ def generation_run_settings(wildcards):
     if model.get("lora"):
         settings["lora"] = magnet_adapter_folder(model["lora"])
     return json.dumps(settings, sort_keys=True)
+
+
+def fig20_n_prompts(prompt_set):
+    """How many of a caption-prompt figure's prompts its runs draw: Fig. 20's configured number, else all (null)."""
+    return GENERATION["fig20_n_prompts"] if prompt_set == "fig20" else None
 
 
 def grid_seed(prompt_set):

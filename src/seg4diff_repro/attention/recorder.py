@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import psutil
@@ -19,6 +20,33 @@ HeadReduction = Literal["mean"] | None
 
 class RecordingTooLarge(MemoryError):
     """The requested recording would not fit; raised before the forward pass."""
+
+
+class _LastLayerDone(Exception):
+    """Raised by `stop_after_layer` once the last layer a pass needs has attended."""
+
+
+@contextmanager
+def stop_after_layer(transformer: nn.Module, layer: int) -> Iterator[None]:
+    """End a transformer call once the joint attention of ``layer`` has run, skipping the blocks after it.
+
+    For a pass that only records maps (extraction): a layer's attention depends on the blocks before it only,
+    so what a recorder holds for layers up to ``layer`` is what the full pass records, while the blocks after it
+    (half the compute for a middle layer) are skipped. The call's output is lost, and the body ends at the first
+    stop: use one context per forward pass.
+    """
+    module = backend_for(transformer).attention_modules(transformer)[layer]
+
+    def stop(module, args, output):
+        raise _LastLayerDone
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _LastLayerDone:
+        pass
+    finally:
+        handle.remove()
 
 
 class HookSwap:

@@ -59,7 +59,7 @@ class GenerationRun:
     seeds: list[int]
     dtype: str = "float32"
     device: str = "cpu"
-    # Prompts: an appendix figure's caption prompts (``figure``), else a file (None: DrawBench 50), first n.
+    # Prompts: an appendix figure's caption prompts (``figure``), else a file (None: DrawBench 50); the first n.
     figure: str | None = None
     prompts_file: str | None = None
     n_prompts: int | None = None
@@ -81,7 +81,7 @@ class GenerationRun:
 
     def prompts(self) -> list[str]:
         if self.figure is not None:
-            return figure_prompts(self.figure)
+            return figure_prompts(self.figure)[: self.n_prompts]
         if self.prompts_list is not None:
             return list(self.prompts_list[: self.n_prompts])
         if self.prompts_file is not None and not Path(self.prompts_file).is_file():
