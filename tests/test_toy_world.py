@@ -125,3 +125,39 @@ def test_bad_arguments_are_named(tmp_path) -> None:
     with pytest.raises(FileExistsError, match="not a toy-world dataset"):
         generate_toy_world(tmp_path / "mine", n_train=1, n_val=0)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_make_toy_world_command_writes_the_prepared_layout(tmp_path) -> None:
+    """`seg4diff-repro make-toy-world` (rule prepare_toy_world) writes the prepared layout the views read: classes.json
+    with the preset's vocabulary and background rule, palette label PNGs in that vocabulary, the splits, the
+    captions; the same set as the generator's, and the CLI's preset list is the generator's."""
+    from PIL import Image
+
+    from seg4diff_repro.cli import TOY_WORLD_PRESETS, main
+
+    assert TOY_WORLD_PRESETS == PRESET_NAMES
+    root = tmp_path / "toy_world_objects"
+    main(["make-toy-world", "--root", str(root), "--preset", "objects", "--n-train", "3", "--n-val", "2",
+          "--image-size", "64", "--seed", "0", "--workers", "1"])
+    classes = json.loads((root / "classes.json").read_text())
+    assert classes == {"names": [BACKGROUND, *THINGS], "ignore_index": 255, "background_index": 0}
+    assert (root / "ImageSets/Segmentation/train.txt").read_text().split() == [f"toy_train_{i:05d}" for i in range(3)]
+    assert (root / "ImageSets/Segmentation/val.txt").read_text().split() == ["toy_val_00000", "toy_val_00001"]
+    label = Image.open(root / "SegmentationClass/toy_val_00000.png")
+    assert label.mode == "P" and label.size == (64, 64)
+    values = set(np.unique(np.asarray(label)).tolist())
+    assert 0 in values and values <= set(range(len(classes["names"]))) | {255} and values - {0, 255}
+    with Image.open(root / "JPEGImages/toy_val_00000.jpg") as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    captions = json.loads((root / "captions.json").read_text())
+    assert set(captions) == {f"toy_train_{i:05d}" for i in range(3)} | {"toy_val_00000", "toy_val_00001"}
+    view = SegmentationDataset(root, "val", background="drop")
+    assert view.class_names == list(THINGS)
+    generate_toy_world(tmp_path / "direct", preset="objects", n_train=3, n_val=2, image_size=64, seed=0)
+    assert _digest(root) == _digest(tmp_path / "direct")
+    # scenes: every pixel a class, no background class (so only background: class views of it)
+    scenes = tmp_path / "toy_world_scenes"
+    main(["make-toy-world", "--root", str(scenes), "--preset", "scenes", "--n-train", "0", "--n-val", "1"])
+    assert json.loads((scenes / "classes.json").read_text())["background_index"] is None
+    with pytest.raises(SystemExit):
+        main(["make-toy-world", "--root", str(tmp_path / "x"), "--preset", "voc"])

@@ -50,6 +50,19 @@ def _make_toy_shapes(args: argparse.Namespace) -> None:
     )
 
 
+# datasets.toy_world.PRESET_NAMES, spelled out so that building the parser imports no numpy (tests check they agree).
+TOY_WORLD_PRESETS = ("objects", "crowd", "scenes", "stuff", "mixed")
+
+
+def _make_toy_world(args: argparse.Namespace) -> None:
+    from seg4diff_repro.datasets.toy_world import generate_toy_world
+
+    generate_toy_world(
+        Path(args.root), preset=args.preset, n_train=args.n_train, n_val=args.n_val, image_size=args.image_size,
+        seed=args.seed, workers=args.workers,
+    )
+
+
 def _extract_attention(args: argparse.Namespace) -> None:
     from seg4diff_repro.attention.extract import (
         ExtractionSettings, TimestepCache, extract_attention_timesteps, extract_shard, parse_shard,
@@ -248,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
     command.add_argument("--seed", type=int, default=0, help="seed of the generator (the dataset is a function of it)")
     command.set_defaults(handler=_make_toy_shapes)
+
+    command = commands.add_parser(
+        "make-toy-world", help="generate a preset of the harder toy world (VOC layout; the default run's datasets)"
+    )
+    command.add_argument("--root", required=True, help="dataset folder to write (images, labels, splits, classes.json)")
+    command.add_argument("--preset", required=True, choices=list(TOY_WORLD_PRESETS),
+                         help="objects (VOC), crowd (COCO-Object), scenes (ADE20K, Pascal Context), stuff (COCO-Stuff), "
+                              "or mixed (each image one of the four: the toy model's training set)")
+    command.add_argument("--n-train", type=int, default=512, help="images in the train split")
+    command.add_argument("--n-val", type=int, default=64, help="images in the val split")
+    command.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
+    command.add_argument("--seed", type=int, default=0, help="seed of the generator (the dataset is a function of it)")
+    command.add_argument("--workers", type=int, default=1,
+                         help="processes drawing the images (the dataset does not depend on it)")
+    command.set_defaults(handler=_make_toy_world)
 
     command = commands.add_parser("extract-attention", help="cache I2T attention maps of a dataset split")
     command.add_argument("--settings", required=True, help="JSON of ExtractionSettings")

@@ -177,8 +177,8 @@ for _command in ("value-norms", "pca-qkv-figure", "token-maps-figure"):
 # The main help lists the commands by stage; a command missing here is listed under "Other".
 COMMAND_GROUPS = {
     "Data and models": [
-        "download", "download-model", "prepare-dataset", "make-toy-shapes", "build-tiny-model", "train-toy-model",
-        "magnet-train",
+        "download", "download-model", "prepare-dataset", "make-toy-shapes", "make-toy-world", "build-tiny-model",
+        "train-toy-model", "magnet-train",
     ],
     "Attention maps and segmentation scores": [
         "extract-attention", "gather-attention", "score-layers", "score-unsupervised", "score-heads",

@@ -28,7 +28,9 @@ LAZY_IMPORT = re.compile(r"seg4diff_repro(\.[a-z_0-9]+)+")
 # Entry modules of the stages whose results are cached; everything else (tables, figures, the command
 # line) is cheap and keyed by the whole package.
 STAGE_MODULES = {
-    "datasets": ("seg4diff_repro.datasets.prepare", "seg4diff_repro.datasets.toy_shapes"),
+    "datasets": (
+        "seg4diff_repro.datasets.prepare", "seg4diff_repro.datasets.toy_shapes", "seg4diff_repro.datasets.toy_world",
+    ),
     "extraction": ("seg4diff_repro.attention.extract",),
     "scoring": (
         "seg4diff_repro.segmentation.score",
@@ -45,6 +47,7 @@ STAGE_MODULES = {
 # run the whole package (tables, figures: cheap), except those in UNKEYED_COMMANDS.
 COMMAND_STAGES = {
     "make-toy-shapes": "datasets",
+    "make-toy-world": "datasets",
     "prepare-dataset": "datasets",
     "build-tiny-model": "models",
     "extract-attention": "extraction",

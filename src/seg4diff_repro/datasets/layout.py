@@ -224,6 +224,9 @@ def _hint(root: str | Path) -> str:
     """What rebuilds a prepared dataset: its prepare rule, named after the folder, forced (a plain `snakemake
     prepare_<name>` does nothing while manifest.json exists)."""
     name = Path(root).name or str(root)
+    if name.startswith("toy_world_"):  # one rule, prepare_toy_world, for every preset: force the folder's manifest
+        return (f"`snakemake --forcerun {Path(root) / 'manifest.json'}` regenerates the prepared dataset {root} (rule "
+                "prepare_toy_world), then re-runs what depends on it.")
     origin = "" if name.startswith("toy_shapes") else f" from its downloaded archives (or `data.paths.{name}`)"
     return f"`snakemake --forcerun prepare_{name}` rebuilds the prepared dataset {root}{origin}, then re-runs what depends on it."
 

@@ -37,7 +37,8 @@ GPU_COMMANDS = frozenset({
 })
 # and the sources (models, datasets), recorded by content fingerprint rather than bundled file by file.
 SOURCE_COMMANDS = frozenset({
-    "make-toy-shapes", "prepare-dataset", "download", "download-model", "build-tiny-model", "train-toy-model",
+    "make-toy-shapes", "make-toy-world", "prepare-dataset", "download", "download-model", "build-tiny-model",
+    "train-toy-model",
 })
 # Commands whose output manifest.json stands for the folder of per-image cache files beside it: the gathering
 # of an extraction's image shards (the shards' own outputs are small records of the jobs).
