@@ -208,9 +208,10 @@ def per_layer_targets():
 
 
 def toy_world_targets():
-    """The toy world's summary and generations, when the run has both toy models on toy-shapes."""
+    """The toy world's summary and generations, when the run has both toy models on the VOC20 stand-in view
+    (appendix.datasets.voc20: toy_objects in config.yaml)."""
     run = config["run"]
-    if {"toy_sd3", "toy_sd3_random"} <= set(run["models"]) and "toy_shapes" in run["datasets"]:
+    if {"toy_sd3", "toy_sd3_random"} <= set(run["models"]) and appendix_dataset("voc20") in run["datasets"]:
         timestep = config["attention"]["timestep"]
         return [
             f"{TABLES}/toy_world_grounding_t{timestep}.md",

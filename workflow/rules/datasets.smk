@@ -242,5 +242,6 @@ rule prepare_voc20:
 rule prepare_all:
     input:
         [DS_ROOT / "prepared" / name / "manifest.json" for name in DS_SOURCES.DATASET_NAMES],
-        DS_ROOT / "prepared" / "toy_shapes" / "manifest.json",
+        # the toy world's sets of the default config's views (rule prepare_toy_world)
+        [DS_ROOT / "prepared" / f"toy_world_{preset}" / "manifest.json" for preset in ("objects", "crowd", "scenes", "stuff")],
     localrule: True

@@ -6,8 +6,12 @@
 
 rule toy_world_magnet:
     input:
-        base=f"results/segmentation/{appendix_model('sd3')}/toy_shapes/t{{timestep}}/per_layer.csv",
-        variants=[f"results/segmentation/{model}/toy_shapes/t{{timestep}}/per_layer.csv" for model in magnet_role_models()],
+        # on the VOC20 stand-in view (toy_objects in config.yaml: the objects the runs train on, background dropped)
+        base=f"results/segmentation/{appendix_model('sd3')}/{appendix_dataset('voc20')}/t{{timestep}}/per_layer.csv",
+        variants=[
+            f"results/segmentation/{model}/{appendix_dataset('voc20')}/t{{timestep}}/per_layer.csv"
+            for model in magnet_role_models()
+        ],
         adapters=[model_lora_folder(model) for model in magnet_role_models()],
     output:
         csv=report(
@@ -20,7 +24,7 @@ rule toy_world_magnet:
         layer=lambda wildcards: magnet_supervised_layer(),
         title=lambda wildcards: (
             f"Toy world: MAGNET's effect on the supervised layer, {appendix_model('sd3')} and its variants "
-            f"{', '.join(magnet_role_models())} on toy_shapes (oracle prompt, t = {wildcards.timestep} of "
+            f"{', '.join(magnet_role_models())} on {appendix_dataset('voc20')} (oracle prompt, t = {wildcards.timestep} of "
             f"{config['models'][appendix_model('sd3')]['num_inference_steps']})"
         ),
     log:

@@ -1,11 +1,12 @@
-# The toy world's trained model: a tiny SD3-architecture pipeline trained on toy-shapes (committed in
-# models/toy_sd3, so the default run needs no training), and the figure of its generations.
+# The toy world's trained model: a tiny SD3-architecture pipeline (12 blocks, 32 x 32 token maps) trained on the
+# harder toy world's mixed preset (committed in models/toy_sd3, so the default run needs no training), and the
+# figure of its generations.
 #
 # Config keys read:
 #   toy_model: {source, train_dataset, train_images, vae_steps, vae_batch_size, transformer_steps, batch_size,
-#               lr, seed, device}
+#               lr, seed, device, sizes, attention_heads, names_prob, align_layer, align_weight, compile}
 #   toy_generations: {n, seed, steps, guidance_scale, device}
-#   toy_shapes: {image_size, seed} (the training set is drawn like the default set, with more train images)
+#   toy_world: {image_size, seed} (the training set is drawn like the default sets, preset mixed, train split only)
 #
 # Retrain with `snakemake toy_model --forcerun toy_model --cores 2`: about 5 min of training on one H100
 # (scripts/gpu/train_toy_model.sh is the command that made the committed model), about a day on a 2-core CPU.
@@ -16,25 +17,28 @@ TOY_MODEL = config["toy_model"]
 TOY_TRAIN_ROOT = DATA_ROOT / "prepared" / TOY_MODEL["train_dataset"]
 
 
-rule prepare_toy_shapes_train:
+# The training set: every preset of the toy world in one vocabulary (preset mixed), as prepare_toy_world draws them.
+rule prepare_toy_world_train:
     output:
         TOY_TRAIN_ROOT / "manifest.json",
     params:
         root=lambda wildcards, output: Path(output[0]).parent,
         n_train=TOY_MODEL["train_images"],
-        image_size=config["toy_shapes"]["image_size"],
-        seed=config["toy_shapes"]["seed"],
+        image_size=config["toy_world"]["image_size"],
+        seed=config["toy_world"]["seed"],
     log:
-        "logs/prepare_toy_shapes_train.log",
+        "logs/prepare_toy_world_train.log",
     benchmark:
-        "results/benchmarks/prepare_toy_shapes_train.tsv"
+        "results/benchmarks/prepare_toy_world_train.tsv"
+    # the set does not depend on the number of processes drawing it
+    threads: os.cpu_count() or 1
     resources:
-        mem_mb=1000,
+        mem_mb=2000,
     conda:
         "../../envs/torch.yaml"
     shell:
-        "seg4diff-repro make-toy-shapes --root {params.root:q} --n-train {params.n_train} --n-val 0"
-        " --image-size {params.image_size} --seed {params.seed} 2> {log:q}"
+        "seg4diff-repro make-toy-world --root {params.root:q} --preset mixed --n-train {params.n_train} --n-val 0"
+        " --image-size {params.image_size} --seed {params.seed} --workers {threads} 2> {log:q}"
 
 
 rule toy_model:
@@ -53,6 +57,15 @@ rule toy_model:
         lr=TOY_MODEL["lr"],
         seed=TOY_MODEL["seed"],
         device=TOY_MODEL["device"],
+        sizes=TOY_MODEL["sizes"],
+        attention_heads=TOY_MODEL["attention_heads"],
+        names_prob=TOY_MODEL["names_prob"],
+        # the alignment loss on one joint layer's image->text scores (align_layer null: none)
+        align=(
+            f"--align-layer {TOY_MODEL['align_layer']} --align-weight {TOY_MODEL['align_weight']}"
+            if TOY_MODEL["align_layer"] is not None else ""
+        ),
+        compile="--compile" if TOY_MODEL["compile"] else "",  # torch.compile: the flag, or nothing (eager)
     log:
         "logs/toy_model.log",
     benchmark:
@@ -76,6 +89,8 @@ rule toy_model:
         " --vae-steps {params.vae_steps} --vae-batch-size {params.vae_batch_size}"
         " --transformer-steps {params.transformer_steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --seed {params.seed} --device {params.device:q}"
+        " --sizes {params.sizes} --attention-heads {params.attention_heads} --names-prob {params.names_prob}"
+        " {params.align} {params.compile}"
         " 2> {log:q}; echo \"toy_model: trained in $((SECONDS / 60)) min $((SECONDS % 60)) s"
         " (device {params.device}); see {log}\" | tee -a {log:q}"
 
@@ -83,7 +98,8 @@ rule toy_model:
 rule toy_generations:
     input:
         model=f"{TOY_MODEL['source']}/model_index.json",
-        dataset=DATA_ROOT / "prepared" / "toy_shapes" / "manifest.json",
+        # the VOC-like objects preset: its captions name each object's colour (the figure's colour check)
+        dataset=DATA_ROOT / "prepared" / "toy_world_objects" / "manifest.json",
     output:
         png=report(
             f"{FIGURES}/toy_generations.png",
@@ -120,8 +136,9 @@ rule toy_generations:
 
 rule toy_world_summary:
     input:
-        trained=f"{TABLES}/per_layer_toy_sd3_toy_shapes_t{{timestep}}.csv",
-        control=f"{TABLES}/per_layer_toy_sd3_random_toy_shapes_t{{timestep}}.csv",
+        # on the VOC20 stand-in view (appendix.datasets.voc20: toy_world_targets() asks for it only when run has it)
+        trained=f"{TABLES}/per_layer_toy_sd3_{appendix_dataset('voc20')}_t{{timestep}}.csv",
+        control=f"{TABLES}/per_layer_toy_sd3_random_{appendix_dataset('voc20')}_t{{timestep}}.csv",
     output:
         csv=report(
             f"{TABLES}/toy_world_grounding_t{{timestep}}.csv",
