@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from seg4diff_repro.config import ConfigError, check_config, check_device, looks_like_local_path
-from seg4diff_repro.datasets import generate_toy_shapes
+from seg4diff_repro.datasets.toy_world import generate_toy_world
 from seg4diff_repro.models.common import ModelLoadError, load_pipeline
 from test_workflow import BIN, REPO, copy_workflow, edit_config, planned_jobs, snakemake
 
@@ -203,7 +203,7 @@ def isolated_env(home: Path) -> dict[str, str]:
 def small_world(workdir: Path, n_val: int = 4) -> Path:
     workdir.mkdir()
     copy_workflow(workdir)
-    edit_config(workdir, "toy_shapes", n_train=1, n_val=n_val)
+    edit_config(workdir, "toy_world", n_train=1, n_val=n_val)
     edit_config(workdir, "attention", batch_size=1, layers=[0, 3])
     # No timestep sweep: the t = 8 cache is then its own extraction job's (results/attention/<model>/<dataset>/t8).
     config = yaml.safe_load((workdir / "config.yaml").read_text())
@@ -215,8 +215,8 @@ def small_world(workdir: Path, n_val: int = 4) -> Path:
 @pytest.mark.slow
 def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them(tmp_path):
     workdir, env = small_world(tmp_path / "work"), isolated_env(tmp_path / "home")
-    manifest = "data/prepared/toy_shapes/manifest.json"
-    snakemake(workdir, "prepare_toy_shapes", cores=None, env=env)  # no --cores: the workflow profile's default
+    manifest = "data/prepared/toy_world_objects/manifest.json"
+    snakemake(workdir, manifest, cores=None, env=env)  # no --cores: the workflow profile's default
     for command in (["--unlock"], ["--cleanup-metadata", manifest], ["--summary"]):
         result = snakemake(workdir, *command, cores=None, env=env, check=False)
         assert result.returncode == 0, (command, result.stderr[-2000:])
@@ -227,16 +227,16 @@ def test_recovery_commands_and_forced_preparation_work_as_the_readme_writes_them
                            env=isolated_env(tmp_path / "home_without_profile"), check=False)
         assert result.returncode == 0, (command, result.stderr[-2000:])
     # Snakemake deletes manifest.json before it re-runs the rule; the generator then replaces its own folder.
-    snakemake(workdir, "prepare_toy_shapes", "--forcerun", "prepare_toy_shapes", cores=None, env=env)
+    snakemake(workdir, "data/prepared/toy_world_objects/manifest.json", "--forcerun", "prepare_toy_world", cores=None, env=env)
     reference = tmp_path / "reference"
-    generate_toy_shapes(reference / "seed0", n_train=1, n_val=4, image_size=64, seed=0)
-    assert files_of(workdir / "data/prepared/toy_shapes") == files_of(reference / "seed0")
-    # A changed toy_shapes key re-runs the rule too.
-    edit_config(workdir, "toy_shapes", seed=1)
-    assert planned_jobs(snakemake(workdir, "-n", "prepare_toy_shapes", env=env)) == {"prepare_toy_shapes"}
-    snakemake(workdir, "prepare_toy_shapes", env=env)
-    generate_toy_shapes(reference / "seed1", n_train=1, n_val=4, image_size=64, seed=1)
-    assert files_of(workdir / "data/prepared/toy_shapes") == files_of(reference / "seed1")
+    generate_toy_world(reference / "seed0", preset="objects", n_train=1, n_val=4, image_size=64, seed=0)
+    assert files_of(workdir / "data/prepared/toy_world_objects") == files_of(reference / "seed0")
+    # A changed toy_world key re-runs the rule too.
+    edit_config(workdir, "toy_world", seed=1)
+    assert planned_jobs(snakemake(workdir, "-n", manifest, env=env)) == {"prepare_toy_world"}
+    snakemake(workdir, manifest, env=env)
+    generate_toy_world(reference / "seed1", preset="objects", n_train=1, n_val=4, image_size=64, seed=1)
+    assert files_of(workdir / "data/prepared/toy_world_objects") == files_of(reference / "seed1")
     assert not list((workdir / "data/prepared").glob(".*"))  # no staging folder left
     assert not list((tmp_path / "home").iterdir())  # nothing written under the home folder
 
@@ -255,8 +255,8 @@ def test_new_weights_in_a_local_model_folder_replan_what_read_them(tmp_path):
     config["models"]["mine"] = {k: v for k, v in config["models"]["toy_sd3_random"].items() if k != "build"} | {
         "source": "localmodels/mine"}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    target = "results/attention/mine/toy_shapes/t8/manifest.json"
-    log = workdir / "logs/extract_attention/mine_toy_shapes_t8_1-of-1.log"
+    target = "results/attention/mine/toy_objects/t8/manifest.json"
+    log = workdir / "logs/extract_attention/mine_toy_objects_t8_1-of-1.log"
     snakemake(workdir, target)
     assert "4 of 4 images to extract" in log.read_text()
     nothing = snakemake(workdir, "-n", target)
@@ -276,8 +276,8 @@ def files_of(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-TARGET = "figures/toy/per_layer_toy_sd3_toy_shapes_t8.png"
-CACHE = "results/attention/toy_sd3/toy_shapes/t8"
+TARGET = "figures/toy/per_layer_toy_sd3_toy_objects_t8.png"
+CACHE = "results/attention/toy_sd3/toy_objects/t8"
 N_VAL = 12
 
 
@@ -323,8 +323,8 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
     snakemake(workdir, "--unlock", cores=None, env=env)
 
     # 2. Killed during scoring: the re-run extracted only the images that were missing.
-    run_until(workdir, env, "logs/score_layers/toy_sd3_toy_shapes_t8.log")
-    log = (workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8_1-of-1.log").read_text()  # the shard's
+    run_until(workdir, env, "logs/score_layers/toy_sd3_toy_objects_t8.log")
+    log = (workdir / "logs/extract_attention/toy_sd3_toy_objects_t8_1-of-1.log").read_text()  # the shard's
     assert f"{N_VAL - len(done)} of {N_VAL} images to extract" in log
     assert {name: stamp for name, stamp in stamps(workdir, f"{CACHE}/*.npz").items() if name in done} == done
     extracted = stamps(workdir, f"{CACHE}/*")
@@ -332,13 +332,13 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
     snakemake(workdir, "--unlock", cores=None, env=env)
 
     # 3. Killed in the figure job: the re-run scored without extracting again, and the last run only draws.
-    run_until(workdir, env, "logs/per_layer_figure/toy_sd3_toy_shapes_t8.log")
+    run_until(workdir, env, "logs/per_layer_figure/toy_sd3_toy_objects_t8.log")
     assert stamps(workdir, f"{CACHE}/*") == extracted
-    scored = stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/toy/*")
+    scored = stamps(workdir, "results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv", "paper_tables/toy/*")
     assert len(scored) == 3
     snakemake(workdir, "--unlock", cores=None, env=env)
     snakemake(workdir, TARGET, env=env)
-    assert stamps(workdir, "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv", "paper_tables/toy/*") == scored
+    assert stamps(workdir, "results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv", "paper_tables/toy/*") == scored
 
     # The same results as the uninterrupted run, nothing half-written left, nothing under the home folder.
     for name in sorted(p.name for p in (reference / CACHE).glob("*.npz")):
@@ -346,8 +346,8 @@ def test_runs_killed_in_extraction_scoring_and_a_figure_finish_on_rerun_with_ide
             assert expected.files == got.files
             for field in expected.files:
                 np.testing.assert_array_equal(got[field], expected[field], err_msg=f"{name}: {field}")
-    for output in ("results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv",
-                   "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv", "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.md",
+    for output in ("results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv",
+                   "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv", "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.md",
                    TARGET):
         assert (workdir / output).read_bytes() == (reference / output).read_bytes(), output
     assert leftovers(workdir) == []
@@ -362,7 +362,7 @@ def test_the_command_a_damaged_cache_file_names_recomputes_that_image_and_nothin
     failed again. On a copy of the toy run, at the t = 8 cache that toy_sd3's timestep sweep writes."""
     workdir = tmp_path / "run"
     shutil.copytree(toy_run, workdir, symlinks=True)
-    sweep = "results/attention/toy_sd3/toy_shapes/sweep"
+    sweep = "results/attention/toy_sd3/toy_objects/sweep"
     damaged = sorted((workdir / sweep / "t8").glob("*.npz"))[1]
     with np.load(damaged) as data:
         expected = {field: data[field] for field in data.files}
@@ -371,10 +371,10 @@ def test_the_command_a_damaged_cache_file_names_recomputes_that_image_and_nothin
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # as a copy cut short by a full disk
 
     # Scoring reads it (its finished shards removed, so that it reads every image) and names the file and the command.
-    scores = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv"
-    shutil.rmtree(workdir / "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.shards")
+    scores = "results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv"
+    shutil.rmtree(workdir / "results/segmentation/toy_sd3/toy_objects/t8/per_layer.shards")
     assert snakemake(workdir, scores, "--forcerun", "score_layers", check=False).returncode != 0
-    message = (workdir / "logs/score_layers/toy_sd3_toy_shapes_t8.log").read_text()
+    message = (workdir / "logs/score_layers/toy_sd3_toy_objects_t8.log").read_text()
     assert f"attention cache file {damaged.relative_to(workdir)} is damaged" in message
     command = shlex.split(re.search(r"`(snakemake [^`]*)`", message).group(1))
     assert command == ["snakemake", f"{sweep}/t8/manifest.json", "--forcerun", f"{sweep}/shards/1-of-1.json"]
@@ -384,7 +384,7 @@ def test_the_command_a_damaged_cache_file_names_recomputes_that_image_and_nothin
     table = (rebuilt.stdout + rebuilt.stderr).split("Job stats:")[1].split("total")[0]
     ran = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.MULTILINE))
     assert ran == {"extract_attention_sweep": "1", "extract_attention_sweep_shard": "1"}
-    shard_log = (workdir / "logs/extract_attention_sweep/toy_sd3_toy_shapes_1-of-1.log").read_text()
+    shard_log = (workdir / "logs/extract_attention_sweep/toy_sd3_toy_objects_1-of-1.log").read_text()
     todo = dict(re.findall(r"sweep/t(\d+) shard 1 of 1: (\d+) of 6 images to extract", shard_log))
     assert todo == {"1": "0", "4": "0", "8": "1", "14": "0", "20": "0", "28": "0"}
     assert stamps(workdir, *kept) == kept  # every other file of the six caches untouched

@@ -143,7 +143,7 @@ def toy_config() -> dict:
          "set models.toy_sd3_magnet_coco.analysis_layer to 0"),
         (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(model="missing"),
          "magnet.runs.toy_sd3_coco.model = 'missing' is not defined"),
-        (lambda c: c["magnet"]["runs"].update(again={"model": "toy_sd3_magnet_coco", "protocol": "coco", "data": {"prepared": "toy_shapes"}}),
+        (lambda c: c["magnet"]["runs"].update(again={"model": "toy_sd3_magnet_coco", "protocol": "coco", "data": {"prepared": "toy_world_objects"}}),
          "magnet.runs.again.model = 'toy_sd3_magnet_coco' is itself a MAGNET variant"),
         (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(validation={"dataset": "voc99"}),
          "magnet.runs.toy_sd3_coco.validation.dataset = 'voc99' is not defined"),
@@ -183,9 +183,9 @@ def test_a_dry_run_gives_the_variants_jobs_the_adapter_as_input_and_setting(tmp_
     workdir = copy_workflow(tmp_path)
     plan_adapters(workdir)
     stdout = snakemake(
-        workdir, "-n", "-p", "results/attention/toy_sd3_magnet_coco/toy_shapes/t8/manifest.json",
-        "results/attention_null/toy_sd3_magnet_sa1b/toy_shapes_bg/t8/manifest.json",
-        "results/segmentation_heads/toy_sd3_magnet_coco/toy_shapes/t8/per_head.csv",
+        workdir, "-n", "-p", "results/attention/toy_sd3_magnet_coco/toy_objects/t8/manifest.json",
+        "results/attention_null/toy_sd3_magnet_sa1b/toy_stuff/t8/manifest.json",
+        "results/segmentation_heads/toy_sd3_magnet_coco/toy_objects/t8/per_head.csv",
     ).stdout
     # Each job loading a variant waits for its adapter: the folder is an input that a planned job writes.
     loading = [(message, reason) for message, reason in re.findall(r"Job \d+: (.*)\nReason: (.*)", stdout)
@@ -206,7 +206,7 @@ def scores(folder: Path, model: str, mious: list[float], **columns) -> Path:
     """A per-layer score file as score-layers writes it: one row per layer, settings on every row."""
     rng = np.random.default_rng(len(model))
     frame = pd.DataFrame({
-        "model": model, "dataset": "toy_shapes", "layer": range(len(mious)), "pACC": rng.uniform(50, 99, len(mious)),
+        "model": model, "dataset": "toy_objects", "layer": range(len(mious)), "pACC": rng.uniform(50, 99, len(mious)),
         "mACC": rng.uniform(40, 90, len(mious)), "mIoU": mious, "mIoU_overflow_official": mious,
         "images": 64, "timestep_k": 8, "num_steps": 28, "sigma": 0.515072, "prompt": "oracle", "seed": 0,
         **columns, "code_version": "0.1.0 (test)",
@@ -268,7 +268,7 @@ def check_magnet_outputs(workdir: Path, tables: str = "paper_tables/toy") -> Non
     effect = pd.read_csv(workdir / tables / "toy_world_magnet_t8.csv")
     assert effect["model"].tolist() == ["toy_sd3", "toy_sd3_magnet_sa1b", "toy_sd3_magnet_coco"]
     layer = int(effect["supervised_layer"].iloc[0])
-    per_layer = {model: pd.read_csv(workdir / f"results/segmentation/{model}/toy_shapes/t8/per_layer.csv")
+    per_layer = {model: pd.read_csv(workdir / f"results/segmentation/{model}/toy_objects/t8/per_layer.csv")
                  for model in effect["model"]}
     for row in effect.itertuples():
         scores = per_layer[row.model]

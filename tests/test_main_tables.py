@@ -84,8 +84,8 @@ def test_main_tables_carry_every_column_of_the_papers_tables(tmp_path, paper_con
             assert "results/unsupervised/sd3_medium/coco_stuff27/t8/scores.csv" in {e["path"] for e in entries} \
                 or table == "main_table1_ovss"
         else:
-            assert "toy_shapes for Cityscapes" in title
-            assert "toy_shapes_bg for COCO-Stuff-27" in title or table == "main_table1_ovss"
+            assert "toy_scenes for Cityscapes" in title
+            assert "toy_stuff for COCO-Stuff-27" in title or table == "main_table1_ovss"
 
 
 def score_file(folder: Path, model: str, dataset: str, kind: str, miou: float, **settings) -> Path:

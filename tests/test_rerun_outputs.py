@@ -39,15 +39,15 @@ def test_identical_tables_pass_and_every_number_is_counted(tmp_path):
 
 def test_a_cell_beyond_the_tolerance_fails_naming_table_row_and_column(tmp_path):
     committed, fresh = committed_copy(tmp_path)
-    table = pd.read_csv(fresh / "per_layer_toy_sd3_toy_shapes_t8.csv")
+    table = pd.read_csv(fresh / "per_layer_toy_sd3_toy_objects_t8.csv")
     table.loc[2, "mIoU"] += RERUN_TABLE_ABS_TOL  # within: one unit of the printed last digit
     table.loc[3, "mACC"] += 3 * RERUN_TABLE_ABS_TOL
-    table.to_csv(fresh / "per_layer_toy_sd3_toy_shapes_t8.csv", index=False)
+    table.to_csv(fresh / "per_layer_toy_sd3_toy_objects_t8.csv", index=False)
     checks = {(c.file, c.item): c for c in compare_table_folders(committed, fresh)}
-    name = "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv"
-    assert checks[(name, "row 3 (model=toy_sd3, dataset=toy_shapes, layer=2), mIoU")].passed
+    name = "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv"
+    assert checks[(name, "row 3 (model=toy_sd3, dataset=toy_objects, layer=2), mIoU")].passed
     failing = [c for c in checks.values() if not c.passed]
-    assert [(c.file, c.item) for c in failing] == [(name, "row 4 (model=toy_sd3, dataset=toy_shapes, layer=3), mACC")]
+    assert [(c.file, c.item) for c in failing] == [(name, "row 4 (model=toy_sd3, dataset=toy_objects, layer=3), mACC")]
     result = compare_outputs(committed, fresh)
     assert result.returncode == 1
     assert result.stdout.startswith("FAIL: 1 of ") and "layer=3), mACC" in result.stdout

@@ -13,8 +13,8 @@ import yaml
 
 from test_workflow import REPO, copy_workflow, edit_config, planned_jobs, snakemake, write_config
 
-TARGET = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv"
-CACHE = "results/attention/toy_sd3/toy_shapes/t8"
+TARGET = "results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv"
+CACHE = "results/attention/toy_sd3/toy_objects/t8"
 
 
 def job_counts(dry_run: subprocess.CompletedProcess) -> dict[str, int]:
@@ -31,7 +31,7 @@ def plan(workdir, *args: str) -> dict[str, int]:
 def sharded(tmp_path_factory):
     """One cache extracted as two shards (two jobs) and scored, with the workflow profile in place."""
     workdir = copy_workflow(tmp_path_factory.mktemp("sharded"), attention={"layers": [0, 1]})
-    edit_config(workdir, "toy_shapes", n_val=6)
+    edit_config(workdir, "toy_world", n_val=6)
     edit_config(workdir, "analyses", timestep_sweep={"timesteps": []})  # t = 8 in a job of its own
     snakemake(workdir, TARGET, "--set-scatter", "extraction=2")
     return workdir
@@ -68,7 +68,7 @@ def test_a_killed_shard_reruns_alone_and_keeps_its_finished_images(sharded):
     assert plan(sharded, "--set-scatter", "extraction=2") == {
         "extract_attention_shard": 1, "extract_attention": 1, "score_layers": 1}
     snakemake(sharded, TARGET, "--set-scatter", "extraction=2")
-    log = (sharded / "logs/extract_attention/toy_sd3_toy_shapes_t8_2-of-2.log").read_text()
+    log = (sharded / "logs/extract_attention/toy_sd3_toy_objects_t8_2-of-2.log").read_text()
     assert "shard 2 of 2: 1 of 3 images to extract" in log
     assert (sharded / CACHE / f"{lost}.npz").is_file()
 
@@ -79,7 +79,7 @@ def test_readme_commands_work_with_the_workflow_profile(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Using workflow specific profile profiles/default" in result.stderr
     assert "prepare_voc21" in planned_jobs(result)
-    result = snakemake(workdir, "-n", "results/attention/toy_sd3/toy_shapes/t8/manifest.json", cores=None, check=False)
+    result = snakemake(workdir, "-n", "results/attention/toy_sd3/toy_objects/t8/manifest.json", cores=None, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "seg4diff-repro extract-attention --settings" in result.stdout  # the shard job's command is printed
 

@@ -17,7 +17,7 @@ import pytest
 from test_workflow import copy_workflow, edit_config, snakemake
 
 SETUP_STATUS = Path(os.environ.get("SLURM_SETUP_STATUS", "/tmp/seg4diff_slurm_setup.txt"))
-TARGET = "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv"
+TARGET = "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv"
 
 
 def cluster_or_skip() -> None:
@@ -47,7 +47,7 @@ def sacct_jobs(workdir: Path, since: str) -> pd.DataFrame:
 def test_toy_target_runs_as_slurm_jobs_with_the_slurm_profile(tmp_path):
     cluster_or_skip()
     workdir = copy_workflow(tmp_path, attention={"layers": [0, 1]})
-    edit_config(workdir, "toy_shapes", n_val=4)
+    edit_config(workdir, "toy_world", n_val=4)
     edit_config(workdir, "analyses", timestep_sweep={"timesteps": []})  # t = 8 in a job of its own
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
     env = {**os.environ, "SEG4DIFF_SLURM_ACCOUNT": "ci", "SEG4DIFF_SLURM_PARTITION": "cpu",
@@ -63,13 +63,13 @@ def test_toy_target_runs_as_slurm_jobs_with_the_slurm_profile(tmp_path):
     rules = sorted(comment.split("_wildcards_")[0].removeprefix("rule_") for comment in jobs["comment"])
     # One SLURM job per remote Snakemake job, the two extraction shards included; local rules (the gather, the
     # table) ran in the Snakemake process itself.
-    assert rules == ["extract_attention_shard", "extract_attention_shard", "prepare_toy_shapes", "score_layers"], (
+    assert rules == ["extract_attention_shard", "extract_attention_shard", "prepare_toy_world", "score_layers"], (
         jobs.to_string() + result.stderr[-3000:]
     )
     assert set(jobs["state"]) == {"COMPLETED"} and set(jobs["partition"]) == {"cpu"}
     assert set(jobs["account"]) == {"ci"}
     shards = sorted(c.rsplit("_", 1)[1] for c in jobs["comment"] if "extract_attention_shard" in c)
     assert shards == ["1-of-2", "2-of-2"]
-    manifest = pd.read_json(workdir / "results/attention/toy_sd3/toy_shapes/t8/manifest.json", typ="series")
+    manifest = pd.read_json(workdir / "results/attention/toy_sd3/toy_objects/t8/manifest.json", typ="series")
     assert [shard["images"] for shard in manifest["shards"]] == [2, 2]
     assert all(shard["slurm_job_id"] in set(jobs["job"]) for shard in manifest["shards"])

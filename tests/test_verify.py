@@ -21,13 +21,13 @@ from seg4diff_repro.verify.records import read_jobs
 from seg4diff_repro.verify.verify import Verification, verify_bundle
 from test_workflow import copy_workflow, snakemake
 
-TABLE = "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv"
-CONTROL_TABLE = "paper_tables/toy/per_layer_toy_sd3_random_toy_shapes_t8.csv"
-UNSUPERVISED = "paper_tables/toy/unsupervised_toy_sd3_toy_shapes_bg_t8.csv"
-FIGURE = "figures/toy/per_layer_toy_sd3_toy_shapes_t8.png"
-CACHE = "results/attention/toy_sd3/toy_shapes/t8"
-CONTROL_CACHE = "results/attention/toy_sd3_random/toy_shapes/t8"
-SHARD = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.shards/shard_00000/official_layer_000.npz"
+TABLE = "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv"
+CONTROL_TABLE = "paper_tables/toy/per_layer_toy_sd3_random_toy_objects_t8.csv"
+UNSUPERVISED = "paper_tables/toy/unsupervised_toy_sd3_toy_stuff_t8.csv"
+FIGURE = "figures/toy/per_layer_toy_sd3_toy_objects_t8.png"
+CACHE = "results/attention/toy_sd3/toy_objects/t8"
+CONTROL_CACHE = "results/attention/toy_sd3_random/toy_objects/t8"
+SHARD = "results/segmentation/toy_sd3/toy_objects/t8/per_layer.shards/shard_00000/official_layer_000.npz"
 # Only what these tables need: a few jobs instead of the whole default run.
 TARGETS = f"verification={{targets: [{TABLE}, {CONTROL_TABLE}, {UNSUPERVISED}, {FIGURE}]}}"
 
@@ -69,7 +69,7 @@ def test_the_bundle_of_a_toy_run_verifies_and_states_every_file_and_its_size(toy
     manifest = json.loads((bundle / "bundle.json").read_text())
     # Every file of the run that a table needs is there, with the sha256 of the run's own file.
     for path in (TABLE, UNSUPERVISED, FIGURE, SHARD, f"{CACHE}/manifest.json", f"{CACHE}/toy_val_00000.npz",
-                 "data/prepared/toy_shapes/manifest.json"):
+                 "data/prepared/toy_world_objects/manifest.json"):
         assert manifest["files"][path]["sha256"] == _sha256(workdir / path), path
     assert manifest["size"]["bytes"] == sum(p.stat().st_size for p in (bundle / "files").rglob("*") if p.is_file())
     from seg4diff_repro.provenance import git_state
@@ -80,7 +80,7 @@ def test_the_bundle_of_a_toy_run_verifies_and_states_every_file_and_its_size(toy
     assert model["fingerprint"] == model["recorded_by_caches"][CACHE]  # the committed model made the cache
     rules = {job["rule"]: job["stage"] for job in manifest["jobs"]}
     assert rules["extract_attention"] == "gpu" and rules["score_layers"] == "rederive"
-    assert "prepare_toy_shapes" not in rules  # a source: recorded by fingerprint, not a job of the bundle
+    assert "prepare_toy_world" not in rules  # a source: recorded by fingerprint, not a job of the bundle
     # The report lists the table's numbers, re-derived equal to the run's table, and passes.
     report = (workdir / "verification/verification.md").read_text()
     assert report.splitlines()[2].startswith("**PASS")
@@ -142,7 +142,7 @@ def test_a_tampered_cache_file_fails_in_the_scores_and_in_the_spot_check(toy_bun
     forged = verify_bundle(copy, model_root=workdir, spot_check=6)
     files = {c.file for c in forged.failures}
     assert SHARD in files  # the confusion matrix re-derived from the tampered cache is not the bundled one
-    assert any(f.startswith("results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv") for f in files)
+    assert any(f.startswith("results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv") for f in files)
     [maps] = [c for c in forged.sections["Spot check"] if c.file == npz and c.item.startswith("post-softmax")]
     assert not maps.passed and maps.difference > 0.01
     assert "values outside" in maps.note
@@ -183,7 +183,7 @@ def test_a_cache_from_another_seed_fails_naming_the_seed(toy_bundle, tmp_path):
     copy = _tampered_copy(bundle, tmp_path)
     manifest = json.loads((bundle / "files" / CACHE / "manifest.json").read_text())
     other = ExtractionSettings.from_dict({**manifest["settings"], "seed": 1, "source": str(workdir / "models/toy_sd3")})
-    extract_attention(other, workdir / "data/prepared/toy_shapes", tmp_path / "seed1", image_ids=["toy_val_00001"])
+    extract_attention(other, workdir / "data/prepared/toy_world_objects", tmp_path / "seed1", image_ids=["toy_val_00001"])
     shutil.copyfile(tmp_path / "seed1/toy_val_00001.npz", copy / "files" / CACHE / "toy_val_00001.npz")
     npz = f"{CACHE}/toy_val_00001.npz"
     _rehash(copy, npz)

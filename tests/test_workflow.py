@@ -49,7 +49,7 @@ def copy_workflow(target: Path, **overrides) -> Path:
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["toy_shapes"].update(n_train=2, n_val=6)
+    config["toy_world"].update(n_train=2, n_val=6)
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)  # a section config.yaml leaves to the schema's defaults, too
     write_config(target, config)
@@ -69,7 +69,7 @@ def edit_config(workdir: Path, section: str, **values) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["toy_sd3", "toy_sd3_random"])
 def test_default_run_leaves_table_and_figure(toy_run, model):
-    stem = f"per_layer_{model}_toy_shapes_t8"
+    stem = f"per_layer_{model}_toy_objects_t8"
     table = pd.read_csv(toy_run / "paper_tables/toy" / f"{stem}.csv")
     assert table["layer"].tolist() == list(range(6))
     assert table[["pACC", "mACC", "mIoU"]].apply(lambda column: column.between(0, 100)).all().all()
@@ -78,18 +78,18 @@ def test_default_run_leaves_table_and_figure(toy_run, model):
     assert "seed = 0" in markdown and "prompt = oracle" in markdown
     assert (toy_run / "figures/toy" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (toy_run / "figures/toy" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
-    for log in ("prepare_toy_shapes.log", f"score_layers/{stem[len('per_layer_'):]}.log"):
+    for log in ("prepare_toy_objects.log", f"score_layers/{stem[len('per_layer_'):]}.log"):
         assert (toy_run / "logs" / log).is_file(), log
     # The t = 8 cache comes from the model's own extraction job, or from its timestep-sweep job when it has one.
     extraction_logs = (f"extract_attention/{stem[len('per_layer_'):]}.log",
-                       f"extract_attention_sweep/{model}_toy_shapes.log")
+                       f"extract_attention_sweep/{model}_toy_objects.log")
     assert any((toy_run / "logs" / log).is_file() for log in extraction_logs), extraction_logs
 
 
 @pytest.mark.slow
 def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
-    trained = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv")
-    control = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_random_toy_shapes_t8.csv")
+    trained = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv")
+    control = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_random_toy_objects_t8.csv")
     summary = pd.read_csv(toy_run / "paper_tables/toy/toy_world_grounding_t8.csv")
     assert summary.loc[0, "best_mIoU"] == pytest.approx(trained["mIoU"].max(), abs=0.01)
     assert summary.loc[1, "best_mIoU"] == pytest.approx(control["mIoU"].max(), abs=0.01)
@@ -104,16 +104,16 @@ def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
 
 @pytest.mark.slow
 def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_run):
-    sweep = pd.read_csv(toy_run / "paper_tables/toy/timestep_sweep_toy_sd3_toy_shapes.csv")
+    sweep = pd.read_csv(toy_run / "paper_tables/toy/timestep_sweep_toy_sd3_toy_objects.csv")
     assert sweep["timestep_k"].tolist() == [1, 4, 8, 14, 20, 28]
-    per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv")
+    per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv")
     at_k8 = sweep.set_index("timestep_k").loc[8]
     assert at_k8["mIoU"] == pytest.approx(per_layer.set_index("layer").loc[0, "mIoU"], abs=0.01)
-    normalisation = pd.read_csv(toy_run / "paper_tables/toy/normalisation_toy_sd3_toy_shapes_t8.csv")
+    normalisation = pd.read_csv(toy_run / "paper_tables/toy/normalisation_toy_sd3_toy_objects_t8.csv")
     assert len(normalisation) == 4
     post_raw = normalisation[(normalisation["post_softmax"]) & (~normalisation["min_max"])]
     assert post_raw["mIoU"].iloc[0] == pytest.approx(at_k8["mIoU"], abs=0.01)  # the default scoring
-    unsupervised = pd.read_csv(toy_run / "paper_tables/toy/unsupervised_toy_sd3_toy_shapes_bg_t8.csv")
+    unsupervised = pd.read_csv(toy_run / "paper_tables/toy/unsupervised_toy_sd3_toy_stuff_t8.csv")
     assert unsupervised["layer"].tolist() == [0] and unsupervised["mean_proposals"].iloc[0] >= 1
     assert 0 <= unsupervised["mIoU"].iloc[0] <= 100
     # Both Hungarian matchings, labelled; the headline one is the official per-row matching.
@@ -129,12 +129,12 @@ def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     assert heads["layer"].tolist() == list(range(6))
     head_columns = [c for c in heads.columns if c.startswith("head_")]
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
-    assert "toy_sd3 for SD3-medium on toy_shapes_bg_last for VOC21" in (toy_run / "paper_tables/toy/fig04_head_miou.md").read_text()
+    assert "toy_sd3 for SD3-medium on toy_objects_bg_last for VOC21" in (toy_run / "paper_tables/toy/fig04_head_miou.md").read_text()
     main1 = pd.read_csv(toy_run / "paper_tables/toy/main_table1_ovss.csv")
     # 3 models and the two "+ MAGNET" rows x the paper's 5 columns
     assert len(main1) == 5 * 5 and main1["paper_mIoU"].notna().all()
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
-    per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_shapes_t8.csv").set_index("layer")
+    per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv").set_index("layer")
     assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
     main2 = pd.read_csv(toy_run / "paper_tables/toy/main_table2_unsupervised.csv")
     assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random", "toy_sd3_magnet_sa1b", "toy_sd3_magnet_coco"}
@@ -183,18 +183,20 @@ NEW_WEIGHTS_JOBS = {
     "normalisation_table": 1, "timestep_sweep": 1, "unsupervised_table": 1, "toy_world_summary": 1, "table_page": 5,
     "run_info": 1, "all": 1,
 }
-# What depends on the toy-shapes dataset: every cache of every view of it (8 t = 8 and 3 sweep caches, Fig. 2's
-# COCO-Object stand-in among the sweeps, 13 empty-prompt ones), their scorings, tables and figures, the appendix targets,
-# the head scoring and the toy generations' figure; not the models, nor the generation analyses (DrawBench prompts).
+# What depends on the toy world's datasets (toy_world.seed changes all four presets): every cache of every view of them
+# (13 t = 8 and 3 sweep caches, Fig. 2's COCO-Object stand-in among the sweeps, 18 empty-prompt ones), their scorings,
+# tables and figures, the appendix targets, the head scoring and the toy generations' figure; not the models, nor the
+# generation analyses (DrawBench prompts). [Counts from the dry run of the new default with a 12-block model in place
+# of models/toy_sd3: to be confirmed by a toy run once the trained model is committed.]
 NEW_DATA_JOBS = {
-    "prepare_toy_shapes": 1, "extract_attention_shard": 8, "extract_attention": 8, "extract_attention_sweep_shard": 3,
-    "extract_attention_sweep": 3, "extract_unsupervised_attention_shard": 13, "extract_unsupervised_attention": 13,
-    "score_heads": 1, "toy_generations": 1, "fig04_head_miou": 1, "appendix_overlays": 6, "score_layers": 26,
-    "score_normalisation_variant": 12, "score_unsupervised": 13, "table_page": 20, "appendix_per_layer": 3,
-    "main_table": 2, "normalisation_table": 3, "per_layer_table": 2, "timestep_sweep": 3, "unsupervised_table": 2,
+    "prepare_toy_world": 4, "extract_attention_shard": 13, "extract_attention": 13, "extract_attention_sweep_shard": 3,
+    "extract_attention_sweep": 3, "extract_unsupervised_attention_shard": 18, "extract_unsupervised_attention": 18,
+    "score_heads": 1, "toy_generations": 1, "fig04_head_miou": 1, "appendix_overlays": 6, "score_layers": 31,
+    "score_normalisation_variant": 12, "score_unsupervised": 18, "table_page": 22, "appendix_per_layer": 3,
+    "main_table": 2, "normalisation_table": 3, "per_layer_table": 2, "timestep_sweep": 3, "unsupervised_table": 4,
     "fig02_timestep": 1, "per_layer_figure": 2, "tab01_normalisation": 1, "toy_world_summary": 1, "run_info": 1,
     "all": 1,
-    # MAGNET: the toy adapters train on toy-shapes, so they, their variants' generations (Fig. 20, Table 3) and the
+    # MAGNET: the toy adapters train on the objects preset, so they, their variants' generations (Fig. 20, Table 3) and the
     # toy MAGNET table follow (the variants' caches are counted above: 4 t = 8 and 6 empty-prompt ones).
     "magnet_train": 2, "generate_run": 8, "fig20_magnet_generations": 1, "score_clipscore": 1,
     "main_table3_clipscore": 1, "toy_world_magnet": 1,
@@ -210,14 +212,14 @@ def test_a_content_change_replans_exactly_what_depends_on_it(toy_run):
     original = yaml.safe_load((toy_run / "config.yaml").read_text())
     assert dry_run_counts(toy_run) == {}
     forced_build = dry_run_counts(toy_run, "--forcerun", "results/models/toy_sd3_random")
-    forced_prepare = dry_run_counts(toy_run, "--forcerun", "prepare_toy_shapes")
+    forced_prepare = dry_run_counts(toy_run, "--forcerun", "prepare_toy_world")
     try:
         changed = copy.deepcopy(original)
         changed["models"]["toy_sd3_random"]["build"]["seed"] = 1
         write_config(toy_run, changed)
         new_weights = dry_run_counts(toy_run)
         changed = copy.deepcopy(original)
-        changed["toy_shapes"]["seed"] = 1
+        changed["toy_world"]["seed"] = 1
         write_config(toy_run, changed)
         new_data = dry_run_counts(toy_run)
     finally:
@@ -231,8 +233,8 @@ def test_a_content_change_replans_exactly_what_depends_on_it(toy_run):
 def test_report_has_figure_table_and_captions(toy_run):
     snakemake(toy_run, "--report", "report.html", cores=None)  # the README's command, as written
     report = (toy_run / "report.html").read_text(errors="replace")
-    assert "per_layer_toy_sd3_random_toy_shapes_t8.png" in report
-    assert "per_layer_toy_sd3_toy_shapes_t8.csv" in report
+    assert "per_layer_toy_sd3_random_toy_objects_t8.png" in report
+    assert "per_layer_toy_sd3_toy_objects_t8.csv" in report
     assert "toy_generations.png" in report
     assert "Segmentation quality of the image-to-text attention" in report
     assert "grounding check" in report
@@ -242,12 +244,12 @@ def test_report_has_figure_table_and_captions(toy_run):
 def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(toy_run, broken, ignore=shutil.ignore_patterns(".snakemake"))
-    label = sorted((broken / "data/prepared/toy_shapes/SegmentationClass").glob("toy_val_*.png"))[2]
+    label = sorted((broken / "data/prepared/toy_world_objects/SegmentationClass").glob("toy_val_*.png"))[2]
     label.unlink()
-    target = "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv"
+    target = "results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv"
     result = snakemake(broken, target, "--forcerun", "score_layers", check=False)
     assert result.returncode != 0
-    log = (broken / "logs/score_layers/toy_sd3_toy_shapes_t8.log").read_text()
+    log = (broken / "logs/score_layers/toy_sd3_toy_objects_t8.log").read_text()
     assert label.name in log
 
 
@@ -340,12 +342,12 @@ def test_a_code_change_reruns_the_stages_that_run_that_code_and_nothing_else(tmp
     """The package's source is copied so that it can be edited; jobs import the copy (PYTHONPATH)."""
     (tmp_path / "run").mkdir()
     workdir = copy_workflow(tmp_path / "run", attention={"layers": [0, 1]})
-    edit_config(workdir, "toy_shapes", n_val=2)
+    edit_config(workdir, "toy_world", n_val=2)
     src = tmp_path / "src"
     shutil.copytree(REPO / "src/seg4diff_repro", src / "seg4diff_repro", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(src)}
-    target = "results/attention/toy_sd3/toy_shapes/t8/manifest.json"
-    log = workdir / "logs/extract_attention/toy_sd3_toy_shapes_t8_1-of-1.log"  # the one shard's
+    target = "results/attention/toy_sd3/toy_objects/t8/manifest.json"
+    log = workdir / "logs/extract_attention/toy_sd3_toy_objects_t8_1-of-1.log"  # the one shard's
     snakemake(workdir, target, env=env)
     assert "2 of 2 images to extract" in log.read_text()
     manifest = json.loads((workdir / target).read_text())
@@ -395,8 +397,8 @@ def test_report_opens_on_the_workflow_and_shows_each_table_with_its_provenance(t
     from seg4diff_repro.provenance import git_state
 
     workdir = copy_workflow(tmp_path, attention={"layers": [0, 1]})
-    edit_config(workdir, "toy_shapes", n_val=2)
-    stem = "per_layer_toy_sd3_toy_shapes_t8"
+    edit_config(workdir, "toy_world", n_val=2)
+    stem = "per_layer_toy_sd3_toy_objects_t8"
     targets = [f"results/report/toy/tables/{stem}.html", f"figures/toy/{stem}.png", "results/report/toy/run_info.html"]
     snakemake(workdir, *targets)
     snakemake(workdir, "--report", "report.html", *targets)

@@ -18,18 +18,18 @@ RULES = REPO / "workflow" / "rules"
 
 
 def _harness(tmp_path: Path, data: dict) -> Path:
-    """A minimal Snakefile including datasets.smk (and toy.smk, for prepare_all's toy-shapes input)."""
+    """A minimal Snakefile including datasets.smk (and toy.smk, for prepare_all's toy-world inputs)."""
     rel = Path(os.path.relpath(RULES, tmp_path))
     toy = (
         f'DATA_ROOT = Path(config["data"]["root"])\ninclude: "{rel / "toy.smk"}"\n'
         if (RULES / "toy.smk").is_file()
-        else 'rule prepare_toy_shapes:\n    output: "data/prepared/toy_shapes/manifest.json"\n'
-        '    log: "logs/toy.log"\n    shell: "touch {output}"\n'
+        else 'rule prepare_toy_world:\n    output: "data/prepared/toy_world_{preset}/manifest.json"\n'
+        '    log: "logs/toy_{preset}.log"\n    shell: "touch {output}"\n'
     )
     (tmp_path / "Snakefile").write_text(
         f'configfile: "config.yaml"\n\ninclude: "{rel / "datasets.smk"}"\n{toy}'
     )
-    config = {"data": data, "toy_shapes": {"n_train": 2, "n_val": 2, "image_size": 32, "seed": 0}}
+    config = {"data": data, "toy_world": {"n_train": 2, "n_val": 2, "image_size": 32, "seed": 0}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     return tmp_path
 
@@ -49,7 +49,7 @@ def test_dry_run_prepare_all_lists_the_expected_jobs(tmp_path):
     counts = {
         "download_dataset_archive": 9,  # val2017.zip is shared by coco_object and coco_stuff27
         "prepare_voc21": 1, "prepare_coco_object": 1, "prepare_pc59": 1, "prepare_ade150": 1,
-        "prepare_coco_stuff27": 1, "prepare_cityscapes": 1, "prepare_toy_shapes": 1, "prepare_all": 1,
+        "prepare_coco_stuff27": 1, "prepare_cityscapes": 1, "prepare_toy_world": 4, "prepare_all": 1,
     }
     for job, n in counts.items():
         assert any(line.split() == [job, str(n)] for line in out.splitlines()), (job, out[-2000:])
