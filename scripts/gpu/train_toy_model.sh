@@ -6,10 +6,11 @@
 # is missing it installs the wheels of $WHEELS (default .gpuwheels/: diffusers, open_clip_torch, ftfy, wcwidth) into
 # /tmp/site.
 #
-# HEADS lists the widths to train (attention heads of 16 channels), one training each, run side by side on the GPU
-# (the tiny models leave it mostly idle). Per width it writes into $OUT/h<heads>/: toy_sd3.tar.gz (the
-# save_pretrained folder, float16), seg4diff_model.json and train.log; then scripts/gpu/toy_model_checks.py scores
-# each against its random control (checks_h<heads>.json, printed). Unpack the chosen one with
+# HEADS lists the widths to train (attention heads of 16 channels) and ALIGN_WEIGHTS the weights of the alignment
+# loss at ALIGN_LAYER (when set): one training per combination, run side by side on the GPU (the tiny models leave
+# it mostly idle). Per run it writes into $OUT/<run>/: toy_sd3.tar.gz (the save_pretrained folder, float16),
+# seg4diff_model.json and train.log; then scripts/gpu/toy_model_checks.py scores each against its random control
+# (checks_<run>.json, printed). Unpack the chosen one with
 # `tar -xzf toy_sd3.tar.gz -C DIR/`, which gives DIR/toy_sd3/.
 # Budget: < 1 min of data generation, <= MAX_WALL_S of training, about 2 min of checks.
 # The settings below are those of the first run in benchmarks/RESULTS.md ("Harder toy world").
@@ -32,6 +33,8 @@ LR="${LR:-1e-3}"
 MAX_WALL_S="${MAX_WALL_S:-520}"   # cap on training; the steps actually done are recorded and printed
 COMPILE="${COMPILE:-1}"           # train through torch.compile (falls back to eager, logged, if it fails)
 NAMES_PROB="${NAMES_PROB:-0.3}"     # share of class-name-only prompts ("background circle square")
+ALIGN_LAYER="${ALIGN_LAYER:-}"    # joint layer trained against the labels (train_toy.py, point 8); empty: none
+ALIGN_WEIGHTS="${ALIGN_WEIGHTS:-0.5}"  # one training per weight (and per width), side by side
 INIT_FROM="${INIT_FROM:-}"        # a packed earlier model (toy_sd3.tar.gz) to continue from (set VAE_STEPS=0 to keep its VAE)
 CHECKS="${CHECKS:-1}"             # 0: skip the checks (run scripts/gpu/toy_model_checks.py elsewhere)
 DEVICE="${DEVICE:-cuda}"
@@ -81,34 +84,42 @@ init=()
 if [ -n "$INIT_FROM" ]; then
   mkdir -p "$WORK/init" && tar -xzf "$INIT_FROM" -C "$WORK/init" && init=(--init-from "$WORK/init/toy_sd3")
 fi
-stamp "training widths: $HEADS heads"
-pids=()
+# One training per width and alignment weight: run h<heads> (no ALIGN_LAYER) or h<heads>_a<layer>w<weight>.
+runs=()
 for heads in $HEADS; do
-  mkdir -p "$OUT/h$heads" "$WORK/h$heads"
+  if [ -z "$ALIGN_LAYER" ]; then runs+=("h$heads:$heads:"); continue; fi
+  for weight in $ALIGN_WEIGHTS; do runs+=("h${heads}_a${ALIGN_LAYER}w$weight:$heads:$weight"); done
+done
+stamp "trainings: ${runs[*]}"
+pids=()
+for spec in "${runs[@]}"; do
+  IFS=: read -r run heads weight <<< "$spec"
+  align=()
+  [ -n "$weight" ] && align=(--align-layer "$ALIGN_LAYER" --align-weight "$weight")
+  mkdir -p "$OUT/$run" "$WORK/$run"
   "$PY" -m seg4diff_repro.cli_toy train-toy-model --dataset-root "$WORK/data/toy_world_train" \
-    --out "$WORK/h$heads/toy_sd3" --vae-steps "$VAE_STEPS" --vae-batch-size "$VAE_BATCH" \
+    --out "$WORK/$run/toy_sd3" --vae-steps "$VAE_STEPS" --vae-batch-size "$VAE_BATCH" \
     --transformer-steps "$TRANSFORMER_STEPS" --batch-size "$BATCH" --lr "$LR" --seed "$SEED" --device "$DEVICE" \
-    --max-wall-s "$MAX_WALL_S" --log-every 500 --sizes toy_world --attention-heads "$heads" --names-prob "$NAMES_PROB" "${init[@]}" \
-    $([ "$COMPILE" = 1 ] && echo --compile) \
-    > "$OUT/h$heads/train.log" 2>&1 &
+    --max-wall-s "$MAX_WALL_S" --log-every 500 --sizes toy_world --attention-heads "$heads" --names-prob "$NAMES_PROB" \
+    "${init[@]}" "${align[@]}" $([ "$COMPILE" = 1 ] && echo --compile) \
+    > "$OUT/$run/train.log" 2>&1 &
   pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid" || echo "a training failed: see $OUT/h*/train.log"; done
-for heads in $HEADS; do
-  tail -3 "$OUT/h$heads/train.log"
-  [ -f "$WORK/h$heads/toy_sd3/seg4diff_model.json" ] || continue
-  cp "$WORK/h$heads/toy_sd3/seg4diff_model.json" "$OUT/h$heads/"
-  ( cd "$WORK/h$heads" && tar -czf "$OUT/h$heads/toy_sd3.tar.gz" toy_sd3 )
-  size=$(stat -c %s "$OUT/h$heads/toy_sd3.tar.gz")
-  [ "$size" -le "$MAX_FILE_BYTES" ] || echo "h$heads: toy_sd3.tar.gz is $size bytes, over the $MAX_FILE_BYTES per-file limit"
+for pid in "${pids[@]}"; do wait "$pid" || echo "a training failed: see $OUT/*/train.log"; done
+models=()
+for spec in "${runs[@]}"; do
+  run="${spec%%:*}"
+  tail -3 "$OUT/$run/train.log"
+  [ -f "$WORK/$run/toy_sd3/seg4diff_model.json" ] || continue
+  models+=("$WORK/$run/toy_sd3")
+  cp "$WORK/$run/toy_sd3/seg4diff_model.json" "$OUT/$run/"
+  ( cd "$WORK/$run" && tar -czf "$OUT/$run/toy_sd3.tar.gz" toy_sd3 )
+  size=$(stat -c %s "$OUT/$run/toy_sd3.tar.gz")
+  [ "$size" -le "$MAX_FILE_BYTES" ] || echo "$run: toy_sd3.tar.gz is $size bytes, over the $MAX_FILE_BYTES per-file limit"
 done
 
 [ "$CHECKS" = 1 ] || { stamp "done (checks skipped)"; return; }
 stamp "checks: per-layer mIoU and unsupervised proposals against the random controls"
-models=()
-for heads in $HEADS; do
-  [ -f "$WORK/h$heads/toy_sd3/seg4diff_model.json" ] && models+=("$WORK/h$heads/toy_sd3")
-done
 "$PY" scripts/gpu/toy_model_checks.py --data "$WORK/data" --work "$WORK/checks" --out "$OUT" --device "$DEVICE" \
   "${models[@]}" 2>&1 | grep -v "Warning\|warn(" || echo "checks failed (see above); the models are packed all the same"
 stamp "done"

@@ -60,6 +60,8 @@ def _train_toy_model(args: argparse.Namespace) -> None:
         config=_trained_sizes(args.sizes, args.attention_heads),
         init_from=args.init_from,
         compile_transformer=args.compile,
+        align_layer=args.align_layer,
+        align_weight=args.align_weight,
     )
     losses = record["final_losses"]
     logging.getLogger(__name__).info(
@@ -123,6 +125,9 @@ def add_toy_commands(subparsers) -> None:
     command.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     command.add_argument("--max-wall-s", type=float, default=None, help="safety cap on the training time")
     command.add_argument("--compile", action="store_true", help="train through torch.compile (faster on a GPU)")
+    command.add_argument("--align-layer", type=int, default=None,
+                         help="joint layer whose image->text scores are trained against the labels (default: none)")
+    command.add_argument("--align-weight", type=float, default=0.5, help="weight of that alignment loss")
     command.add_argument("--init-from", default=None,
                          help="continue from this trained toy model folder (its seg4diff_model.json is kept on record)")
     command.add_argument("--sizes", choices=["toy_shapes", "toy_world"], default="toy_shapes",

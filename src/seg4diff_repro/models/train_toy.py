@@ -41,6 +41,16 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
    transformer weights (saved instead of the raw weights), bf16 autocast on CUDA and fp32 on CPU, all
    random draws seeded. The folder is saved in float16 (≈ 18 MB with the compacted tokenizer files); the
    VAE is rounded to float16 before the transformer is trained on its latents.
+8. **Grounding alignment at one layer** (optional, ``align_layer``): the paper's expert layers emerge in models
+   trained for months on billions of images; a toy model trained for minutes does not grow one (the harder toy
+   world's three trainings without this term grounded no better than the random control: benchmarks/RESULTS.md).
+   With ``align_layer`` set, the loss adds ``align_weight`` x a per-pixel cross-entropy on that layer's head-mean
+   pre-softmax image->text scores (the scores MAGNET supervises, docs/method.md#magnet): each token-grid cell's
+   target is the prompt token naming its labelled class, the candidates are the prompt's class-name tokens, cells
+   whose class the prompt does not name (and ignore pixels) are skipped. The cross-entropy scores exactly what the
+   analysis' per-pixel argmax over class tokens decides. So the toy model's expert layer is placed by its
+   recipe, and the toy world shows that the pipeline finds it and what the analyses read from such a layer; it
+   is not evidence that expert layers emerge.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ import platform
 import re
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from seg4diff_repro.progress import progress
 
+from seg4diff_repro.attention.logits_tap import I2TLogitsTap
 from seg4diff_repro.datasets import SegmentationDataset
 from seg4diff_repro.datasets.toy_shapes import TOY_CLASS_NAMES
 from seg4diff_repro.datasets.toy_world import BACKGROUND, STUFF
@@ -75,7 +87,9 @@ from seg4diff_repro.models.tiny import (
 __all__ = [
     "MAX_FOLDER_BYTES",
     "TOY_TRAINED_CONFIG",
+    "alignment_loss",
     "class_name_prompt",
+    "class_token_positions",
     "clip_prompt_embeds",
     "tokenize_prompts",
     "train_toy_model",
@@ -132,10 +146,12 @@ def _time_is_up(deadline: float | None, phase: str, step: int, total: int) -> bo
     return False
 
 
-def _load_images(dataset_root: Path, limit: int | None, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """All training images as uint8 [N, 3, H, W] and their captions."""
+def _load_images(
+    dataset_root: Path, limit: int | None, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All training images as uint8 [N, 3, H, W], their label maps as uint8 [N, H, W] and their captions."""
     dataset = SegmentationDataset(dataset_root, "train", limit=limit)
-    images, captions = [], []
+    images, labels, captions = [], [], []
     for sample in progress(dataset, total=len(dataset), desc="load images", unit="image"):
         if sample.image.shape[:2] != (image_size, image_size):
             raise ValueError(
@@ -145,8 +161,9 @@ def _load_images(dataset_root: Path, limit: int | None, image_size: int) -> tupl
         if not sample.caption:
             raise ValueError(f"{sample.image_id} has no caption in {dataset_root}/captions.json; captions are the prompts")
         images.append(torch.from_numpy(np.ascontiguousarray(sample.image.transpose(2, 0, 1))))
+        labels.append(torch.from_numpy(np.asarray(sample.label, dtype=np.uint8)))
         captions.append(sample.caption)
-    return torch.stack(images), captions
+    return torch.stack(images), torch.stack(labels), captions
 
 
 def _to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
@@ -274,6 +291,49 @@ def clip_prompt_embeds(pipe, ids_l: torch.Tensor, ids_g: torch.Tensor) -> tuple[
     return torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1)
 
 
+def class_token_positions(tokenizer, prompts: Sequence[str], class_names: Sequence[str]) -> torch.Tensor:
+    """[P, C]: the position among each prompt's 77 CLIP token ids of the first token naming class c (-1: not named).
+
+    Every class name must be a single token (the toy vocabularies' are), so that one position stands for a class.
+    """
+    word_ids = []
+    for name in class_names:
+        ids = tokenizer(name, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"class name {name!r} is {len(ids)} CLIP tokens {ids}; the alignment loss needs class "
+                             "names of one token each (rename the class in the dataset's classes.json)")
+        word_ids.append(ids[0])
+    ids = tokenizer(list(prompts), padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    positions = torch.full((len(prompts), len(class_names)), -1, dtype=torch.long)
+    for c, word in enumerate(word_ids):
+        hits = ids == word
+        positions[:, c] = torch.where(hits.any(1), hits.int().argmax(1), -1)
+    return positions
+
+
+def alignment_loss(i2t_logits: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-cell cross-entropy of head-mean image->text scores over each prompt's class-name tokens.
+
+    ``i2t_logits`` [B, heads, N, T] pre-softmax scores of N image tokens against T text tokens; ``positions``
+    [B, C] the token naming each class (-1: not named, see class_token_positions); ``labels`` [B, N] the class of
+    each image token (C or more: ignore). Cells whose class the prompt does not name are skipped; the mean is over
+    the cells scored (0 when there are none).
+    """
+    scores = i2t_logits.float().mean(1)
+    batch, _, n_text = scores.shape
+    n_classes = positions.shape[1]
+    # Scatter the named positions into a [B, T + 1] candidate mask; unnamed classes (-1) land in the extra column.
+    candidates = torch.zeros(batch, n_text + 1, dtype=torch.bool, device=scores.device)
+    candidates.scatter_(1, torch.where(positions >= 0, positions, n_text), True)
+    scores = scores.masked_fill(~candidates[:, None, :n_text], -1e4)
+    labels = labels.long()
+    known = labels < n_classes
+    target = torch.where(known, positions.gather(1, labels.clamp(max=n_classes - 1)), -1)
+    total = F.cross_entropy(scores.transpose(1, 2), target, ignore_index=-1, reduction="sum")
+    return total / (target >= 0).sum().clamp(min=1)
+
+
 def train_toy_model(
     dataset_root: str | Path,
     out_dir: str | Path,
@@ -300,6 +360,8 @@ def train_toy_model(
     config: TinySD3Config = TOY_TRAINED_CONFIG,
     init_from: str | Path | None = None,
     compile_transformer: bool = False,
+    align_layer: int | None = None,
+    align_weight: float = 0.5,
 ) -> dict[str, Any]:
     """Train the tiny pipeline on the ``train`` split of ``dataset_root`` and save it into ``out_dir``.
 
@@ -310,6 +372,8 @@ def train_toy_model(
     training then takes ``vae_steps`` more steps: 0 keeps it) replaces the random initialisation, and its record
     is kept in this one's ``init_from``, so that the whole recipe stays on record. ``compile_transformer`` runs the
     transformer's training passes through ``torch.compile`` (the same computation, faster on a GPU).
+    ``align_layer``: the joint layer whose image->text scores ``align_weight`` x alignment_loss trains against the
+    labels (module docstring, point 8); None: the flow loss alone.
     """
     for name, value in (("vae_steps", vae_steps), ("transformer_steps", transformer_steps)):
         if value < 0:
@@ -320,6 +384,10 @@ def train_toy_model(
         )
     if not (0 <= caption_dropout and 0 <= names_prob and caption_dropout + names_prob <= 1):
         raise ValueError(f"need caption_dropout, names_prob >= 0 with a sum <= 1, got {caption_dropout}, {names_prob}")
+    if align_layer is not None and not 0 <= align_layer < config.num_layers:
+        raise ValueError(f"align_layer must be a joint layer 0..{config.num_layers - 1} of these sizes, got {align_layer}")
+    if align_weight < 0:
+        raise ValueError(f"align_weight must be >= 0, got {align_weight}")
     check_replaceable(Path(out_dir))  # fail now, not after the training
     start_time = time.monotonic()
     deadline = None if max_wall_s is None else start_time + max_wall_s
@@ -333,7 +401,7 @@ def train_toy_model(
     def autocast():
         return torch.autocast(device_type=device_t.type, dtype=torch.bfloat16, enabled=device_t.type == "cuda")
 
-    images_u8, captions = _load_images(Path(dataset_root), limit, config.image_size)
+    images_u8, labels_u8, captions = _load_images(Path(dataset_root), limit, config.image_size)
     log.info("%d training images from %s", len(captions), dataset_root)
     if device_t.type == "cuda":
         images_u8 = images_u8.to(device_t)
@@ -369,6 +437,9 @@ def train_toy_model(
     vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
     latents = (means - shift) / std
     del means
+    # Each image token's class: the label at the top-left pixel of the token's patch (row-major, as SD3 patchifies).
+    stride = config.image_size // (latents.shape[-1] // transformer.config.patch_size)
+    token_labels = labels_u8[:, ::stride, ::stride].flatten(1).to(device_t)
     psnr = 10 * math.log10(4.0 / vae_mse_after) if vae_mse_after > 0 else float("inf")
     log.info("VAE: fixed-batch MSE %.5f -> %.5f (PSNR %.1f dB); latent shift %.4f, scale %.4f",
              vae_mse_before, vae_mse_after, psnr, shift, 1 / std)
@@ -386,6 +457,8 @@ def train_toy_model(
     full_idx = torch.tensor([index[c] for c in captions], device=device_t)
     names_idx = torch.tensor([index[c] for c in names], device=device_t)
     empty_idx = index[""]
+    if align_layer is not None:
+        positions = class_token_positions(pipe.tokenizer, unique, vocabulary).to(device_t)
     log.info("%d distinct prompts (captions, class-name prompts and the empty prompt)", len(unique))
 
     text_embedder = transformer.time_text_embed.text_embedder
@@ -418,13 +491,17 @@ def train_toy_model(
         u = torch.sigmoid(torch.randn(batch_size, generator=generator, device=device_t) * logit_std + logit_mean)
         sigma = shift_t * u / (1 + (shift_t - 1) * u)
         noise = torch.randn((batch_size, *latents.shape[1:]), generator=generator, device=device_t)
-        return latents[idx], prompt_idx, sigma, noise
+        return idx, prompt_idx, sigma, noise
 
     # The compiled module shares the transformer's parameters: the optimiser, the EMA and the saved folder see them.
     # Only training steps go through it; the fixed-batch evaluations run eagerly.
     training_forward = torch.compile(transformer) if compile_transformer else transformer
+    # Entered once for the whole training: one processor object for the compiler to trace, not one per step.
+    tap = I2TLogitsTap(transformer, align_layer, CLIP_TOKENS) if align_layer is not None else nullcontext()
 
-    def flow_loss(z, prompt_idx, sigma, noise, forward=transformer):
+    def losses(idx, prompt_idx, sigma, noise, forward=transformer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow-matching loss and the alignment loss (0 without align_layer) of one batch."""
+        z = latents[idx]
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * z + s * noise
         with autocast():
@@ -439,63 +516,74 @@ def train_toy_model(
                 pooled_projections=pooled,
                 return_dict=False,
             )[0]
-        return F.mse_loss(pred.float(), noise - z)
+        flow = F.mse_loss(pred.float(), noise - z)
+        if align_layer is None:
+            return flow, flow.new_zeros(())
+        return flow, alignment_loss(tap.logits, positions[prompt_idx], token_labels[idx])
+
+    def objective(flow: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
+        return flow + align_weight * align
 
     fixed_batch = sample_batch(torch.Generator(device_t).manual_seed(seed + 2))
 
     @torch.no_grad()
-    def fixed_loss() -> float:
+    def fixed_loss() -> tuple[float, float]:
+        """The flow and alignment losses of a fixed batch, in eval mode."""
         modules = (transformer, *encoders) if train_text_encoders else (transformer,)
         for module in modules:
             module.eval()
-        value = flow_loss(*fixed_batch).item()
+        flow, align = (value.item() for value in losses(*fixed_batch))
         for module in modules:
             module.train()
-        return value
+        return flow, align
 
-    tr_before = fixed_loss()
-    transformer.train()
-    tr_first = tr_last = None
-    tr_done, window = 0, []
-    bar = progress(range(transformer_steps), desc="train transformer", unit="step")
-    for step in bar:
-        if _time_is_up(deadline, "transformer", step, transformer_steps):
-            break
-        _set_scheduled_lr(optimizer, lr, step, transformer_steps, warmup)
-        batch = sample_batch(g)
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            loss = flow_loss(*batch, forward=training_forward)
-            loss.backward()
-        except Exception:  # noqa: BLE001 - whatever breaks the compiler: train eagerly rather than not at all
-            if training_forward is transformer:
-                raise
-            log.exception("torch.compile failed at step %d: training on without it", step)
-            training_forward, compile_transformer = transformer, False
+    with tap:
+        tr_before, align_before = fixed_loss()
+        transformer.train()
+        tr_first = tr_last = align_first = align_last = None
+        tr_done, window, align_window = 0, [], []
+        bar = progress(range(transformer_steps), desc="train transformer", unit="step")
+        for step in bar:
+            if _time_is_up(deadline, "transformer", step, transformer_steps):
+                break
+            _set_scheduled_lr(optimizer, lr, step, transformer_steps, warmup)
+            batch = sample_batch(g)
             optimizer.zero_grad(set_to_none=True)
-            loss = flow_loss(*batch)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema.update()
-        tr_done = step + 1
-        window.append(loss.detach())
-        if (step + 1) % log_every == 0 or step + 1 == transformer_steps:
-            mean_loss = torch.stack(window).mean().item()
-            window = []
-            tr_first = mean_loss if tr_first is None else tr_first
-            tr_last = mean_loss
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            log.info("transformer step %d/%d: loss %.5f (mean of the last steps), lr %.2e",
-                     step + 1, transformer_steps, mean_loss, optimizer.param_groups[0]["lr"])
-    tr_raw_after = fixed_loss()
-    if tr_done:
-        ema.copy_to_params()
-    tr_after = fixed_loss()
+            try:
+                flow, align = losses(*batch, forward=training_forward)
+                objective(flow, align).backward()
+            except Exception:  # noqa: BLE001 - whatever breaks the compiler: train eagerly rather than not at all
+                if training_forward is transformer:
+                    raise
+                log.exception("torch.compile failed at step %d: training on without it", step)
+                training_forward, compile_transformer = transformer, False
+                optimizer.zero_grad(set_to_none=True)
+                flow, align = losses(*batch)
+                objective(flow, align).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            ema.update()
+            tr_done = step + 1
+            window.append(flow.detach())
+            align_window.append(align.detach())
+            if (step + 1) % log_every == 0 or step + 1 == transformer_steps:
+                mean_loss, mean_align = torch.stack(window).mean().item(), torch.stack(align_window).mean().item()
+                window, align_window = [], []
+                tr_first = mean_loss if tr_first is None else tr_first
+                align_first = mean_align if align_first is None else align_first
+                tr_last, align_last = mean_loss, mean_align
+                bar.set_postfix(loss=f"{mean_loss:.4f}", align=f"{mean_align:.4f}")
+                log.info("transformer step %d/%d: flow loss %.5f, alignment loss %.5f (means of the last steps), lr %.2e",
+                         step + 1, transformer_steps, mean_loss, mean_align, optimizer.param_groups[0]["lr"])
+        tr_raw_after, align_raw_after = fixed_loss()
+        if tr_done:
+            ema.copy_to_params()
+        tr_after, align_after = fixed_loss()
     for module in (transformer, *encoders):
         module.requires_grad_(False).eval()
     train_time = time.monotonic() - start_time
-    log.info("transformer: fixed-batch loss %.4f -> %.4f (EMA; raw weights %.4f)", tr_before, tr_after, tr_raw_after)
+    log.info("transformer: fixed-batch flow loss %.4f -> %.4f (EMA; raw weights %.4f), alignment loss %.4f -> %.4f",
+             tr_before, tr_after, tr_raw_after, align_before, align_after)
 
     # --- save ---------------------------------------------------------------------------------
     pipe.to("cpu")
@@ -522,6 +610,11 @@ def train_toy_model(
             "transformer_fixed_batch_before": tr_before,
             "transformer_fixed_batch_after_raw": tr_raw_after,
             "transformer_fixed_batch_after_ema": tr_after,
+            "alignment_train_first": align_first if align_layer is not None else None,
+            "alignment_train_last": align_last if align_layer is not None else None,
+            "alignment_fixed_batch_before": align_before if align_layer is not None else None,
+            "alignment_fixed_batch_after_raw": align_raw_after if align_layer is not None else None,
+            "alignment_fixed_batch_after_ema": align_after if align_layer is not None else None,
         },
         "wall_time_s": {"vae": round(vae_time, 1), "total_training": round(train_time, 1)},
         "device": device,
@@ -557,6 +650,13 @@ def train_toy_model(
             "saved_dtype": "float16",
             "max_wall_s": max_wall_s,
             "compiled": compile_transformer,
+            "alignment": None if align_layer is None else {
+                "layer": align_layer,
+                "weight": align_weight,
+                "loss": "per-cell cross-entropy of the layer's head-mean pre-softmax image->text scores over the "
+                "prompt's class-name tokens; target: the token naming the cell's label (label at the patch's "
+                "top-left pixel), cells of unnamed classes skipped; total = flow + weight x alignment",
+            },
         },
         "config": asdict(config),
         "init_from": None if init_from is None else {"folder": str(init_from), "record": earlier_record},
