@@ -82,16 +82,28 @@ def test_normalisation_table_pairs_each_setting_with_its_paper_row():
     assert normalisation_table(variants, 9, None, None)["paper_mIoU"].isna().all()
 
 
+def unsupervised_scores(mean_proposals: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"model": "toy_sd3", "dataset": "toy_stuff", "layer": range(len(mean_proposals)),
+                         "kl_threshold": 0.1, "mean_proposals": mean_proposals})
+
+
 def test_grounding_summary_applies_the_toy_world_thresholds():
-    trained = per_layer_scores("toy_sd3", 8, [90.0, 30.0, 40.0, 35.0])
     control = per_layer_scores("toy_sd3_random", 8, [30.0, 35.0, 32.0, 31.0])
-    summary = grounding_summary(trained, control)
-    assert summary.loc[0, "best_layer"] == 0 and summary.loc[1, "best_layer"] == 1
+    trained = per_layer_scores("toy_sd3", 8, [30.0, 90.0, 40.0, 35.0])
+    summary = grounding_summary(trained, control, unsupervised_scores([1.5, 2.5]))
+    assert summary.loc[0, "best_layer"] == 1 and summary.loc[1, "best_layer"] == 1
     assert summary.loc[0, "best_minus_control_best"] == pytest.approx(55.0)
     assert summary.loc[0, "best_minus_median"] == pytest.approx(52.5)
-    assert "55.0 >= 20" in summary.loc[0, "checks"]
-    weak = grounding_summary(per_layer_scores("toy_sd3", 8, [40.0, 30.0, 35.0]), control)
-    assert "5.0 < 20" in weak.loc[0, "checks"]
+    assert summary.loc[0, "mean_proposals"] == pytest.approx(2.0)
+    checks = summary.loc[0, "checks"]
+    assert "interior: pass" in checks and "55.00 >= 25: pass" in checks and "52.50 >= 15: pass" in checks
+    assert "2.00 > 1: pass" in checks and "FAIL" not in checks
+    # the first layer is not interior; 24 over the control and 14 over the median fall short; one proposal is not more
+    edge = grounding_summary(per_layer_scores("toy_sd3", 8, [59.0, 45.0, 40.0, 50.0]), control, unsupervised_scores([1.0]))
+    checks = edge.loc[0, "checks"]
+    assert "best layer 0 of 0..3 interior: FAIL" in checks
+    assert "24.00 not >= 25: FAIL" in checks and "11.50 not >= 15: FAIL" in checks and "1.00 not > 1: FAIL" in checks
+    assert grounding_summary(trained, control)["mean_proposals"].isna().all()
 
 
 # --- every table records the code that made it: version, code fingerprint, commit and dirty flag -----------------

@@ -136,7 +136,7 @@ def _toy_world_summary(args: argparse.Namespace) -> None:
     from seg4diff_repro.figures.per_layer import plot_miou_by_model
     from seg4diff_repro.tables.toy_world import write_grounding_summary
 
-    write_grounding_summary(args.trained, args.control, args.csv, args.markdown)
+    write_grounding_summary(args.trained, args.control, args.csv, args.markdown, args.unsupervised)
     plot_miou_by_model(
         [pd.read_csv(args.trained), pd.read_csv(args.control)], Path(args.png), Path(args.pdf),
         "Toy world: trained toy model vs random-weight control",
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("toy-world-summary", help="trained toy model vs its random control (table + figure)")
     command.add_argument("--trained", required=True, help="per-layer table (CSV) of the trained toy model")
     command.add_argument("--control", required=True, help="per-layer table (CSV) of the random-weight control")
+    command.add_argument("--unsupervised", default=None,
+                         help="unsupervised scores (CSV) of the trained toy model: checks its proposals per image")
     _add_outputs(command, table=True, figure=True)
     command.set_defaults(handler=_toy_world_summary)
 

@@ -139,6 +139,9 @@ rule toy_world_summary:
         # on the VOC20 stand-in view (appendix.datasets.voc20: toy_world_targets() asks for it only when run has it)
         trained=f"{TABLES}/per_layer_toy_sd3_{appendix_dataset('voc20')}_t{{timestep}}.csv",
         control=f"{TABLES}/per_layer_toy_sd3_random_{appendix_dataset('voc20')}_t{{timestep}}.csv",
+        # proposals per image of unsupervised merging, on the first unsupervised view (the COCO-Stuff stand-in)
+        unsupervised=f"results/unsupervised/toy_sd3/{config['analyses']['unsupervised']['datasets'][0]}"
+        "/t{timestep}/scores.csv",
     output:
         csv=report(
             f"{TABLES}/toy_world_grounding_t{{timestep}}.csv",
@@ -162,4 +165,5 @@ rule toy_world_summary:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro toy-world-summary --trained {input.trained:q} --control {input.control:q}"
+        " --unsupervised {input.unsupervised:q}"
         " --csv {output.csv:q} --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
