@@ -21,17 +21,19 @@ REPORT_CELL = (
     "import json\n"
     "print('REPORT ' + json.dumps({'data_dir': str(data_dir), 'layers': sorted(rec.i2t),"
     " 'shapes': sorted({tuple(m.shape) for m in rec.i2t.values()}), 'miou': curve['mIoU'].to_dict(),"
-    " 'best': best, 'images': len(samples), 'cache_dir': str(cache_manifest.parent),"
-    " 'cache_image': cached.image_id, 'cache_map': cache_map.tolist()}))"
+    " 'best': best, 'analysis_layer': ANALYSIS_LAYER, 'images': len(samples), 'classes': dataset.class_names,"
+    " 'cache_dir': str(cache_manifest.parent), 'cache_image': cached.image_id, 'cache_layer': cache_layer,"
+    " 'cache_map': cache_map.tolist()}))"
 )
 CACHE_CELL_TAG = "pipeline-cache"  # the cell that opens an attention cache with the package's reader
 
 
 def checkout_copy(root: Path) -> Path:
-    """The parts of the checkout the notebook reads: the Snakefile (its marker of the root), the trained model
-    and the notebook; the package comes from the installed copy."""
+    """The parts of the checkout the notebook reads: the Snakefile (its marker of the root), config.yaml (the
+    model's analysis layer), the trained model and the notebook; the package comes from the installed copy."""
     root.mkdir()
     shutil.copy(REPO / "Snakefile", root / "Snakefile")
+    shutil.copy(REPO / "config.yaml", root / "config.yaml")
     shutil.copytree(REPO / "models/toy_sd3", root / "models/toy_sd3")
     shutil.copytree(REPO / "notebooks", root / "notebooks")
     return root
@@ -62,14 +64,18 @@ def execute(root: Path) -> dict:
 
 
 def check_what_it_computed(report: dict) -> None:
-    assert report["layers"] == list(range(6))
-    assert report["shapes"] == [[1, 1, 256, 77]]  # batch, head mean, 16x16 image tokens, 77 CLIP positions
+    assert report["layers"] == list(range(12))
+    assert report["shapes"] == [[1, 1, 1024, 77]]  # batch, head mean, 32x32 image tokens, 77 CLIP positions
+    # The VOC20 view: the objects preset's six shapes, background dropped from the vocabulary.
+    assert report["classes"] == ["circle", "square", "triangle", "star", "cross", "ring"]
     miou = {int(layer): value for layer, value in report["miou"].items()}
-    # The toy model's finding (README, paper_tables/toy_world_grounding_t8.md): layer 0 grounds the class words.
-    assert report["best"] == 0 and miou[0] > 90 and max(v for k, v in miou.items() if k) < 60
+    # The toy model's finding (benchmarks/RESULTS.md, "Harder toy world"): layer 7, config.yaml's analysis layer,
+    # tells the shapes apart best, far above the median layer (65 and 36 mIoU on 64 images; noisier on the few here).
+    assert report["analysis_layer"] == 7 and report["cache_layer"] == 7
+    assert report["best"] == 7 and miou[7] > 45 and miou[7] > np.median(list(miou.values())) + 15
 
 
-def cached_map(cache_dir: Path, image_id: str, layer: int = 0, class_index: int = 0) -> np.ndarray:
+def cached_map(cache_dir: Path, image_id: str, layer: int, class_index: int = 0) -> np.ndarray:
     """The notebook's cache map recomputed from the .npz's arrays directly (not through read_cached_image), in
     float64: the head-mean I2T map of the prompt's ``class_index``-th class at ``layer``."""
     with np.load(cache_dir / f"{image_id}.npz") as data:
@@ -88,37 +94,45 @@ def test_without_a_pipeline_run_it_works_in_a_temporary_folder_and_creates_no_pi
     cache_dir = Path(report["cache_dir"])
     assert not cache_dir.is_relative_to(root) and "extracted into" in report["cache_cell_text"]
     assert report["cache_cell_pngs"] == 1
-    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, report["cache_image"]), atol=1e-6)
+    assert report["cache_map"] and np.asarray(report["cache_map"]).shape == (32, 32)
+    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, report["cache_image"], 7), atol=1e-6)
     assert [folder for folder in PIPELINE_FOLDERS if (root / folder).exists()] == []
 
 
 def test_it_reads_the_pipelines_data_scores_and_attention_cache_and_changes_nothing_there(tmp_path):
     from seg4diff_repro.attention.extract import ExtractionSettings, extract_attention
-    from seg4diff_repro.datasets import generate_toy_shapes
+    from seg4diff_repro.datasets.toy_world import generate_toy_world
 
     root = checkout_copy(tmp_path / "checkout")
-    generate_toy_shapes(root / "data/prepared/toy_shapes", n_train=1, n_val=6, seed=3)
-    scores = root / "results/segmentation/toy_sd3/toy_shapes/t8/per_layer.csv"
+    prepared = root / "data/prepared"
+    generate_toy_world(prepared / "toy_world_objects", preset="objects", n_train=1, n_val=6, seed=3)
+    generate_toy_world(prepared / "toy_world_crowd", preset="crowd", n_train=1, n_val=2, seed=3)
+    scores = root / "results/segmentation/toy_sd3/toy_objects/t8/per_layer.csv"
     scores.parent.mkdir(parents=True)
-    scores.write_text("layer,mIoU\n" + "".join(f"{layer},{50 - layer}\n" for layer in range(6)))
-    # The pipeline's t = 8 cache of the toy model, as its extraction rule writes it (2 images, all layers).
-    cache_dir = root / "results/attention/toy_sd3/toy_shapes_object/t8"
-    extract_attention(ExtractionSettings(
-        model="toy_sd3", dataset="toy_shapes_object", backbone="sd3", source=str(root / "models/toy_sd3"),
-        dtype="float32", timestep=8, num_steps=28, layers=None, seed=0, short_side=None, resize="stretch",
-        prompt="oracle", background_name="background", split="val", background="ignore", limit=2,
-    ), root / "data/prepared/toy_shapes", cache_dir)
+    scores.write_text("layer,mIoU\n" + "".join(f"{layer},{50 - layer}\n" for layer in range(12)))
+    # The pipeline's t = 8 caches of the toy model on the VOC20 and COCO-Object views, as its extraction rule
+    # writes them (2 images, all layers): the notebook must pick the VOC20 view's, though toy_crowd sorts first.
+    caches = {}
+    for view, preset, background in (("toy_crowd", "crowd", "ignore"), ("toy_objects", "objects", "drop")):
+        caches[view] = root / f"results/attention/toy_sd3/{view}/t8"
+        extract_attention(ExtractionSettings(
+            model="toy_sd3", dataset=view, backbone="sd3", source=str(root / "models/toy_sd3"),
+            dtype="float32", timestep=8, num_steps=28, layers=None, seed=0, short_side=None, resize="stretch",
+            prompt="oracle", background_name="background", split="val", background=background, limit=2,
+        ), prepared / f"toy_world_{preset}", caches[view])
     before = snapshot(root)
-    assert {"results/attention/toy_sd3/toy_shapes_object/t8/manifest.json",
-            "results/attention/toy_sd3/toy_shapes_object/t8/toy_val_00000.npz"} <= set(before)
+    assert {f"results/attention/toy_sd3/{view}/t8/{name}" for view in caches
+            for name in ("manifest.json", "toy_val_00000.npz")} <= set(before)
     report = execute(root)
     check_what_it_computed(report)
-    assert report["data_dir"] == str(root / "data/prepared/toy_shapes") and report["images"] == 6
-    # The cache cell opened the pipeline's cache and showed the map its first image's file holds.
+    assert report["data_dir"] == str(prepared / "toy_world_objects") and report["images"] == 6
+    # The cache cell opened the pipeline's VOC20-view cache and showed the map its first image's file holds.
+    cache_dir = caches["toy_objects"]
     assert report["cache_dir"] == str(cache_dir) and report["cache_image"] == "toy_val_00000"
-    assert "the pipeline's, results/attention/toy_sd3/toy_shapes_object/t8" in report["cache_cell_text"]
+    assert "the pipeline's, results/attention/toy_sd3/toy_objects/t8" in report["cache_cell_text"]
     assert report["cache_cell_pngs"] == 1
-    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, "toy_val_00000"), atol=1e-6)
+    assert not np.allclose(cached_map(cache_dir, "toy_val_00000", 7), cached_map(caches["toy_crowd"], "toy_val_00000", 7))
+    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, "toy_val_00000", 7), atol=1e-6)
     assert snapshot(root) == before  # every file's bytes and mtime, the cache's included
 
 
