@@ -56,7 +56,7 @@ def paper_dataset_key(role):
 
 
 def stand_in(model_role=None, dataset_role=None):
-    """'toy_sd3 for SD3-medium on toy_shapes for VOC20': what the output shows in place of the paper's."""
+    """'toy_sd3 for SD3-medium on toy_objects for VOC20': what the output shows in place of the paper's."""
     parts = []
     if model_role:
         parts.append(f"{appendix_model(model_role)} for {PAPER_MODELS[model_role]}")

@@ -4,7 +4,7 @@ Two protocols (docs/method.md#magnet; the official ``mask_former_semantic_datase
 ``sa1b_dataset_mapper.py`` and ``Seg4DiffTrainer.forward``/``prepare_targets``):
 
 * **COCO** (:class:`CocoProtocolMaskDataset`, a prepared dataset with label maps: ``coco_stuff171_train``, or
-  the toy world's toy-shapes through :func:`toy_mask_dataset`): ResizeShortestEdge 1024 (no maximum) → a
+  the toy world's ``toy_world_objects`` through :func:`toy_mask_dataset`): ResizeShortestEdge 1024 (no maximum) → a
   random 1024² crop → random horizontal flip → the mapper's "pad to SIZE_DIVISIBILITY 640", whose negative
   padding keeps the **top-left 640×640** (``coco_crop="official"``; ``"none"`` keeps the 1024² crop) → /255,
   zero-pad to a multiple of 32 → bilinear stretch to the model's S×S. Prompt: the space-joined names of the
@@ -232,7 +232,7 @@ class _MaskDataset(Dataset):
 
 
 class CocoProtocolMaskDataset(_MaskDataset):
-    """The COCO protocol on any prepared dataset with label maps (``coco_stuff171_train``, toy-shapes)."""
+    """The COCO protocol on any prepared dataset with label maps (``coco_stuff171_train``, the toy world's sets)."""
 
     protocol = "coco"
 
@@ -305,9 +305,9 @@ class CocoProtocolMaskDataset(_MaskDataset):
 def toy_mask_dataset(
     root: str | Path, *, image_size: int = 64, background: str = "drop", **kwargs: Any
 ) -> CocoProtocolMaskDataset:
-    """The toy world's MAGNET training set: a prepared toy-shapes train split under the COCO protocol, at the
+    """The toy world's MAGNET training set: a prepared toy-world train split under the COCO protocol, at the
     toy model's resolution with every size scaled by S/1024. Background is dropped by default, as in the
-    toy VOC20-style evaluation (``toy_shapes``): the prompts name the shapes only."""
+    toy VOC20-style evaluation (``toy_objects``): the prompts name the objects only."""
     return CocoProtocolMaskDataset(root, image_size=image_size, background=background, **kwargs)
 
 

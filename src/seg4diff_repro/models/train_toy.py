@@ -1,4 +1,4 @@
-"""Train the toy world's tiny SD3-architecture pipeline on toy-shapes images and their captions.
+"""Train the toy world's tiny SD3-architecture pipeline on a prepared toy set's train images, labels and captions.
 
 The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json``):
 
