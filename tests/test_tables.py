@@ -125,7 +125,11 @@ def test_toy_world_summary_records_the_code_that_made_it(tmp_path):
     trained, control = tmp_path / "trained.csv", tmp_path / "control.csv"
     per_layer_scores("toy_sd3", 8, [90.0, 30.0, 40.0]).to_csv(trained, index=False)
     per_layer_scores("toy_sd3_random", 8, [30.0, 35.0, 32.0]).to_csv(control, index=False)
-    write_grounding_summary(trained, control, tmp_path / "summary.csv", tmp_path / "summary.md")
+    unsupervised = tmp_path / "toy_stuff" / "t8" / "scores.csv"
+    unsupervised.parent.mkdir(parents=True)
+    unsupervised_scores([1.5]).to_csv(unsupervised, index=False)
+    write_grounding_summary(trained, control, tmp_path / "summary.csv", tmp_path / "summary.md", unsupervised)
+    assert f"unsupervised scores, toy_stuff ({unsupervised})" in (tmp_path / "summary.md").read_text()
     table = pd.read_csv(tmp_path / "summary.csv")
     for code_version in table["code_version"]:
         assert_names_the_code(code_version)

@@ -75,7 +75,7 @@ def write_grounding_summary(
         heading("Toy world: grounding layer of the trained toy model vs the random-weight control", md_path)
         + f"From {Path(trained_csv).name} and {Path(control_csv).name} (the val set of "
         f"{pd.read_csv(trained_csv)['dataset'].iloc[0]}, oracle prompt, head-mean post-softmax I2T; the timestep "
-        "sweep's row for this timestep reads the same per-layer scores).{unsupervised_note} The toy world's "
+        f"sweep's row for this timestep reads the same per-layer scores).{unsupervised_note} The toy world's "
         "acceptance: the best layer an interior one, at least "
         f"{MIN_GAIN_OVER_CONTROL:g} mIoU points above the control's best and at least {MIN_BEST_MINUS_MEDIAN:g} "
         f"points above its own median layer; unsupervised merging more than {MIN_MEAN_PROPOSALS:g} proposal per "
