@@ -63,8 +63,8 @@ def set_key(config: dict, dotted_key: str, value) -> dict:
          r"analyses\.attention_figures\.timesteps contains \[29\].*allowed 1\.\.28"),
         (lambda c: set_key(c, "analyses.attention_figures.map_timestep", 30),
          r"analyses\.attention_figures\.map_timestep = 30 is out of range for model 'toy_sd3'"),
-        (lambda c: set_key(c, "analyses.attention_figures.head_map_layers", [5, 6]),
-         r"analyses\.attention_figures\.head_map_layers contains \[6\].*allowed 0\.\.5"),
+        (lambda c: set_key(c, "analyses.attention_figures.head_map_layers", [11, 12]),
+         r"analyses\.attention_figures\.head_map_layers contains \[12\].*allowed 0\.\.11"),
         (lambda c: set_key(c, "models.toy_sd3.device", "gpu"), r"models\.toy_sd3\.device = 'gpu' is not a torch device"),
         (lambda c: set_key(c, "toy_model.device", "gpu"), r"toy_model\.device = 'gpu' is not a torch device.*or auto"),
         (lambda c: set_key(c, "analyses.generation.fidelity.device", "cuda:x"),
@@ -132,7 +132,7 @@ def test_layer_counts_are_those_of_the_models_the_build_command_writes(tmp_path)
 
     models = {name: model for name, model in toy_config()["models"].items() if "build" in model}
     assert {(model["backbone"], model["build"].get("variant", "sd3")) for model in models.values()} == {
-        ("sd3", "sd3"), ("sd3", "sd35"), ("flux", "sd3")}
+        ("sd3", "toy_world"), ("sd3", "sd35"), ("flux", "sd3")}
     for name, model in models.items():
         folder = tmp_path / name
         main(["build-tiny-model", "--backbone", model["backbone"], "--variant", model["build"].get("variant", "sd3"),

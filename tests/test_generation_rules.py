@@ -167,11 +167,11 @@ def test_generation_defaults_are_the_paper_settings():
 def test_unknown_grid_layer_fails_the_dag_build_naming_the_key(tmp_path):
     workdir = copy_workflow(tmp_path)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["analyses"]["generation"]["grid_layers"] = [0, 6]  # toy_sd3 has layers 0..5
+    config["analyses"]["generation"]["grid_layers"] = [0, 12]  # toy_sd3 has layers 0..11
     write_config(workdir, config)
     result = snakemake(workdir, "-n", *TARGETS, check=False)
     assert result.returncode != 0
-    assert "analyses.generation.grid_layers contains [6]" in result.stdout + result.stderr
+    assert "analyses.generation.grid_layers contains [12]" in result.stdout + result.stderr
 
 
 # --- dry runs ---------------------------------------------------------------------------------------
