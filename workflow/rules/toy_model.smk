@@ -14,6 +14,8 @@
 import os
 
 TOY_MODEL = config["toy_model"]
+# The toy-world summary's unsupervised check reads the first unsupervised view (the COCO-Stuff stand-in).
+UNSUPERVISED_TOY_VIEW = config["analyses"]["unsupervised"]["datasets"][0]
 TOY_TRAIN_ROOT = DATA_ROOT / "prepared" / TOY_MODEL["train_dataset"]
 
 
@@ -140,8 +142,7 @@ rule toy_world_summary:
         trained=f"{TABLES}/per_layer_toy_sd3_{appendix_dataset('voc20')}_t{{timestep}}.csv",
         control=f"{TABLES}/per_layer_toy_sd3_random_{appendix_dataset('voc20')}_t{{timestep}}.csv",
         # proposals per image of unsupervised merging, on the first unsupervised view (the COCO-Stuff stand-in)
-        unsupervised=f"results/unsupervised/toy_sd3/{config['analyses']['unsupervised']['datasets'][0]}"
-        "/t{timestep}/scores.csv",
+        unsupervised=f"results/unsupervised/toy_sd3/{UNSUPERVISED_TOY_VIEW}/t{{timestep}}/scores.csv",
     output:
         csv=report(
             f"{TABLES}/toy_world_grounding_t{{timestep}}.csv",
