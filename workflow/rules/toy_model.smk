@@ -12,10 +12,11 @@
 # (scripts/gpu/train_toy_model.sh is the command that made the committed model), about a day on a 2-core CPU.
 
 import os
+import shlex
 
 TOY_MODEL = config["toy_model"]
-# The toy-world summary's unsupervised check reads the first unsupervised view (the COCO-Stuff stand-in).
-UNSUPERVISED_TOY_VIEW = config["analyses"]["unsupervised"]["datasets"][0]
+# The toy-world summary's unsupervised check reads the first unsupervised view (the COCO-Stuff stand-in), if any.
+UNSUPERVISED_TOY_VIEWS = config["analyses"]["unsupervised"]["datasets"][:1]
 TOY_TRAIN_ROOT = DATA_ROOT / "prepared" / TOY_MODEL["train_dataset"]
 
 
@@ -142,7 +143,9 @@ rule toy_world_summary:
         trained=f"{TABLES}/per_layer_toy_sd3_{appendix_dataset('voc20')}_t{{timestep}}.csv",
         control=f"{TABLES}/per_layer_toy_sd3_random_{appendix_dataset('voc20')}_t{{timestep}}.csv",
         # proposals per image of unsupervised merging, on the first unsupervised view (the COCO-Stuff stand-in)
-        unsupervised=f"results/unsupervised/toy_sd3/{UNSUPERVISED_TOY_VIEW}/t{{timestep}}/scores.csv",
+        unsupervised=expand(
+            "results/unsupervised/toy_sd3/{view}/t{{timestep}}/scores.csv", view=UNSUPERVISED_TOY_VIEWS
+        ),
     output:
         csv=report(
             f"{TABLES}/toy_world_grounding_t{{timestep}}.csv",
@@ -156,6 +159,8 @@ rule toy_world_summary:
             category=report_category, subcategory=report_subcategory,
         ),
         pdf=f"{FIGURES}/toy_world_per_layer_t{{timestep}}.pdf",
+    params:
+        unsupervised=lambda wildcards, input: " ".join(f"--unsupervised {shlex.quote(path)}" for path in input.unsupervised),
     log:
         "logs/toy_world_summary_t{timestep}.log",
     benchmark:
@@ -166,5 +171,5 @@ rule toy_world_summary:
         "../../envs/torch.yaml"
     shell:
         "seg4diff-repro toy-world-summary --trained {input.trained:q} --control {input.control:q}"
-        " --unsupervised {input.unsupervised:q}"
+        " {params.unsupervised}"
         " --csv {output.csv:q} --markdown {output.markdown:q} --png {output.png:q} --pdf {output.pdf:q} 2> {log:q}"
