@@ -257,7 +257,7 @@ def test_missing_label_file_fails_with_its_name(toy_run, tmp_path):
     ("section", "values", "expected"),
     [
         ("attention", {"colour": "red"}, r"unknown key\(s\) \['colour'\] in attention; allowed keys: \['background_name'"),
-        ("attention", {"layers": [99]}, r"attention\.layers contains \[99\].*allowed 0\.\.5"),
+        ("attention", {"layers": [99]}, r"attention\.layers contains \[99\].*allowed 0\.\.11"),
         ("attention", {"timestep": 29}, r"attention\.timestep = 29 is out of range.*allowed 1\.\.28"),
         ("analyses", {"timestep_sweep": {"timesteps": [8, 40]}},
          r"analyses\.timestep_sweep\.timesteps contains \[40\].*allowed 1\.\.28"),
