@@ -138,7 +138,8 @@ def test_gated_recording_is_the_chosen_steps_conditional_call(adapter):
     for layer in layers:
         for name in ("i2t", "t2i"):
             got = getattr(recording, name)[layer]
-            assert got.shape == ((1, 4, 256, 77) if name == "i2t" else (1, 4, 77, 256))
+            heads, n_image = adapter.transformer.config.num_attention_heads, adapter.token_grid[0] * adapter.token_grid[1]
+            assert got.shape == ((1, heads, n_image, 77) if name == "i2t" else (1, heads, 77, n_image))
             torch.testing.assert_close(got, getattr(cond, name)[layer], rtol=1e-4, atol=1e-6)
             # The other branch and the neighbouring step are measurably different recordings.
             assert (got - getattr(uncond, name)[layer]).abs().max() > 1e-4
