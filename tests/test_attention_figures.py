@@ -15,7 +15,7 @@ from seg4diff_repro.cli import main
 from seg4diff_repro.figures.pca import pca_projections, pca_rgb
 from seg4diff_repro.generation.prompts import figure_prompts
 from seg4diff_repro.tables.value_norms import peak_layers, value_norm_heads_table
-from test_workflow import copy_workflow, planned_jobs, snakemake
+from test_workflow import copy_workflow, planned_jobs, snakemake, toy_layers
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "toy_sd3" / "tokenizer"
@@ -191,8 +191,8 @@ def test_toy_world_builds_every_attention_figure(toy_run):
     for target in TARGETS:
         assert (workdir / target).read_bytes().startswith(magic[Path(target).suffix]), target
     heads = pd.read_csv(workdir / "paper_tables/toy/fig15_value_norms_heads_sd3.csv")
-    # toy_sd3: 6 layers x 4 heads, 3 token groups, t = 28 and t = 8.
-    assert len(heads) == 2 * 3 * 6 and [f"head_{h}" for h in range(4)] == [c for c in heads if c.startswith("head_")]
+    # toy_sd3: 12 layers x 4 heads, 3 token groups, t = 28 and t = 8.
+    assert len(heads) == 2 * 3 * len(toy_layers()) and [f"head_{h}" for h in range(4)] == [c for c in heads if c.startswith("head_")]
     layers = pd.read_csv(workdir / "paper_tables/toy/fig09_value_norms_flux.csv")
     assert layers["block"].tolist()[:4] == ["double", "double", "single", "single"]
     assert sorted(layers["timestep_k"].unique()) == [8, 28]

@@ -253,7 +253,7 @@ def test_new_weights_in_a_local_model_folder_replan_what_read_them(tmp_path):
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     run_model(config, "localmodels/mine")
     config["models"]["mine"] = {k: v for k, v in config["models"]["toy_sd3_random"].items() if k != "build"} | {
-        "source": "localmodels/mine"}
+        "source": "localmodels/mine", "analysis_layer": 0}  # the default tiny pipeline has fewer blocks than the control
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     target = "results/attention/mine/toy_objects/t8/manifest.json"
     log = workdir / "logs/extract_attention/mine_toy_objects_t8_1-of-1.log"

@@ -21,6 +21,7 @@ from PIL import Image
 from seg4diff_repro.config import ConfigError, apply_defaults, check_config, load_schema
 from seg4diff_repro.generation.prompts import FIGURE_PROMPT_KEYS, figure_prompts, load_prompts
 from seg4diff_repro.generation.sampling import PromptTruncationWarning, truncated_prompts
+from conftest import TEST_SD3_LAYER
 from test_workflow import REPO, copy_workflow, snakemake, write_config
 
 # The paper's own prompt lists, verbatim from its appendix (Fig. 1 and the figure captions).
@@ -253,10 +254,10 @@ def test_unperturbed_sd3_run_equals_the_stock_pipeline_and_perturbed_runs_differ
                  generator=[torch.Generator().manual_seed(3) for _ in prompts], max_sequence_length=77,
                  output_type="np").images
     np.testing.assert_allclose(images.astype(float), np.round(stock * 255), atol=1)
-    _, perturbed = run_images(generation_run, "toy_sd3", "fidelity", "perturb_l0")
+    _, perturbed = run_images(generation_run, "toy_sd3", "fidelity", f"perturb_l{TEST_SD3_LAYER}")
     assert np.abs(perturbed.astype(int) - images).max() > 8
     _, unguided = run_images(generation_run, "toy_sd3", "fig19", "none")
-    _, guided = run_images(generation_run, "toy_sd3", "fig19", "guidance_l0")
+    _, guided = run_images(generation_run, "toy_sd3", "fig19", f"guidance_l{TEST_SD3_LAYER}")
     assert np.abs(guided.astype(int) - unguided).max() > 8
 
 
@@ -277,7 +278,7 @@ def test_unperturbed_flux_run_equals_the_stock_flux_pipeline(generation_run, one
 @pytest.mark.slow
 def test_fidelity_scores_are_one_exactly_where_the_image_is_unchanged(generation_run):
     scores = pd.read_csv(generation_run / "results/fidelity/fig05_fidelity_sd3.csv")
-    assert sorted(scores["run"].unique()) == ["none", "perturb_l0"]
+    assert sorted(scores["run"].unique()) == ["none", f"perturb_l{TEST_SD3_LAYER}"]
     for row in scores.itertuples():
         _, image = run_images(generation_run, "toy_sd3", "fidelity", row.run)
         _, reference = run_images(generation_run, "toy_sd3", "fidelity", "none")
@@ -289,7 +290,7 @@ def test_fidelity_scores_are_one_exactly_where_the_image_is_unchanged(generation
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, model, stand_in, layer", [
-    ("fig05_fidelity_sd3", "toy_sd3", "SD3-medium", 0),
+    ("fig05_fidelity_sd3", "toy_sd3", "SD3-medium", TEST_SD3_LAYER),
     ("fig07_fidelity_sd35", "toy_sd35_random", "SD3.5-medium", 1),
     ("fig10_fidelity_flux", "toy_flux_random", "FLUX.1-dev", 1),
 ])
@@ -309,7 +310,7 @@ def test_fidelity_tables_and_figures_state_model_and_scale(generation_run, name,
 
 @pytest.mark.slow
 def test_grids_use_the_caption_prompts_and_one_seed(generation_run):
-    for prompt_set, run in (("fig18", "perturb_l0"), ("fig19", "guidance_l0")):
+    for prompt_set, run in (("fig18", f"perturb_l{TEST_SD3_LAYER}"), ("fig19", f"guidance_l{TEST_SD3_LAYER}")):
         manifest, images = run_images(generation_run, "toy_sd3", prompt_set, run)
         assert [e["prompt"] for e in manifest["images"]] == figure_prompts(prompt_set)
         assert {e["seed"] for e in manifest["images"]} == {0} and images.shape == (3, 64, 64, 3)
@@ -317,7 +318,7 @@ def test_grids_use_the_caption_prompts_and_one_seed(generation_run):
         png = Image.open(generation_run / f"figures/toy/{name}.png")
         assert png.size[0] > 300 and png.size[1] > 3 * 150  # three prompt rows of labelled tiles
         assert (generation_run / f"figures/toy/{name}.pdf").read_bytes()[:5] == b"%PDF-"
-    assert (generation_run / "logs/generate_run/toy_sd3_fig19_guidance_l0.log").is_file()
+    assert (generation_run / f"logs/generate_run/toy_sd3_fig19_guidance_l{TEST_SD3_LAYER}.log").is_file()
 
 
 @pytest.mark.slow

