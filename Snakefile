@@ -56,14 +56,15 @@ localrules:
 report: "workflow/report/workflow.rst"
 
 
-ALL_TARGETS = [
+ALL_TARGETS = list(dict.fromkeys([
     *run_targets(),
+    *timestep_sweep_targets(),  # Fig. 2's sweep pairs too
     *toy_world_targets(),
     *segmentation_appendix_targets(),
     *generation_targets(),
     *attention_figure_targets(),
     *toy_world_magnet_targets(),
-]
+]))
 
 
 rule all:

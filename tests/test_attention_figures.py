@@ -15,7 +15,7 @@ from seg4diff_repro.cli import main
 from seg4diff_repro.figures.pca import pca_projections, pca_rgb
 from seg4diff_repro.generation.prompts import figure_prompts
 from seg4diff_repro.tables.value_norms import peak_layers, value_norm_heads_table
-from test_workflow import copy_workflow, planned_jobs, snakemake, toy_layers
+from test_workflow import copy_workflow, planned_jobs, run_config, snakemake, toy_layers
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "toy_sd3" / "tokenizer"
@@ -200,6 +200,6 @@ def test_toy_world_builds_every_attention_figure(toy_run):
     assert not np.allclose(layers["prompt"], layers["text"])
     markdown = (workdir / "paper_tables/toy/fig06_value_norms_sd35.md").read_text()
     assert "toy_sd35_random standing in for SD3.5-medium (toy scale" in markdown
-    assert "the first 4 DrawBench prompts" in markdown
+    assert f"the first {run_config(workdir)['analyses']['attention_figures']['n_prompts']} DrawBench prompts" in markdown
     for stem in ("token_maps_figure/fig17_null_token_maps_sd3", "value_norms/toy_sd3"):
         assert (workdir / "logs" / f"{stem}.log").exists()

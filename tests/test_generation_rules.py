@@ -283,7 +283,9 @@ def test_fidelity_scores_are_one_exactly_where_the_image_is_unchanged(generation
         _, image = run_images(generation_run, "toy_sd3", "fidelity", row.run)
         _, reference = run_images(generation_run, "toy_sd3", "fidelity", "none")
         unchanged = np.array_equal(image[row.prompt_index], reference[row.prompt_index])
-        assert (row.clip_i > 1 - 1e-5) == unchanged and (row.dino > 1 - 1e-5) == unchanged
+        # An image against itself: 1 within float32 rounding (2e-7); the perturbation at the grounding layer moves
+        # the untrained scorers' cosines by 4e-6 or more.
+        assert (row.clip_i > 1 - 1e-6) == unchanged and (row.dino > 1 - 1e-6) == unchanged
         assert -1 <= row.clip_t <= 1
     assert scores["clip_backbone"].str.contains("ViT-B-32").all()
 

@@ -87,7 +87,7 @@ def test_default_run_leaves_table_and_figure(toy_run, model):
     assert "seed = 0" in markdown and "prompt = oracle" in markdown
     assert (toy_run / "figures/toy" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (toy_run / "figures/toy" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
-    for log in ("prepare_toy_objects.log", f"score_layers/{stem[len('per_layer_'):]}.log"):
+    for log in ("prepare_toy_world_objects.log", f"score_layers/{stem[len('per_layer_'):]}.log"):
         assert (toy_run / "logs" / log).is_file(), log
     # The t = 8 cache comes from the model's own extraction job, or from its timestep-sweep job when it has one.
     extraction_logs = (f"extract_attention/{stem[len('per_layer_'):]}.log",

@@ -270,10 +270,14 @@ def sweep_caches(wildcards):
     ])
 
 
-def timestep_sweep_targets():
+def timestep_sweep_targets(run_only: bool = False):
+    """The sweep tables of every sweep pair, or with ``run_only`` of those whose model and dataset are both in `run`
+    (Fig. 2's pairs are the appendix roles' models and datasets, which `all_run` leaves out)."""
+    run = config["run"]
     return [
         f"{TABLES}/timestep_sweep_{model}_{dataset}.{ext}"
         for model, dataset in sweep_pairs()
+        if not run_only or (model in run["models"] and dataset in run["datasets"])
         for ext in ("csv", "md")
     ]
 
@@ -299,7 +303,7 @@ def unsupervised_targets():
 
 def run_targets():
     """The analyses of every model x dataset in `run`: per-layer, timestep sweep, normalisation, unsupervised."""
-    return per_layer_targets() + timestep_sweep_targets() + normalisation_targets() + unsupervised_targets()
+    return per_layer_targets() + timestep_sweep_targets(run_only=True) + normalisation_targets() + unsupervised_targets()
 
 
 def appendix_model(role):
