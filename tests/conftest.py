@@ -7,16 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_workflow import copy_workflow, snakemake, write_config
-
-# The trained toy model's layer that the shared run perturbs: its grounding layer (config.yaml's analysis_layer), where
-# a perturbation changes the images most (at layer 0 by at most 6 grey levels).
-TEST_SD3_LAYER = 7
+from test_workflow import TEST_SD3_LAYER, copy_workflow, snakemake, write_config
 
 # The toy world's generation analyses scaled down for the shared run: 2 prompts, 1 seed, one perturbed layer per
 # fidelity figure and one grid layer (the default perturbs every layer: 31 generation jobs instead of 9).
-TEST_GENERATION = {"n_prompts": 2, "seeds": [3], "fidelity_layers": {"sd3": [TEST_SD3_LAYER], "sd35": [1], "flux": [1]},
-                   "grid_layers": [TEST_SD3_LAYER]}
+TEST_GENERATION = {"n_prompts": 2, "seeds": [3], "grid_layers": [TEST_SD3_LAYER],
+                   "fidelity_layers": {"sd3": [TEST_SD3_LAYER], "sd35": [1], "flux": [1]}}
 
 # The toy MAGNET runs shortened for the shared run (the default trains 100 iterations each).
 TEST_MAGNET_RECIPE = {"iterations": 6, "checkpoint_every": 3, "warmup_iterations": 2}

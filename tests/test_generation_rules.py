@@ -21,8 +21,7 @@ from PIL import Image
 from seg4diff_repro.config import ConfigError, apply_defaults, check_config, load_schema
 from seg4diff_repro.generation.prompts import FIGURE_PROMPT_KEYS, figure_prompts, load_prompts
 from seg4diff_repro.generation.sampling import PromptTruncationWarning, truncated_prompts
-from conftest import TEST_SD3_LAYER
-from test_workflow import REPO, copy_workflow, snakemake, write_config
+from test_workflow import REPO, TEST_SD3_LAYER, copy_workflow, snakemake, write_config
 
 # The paper's own prompt lists, verbatim from its appendix (Fig. 1 and the figure captions).
 APPENDIX = REPO / "tests/data/appendix_prompts.txt"

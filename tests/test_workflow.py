@@ -20,6 +20,9 @@ from magnet_adapters import plan_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The trained toy model's layer that the shared toy run (conftest.py) perturbs: its grounding layer (config.yaml's
+# analysis_layer), where a perturbation changes the images most (at layer 0 by at most 6 grey levels).
+TEST_SD3_LAYER = 7
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, cores: str | None = "2",
