@@ -224,12 +224,22 @@ def test_bundle_records_are_read_from_snakemakes_metadata_layout(tmp_path):
     assert job.argv() == ["per-layer-table", "--scores", "a.csv", "--paper-model", "sd3 medium", "--csv", "o.csv"]
 
 
+def test_a_variants_model_fingerprint_is_compared_before_its_adapter_hash(tmp_path):
+    bundled, rederived = tmp_path / "b.csv", tmp_path / "r.csv"
+    pd.DataFrame({"mIoU": [50.0, 40.0], "model_fingerprint": ["sha256:m+lora:sha256:1", "sha256:m"]}).to_csv(
+        bundled, index=False)
+    pd.DataFrame({"mIoU": [50.0, 40.0], "model_fingerprint": ["sha256:m+lora:sha256:2", "sha256:n"]}).to_csv(
+        rederived, index=False)
+    checks = [c for c in compare_csv("paper_tables/t.csv", bundled, rederived) if c.item.endswith("model_fingerprint")]
+    assert [c.passed for c in checks] == [True, False]  # the adapter's hash records its commit; the base model's not
+
+
 def test_table_numbers_compare_within_the_printed_resolution_and_integers_exactly(tmp_path):
     bundled, rederived = tmp_path / "b.csv", tmp_path / "r.csv"
     pd.DataFrame({"layer": [0, 1], "mIoU": [50.61, 20.00], "paper_mIoU": [55.0, None],
-                  "code_version": ["a", "a"]}).to_csv(bundled, index=False)
+                  "code_version": ["a", "a"], "lora_fingerprint": ["sha256:1", "sha256:1"]}).to_csv(bundled, index=False)
     pd.DataFrame({"layer": [0, 2], "mIoU": [50.60, 20.02], "paper_mIoU": [55.0, None],
-                  "code_version": ["b", "b"]}).to_csv(rederived, index=False)
+                  "code_version": ["b", "b"], "lora_fingerprint": ["sha256:2", "sha256:2"]}).to_csv(rederived, index=False)
     checks = {c.item: c for c in compare_csv("paper_tables/t.csv", bundled, rederived)}
     assert checks["row 1 (layer=0), mIoU"].passed  # 0.01: one unit of the printed last digit
     assert checks["row 1 (layer=0), mIoU"].paper == 55.0
@@ -238,6 +248,9 @@ def test_table_numbers_compare_within_the_printed_resolution_and_integers_exactl
     assert TABLE_ABS_TOL == 0.01
     assert not checks["row 2 (layer=1), layer"].passed  # integers: exact
     assert checks["row 1 (layer=0), code_version"].passed  # the code that made it: listed, not compared
+    # An adapter trained at another commit: its folder's hash differs (adapter.json records the commit).
+    assert checks["row 1 (layer=0), lora_fingerprint"].passed
+    assert checks["row 1 (layer=0), lora_fingerprint"].tolerance == "not compared"
     # A raw score CSV (full precision) is held to float noise, not to the printed resolution.
     raw = {c.item: c for c in compare_csv("results/segmentation/x.csv", bundled, rederived)}
     assert not raw["row 1 (layer=0), mIoU"].passed
