@@ -14,7 +14,7 @@ from test_workflow import TEST_SD3_LAYER, copy_workflow, snakemake, write_config
 TEST_GENERATION = {"n_prompts": 2, "seeds": [3], "grid_layers": [TEST_SD3_LAYER],
                    "fidelity_layers": {"sd3": [TEST_SD3_LAYER], "sd35": [1], "flux": [1]}}
 
-# The toy MAGNET runs shortened for the shared run (the default trains 100 iterations each).
+# The toy MAGNET runs shortened for the shared run (the default trains 30 iterations each).
 TEST_MAGNET_RECIPE = {"iterations": 6, "checkpoint_every": 3, "warmup_iterations": 2}
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from seg4diff_repro.config import ConfigError, apply_defaults, check_config, load_schema
 from seg4diff_repro.generation.prompts import FIGURE_PROMPT_KEYS, figure_prompts, load_prompts
 from seg4diff_repro.generation.sampling import PromptTruncationWarning, truncated_prompts
-from test_workflow import REPO, TEST_SD3_LAYER, copy_workflow, snakemake, write_config
+from test_workflow import REPO, TEST_SD3_LAYER, copy_workflow, generation_steps, snakemake, write_config
 
 # The paper's own prompt lists, verbatim from its appendix (Fig. 1 and the figure captions).
 APPENDIX = REPO / "tests/data/appendix_prompts.txt"
@@ -249,7 +249,9 @@ def test_unperturbed_sd3_run_equals_the_stock_pipeline_and_perturbed_runs_differ
     prompts = [e["prompt"] for e in manifest["images"]]
     assert prompts == load_prompts(limit=2) and [e["seed"] for e in manifest["images"]] == [3, 3]
     pipe = load_sd3_pipeline(generation_run / "models/toy_sd3")
-    stock = pipe(prompt=prompts, negative_prompt=[""] * 2, num_inference_steps=28, guidance_scale=7.5,
+    assert manifest["sampling"]["steps"] == generation_steps(generation_run)
+    stock = pipe(prompt=prompts, negative_prompt=[""] * 2, num_inference_steps=generation_steps(generation_run),
+                 guidance_scale=7.5,
                  generator=[torch.Generator().manual_seed(3) for _ in prompts], max_sequence_length=77,
                  output_type="np").images
     np.testing.assert_allclose(images.astype(float), np.round(stock * 255), atol=1)
@@ -267,8 +269,9 @@ def test_unperturbed_flux_run_equals_the_stock_flux_pipeline(generation_run, one
     manifest, images = run_images(generation_run, "toy_flux_random", "fidelity", "none")
     assert manifest["height"] == manifest["width"] == 64
     pipe = FluxPipeline.from_pretrained(generation_run / "results/models/toy_flux_random")
-    assert manifest["sampling"]["steps"] == 50  # the model's num_inference_steps
-    stock = pipe(prompt=[e["prompt"] for e in manifest["images"]], height=64, width=64, num_inference_steps=50,
+    steps = generation_steps(generation_run)  # analyses.generation.steps, not the model's 50
+    assert manifest["sampling"]["steps"] == steps
+    stock = pipe(prompt=[e["prompt"] for e in manifest["images"]], height=64, width=64, num_inference_steps=steps,
                  guidance_scale=3.5, generator=[torch.Generator().manual_seed(3) for _ in range(2)],
                  max_sequence_length=77, output_type="np").images
     np.testing.assert_allclose(images.astype(float), np.round(stock * 255), atol=1)

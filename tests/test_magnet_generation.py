@@ -22,7 +22,7 @@ from PIL import Image
 from seg4diff_repro.config import ConfigError, check_config
 from seg4diff_repro.generation.prompts import figure_prompts
 from magnet_adapters import make_toy_adapter
-from test_workflow import REPO, copy_workflow, snakemake
+from test_workflow import REPO, copy_workflow, generation_steps, snakemake
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 TOY_MODEL = REPO / "models/toy_sd3"
@@ -215,7 +215,8 @@ def test_fig20_columns_share_prompt_and_seed_and_the_baseline_row_is_the_stock_p
     assert len(prompts) == 3
     assert [(e["prompt"], e["seed"]) for e in manifest["images"]] == [(p, 42) for p in prompts]
     pipe = load_sd3_pipeline(magnet_run / "models/toy_sd3")  # StableDiffusion3Pipeline.from_pretrained, no T5
-    stock = pipe(prompt=prompts, negative_prompt=[""] * len(prompts), num_inference_steps=28, guidance_scale=7.5,
+    steps = generation_steps(magnet_run)
+    stock = pipe(prompt=prompts, negative_prompt=[""] * len(prompts), num_inference_steps=steps, guidance_scale=7.5,
                  generator=[torch.Generator().manual_seed(42) for _ in prompts], max_sequence_length=77,
                  output_type="np").images
     np.testing.assert_allclose(baseline.astype(float), np.round(stock * 255), atol=1)
@@ -227,7 +228,7 @@ def test_fig20_columns_share_prompt_and_seed_and_the_baseline_row_is_the_stock_p
         assert np.abs(trained.astype(int) - baseline).max() > 0  # the trained LoRA changes the images
     png = Image.open(magnet_run / f"figures/toy/{FIG20}.png")
     record = json.loads(png.text["seg4diff model"])
-    assert record["sampling"] == {"cfg": 7.5, "steps": 28, "seeds": [42] * 3}
+    assert record["sampling"] == {"cfg": 7.5, "steps": steps, "seeds": [42] * 3}
     assert [row["label"] for row in record["rows"]] == ["Baseline", "MAGNET (COCO)", "MAGNET (SA-1B)"]
     assert png.size[0] > 3 * 100 and png.size[1] > 3 * 100  # 3 columns, 3 rows of tiles
 

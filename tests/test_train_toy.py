@@ -17,6 +17,7 @@ from seg4diff_repro.models.tiny import TinySD3Config, build_tiny_sd3_pipeline
 from seg4diff_repro.models.train_toy import (
     MAX_FOLDER_BYTES,
     TOY_TRAINED_CONFIG,
+    _lr_factor,
     alignment_loss,
     class_name_prompt,
     class_token_positions,
@@ -252,3 +253,13 @@ def test_alignment_training_lowers_its_loss_and_is_recorded(tmp_path: Path) -> N
     losses = record["final_losses"]
     assert record["recipe"]["alignment"]["layer"] == 1 and record["recipe"]["alignment"]["weight"] == 1.0
     assert losses["alignment_fixed_batch_after_raw"] < losses["alignment_fixed_batch_before"]
+
+
+def test_learning_rate_decays_with_the_time_budget_when_it_ends_first() -> None:
+    # Steps alone: halfway through the decay the factor is 0.55; the end of the budget takes it to the floor.
+    assert _lr_factor(0, 1000, 100) == pytest.approx(0.01)
+    assert _lr_factor(550, 1000, 100) == pytest.approx(0.55)
+    assert _lr_factor(550, 1000, 100, time_fraction=1.0) == pytest.approx(0.1)
+    # A time share behind the steps changes nothing; one ahead of them sets the decay.
+    assert _lr_factor(550, 1000, 100, time_fraction=0.2) == pytest.approx(0.55)
+    assert _lr_factor(200, 40000, 100, time_fraction=0.5) == pytest.approx(0.55)

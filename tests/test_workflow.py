@@ -25,6 +25,13 @@ BIN = Path(sys.executable).parent
 TEST_SD3_LAYER = 7
 
 
+def generation_steps(workdir: Path) -> int:
+    """The sampling steps the workdir's config sets for the generation analyses (`analyses.generation.steps`)."""
+    steps = yaml.safe_load((workdir / "config.yaml").read_text())["analyses"]["generation"]["steps"]
+    assert isinstance(steps, int), "the toy config sets the generation steps"
+    return steps
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, cores: str | None = "2",
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run Snakemake in ``workdir``; ``cores=None`` leaves the core count to the workflow's default profile.

@@ -58,7 +58,7 @@ def generation_run_settings(wildcards):
         "prompts_file": GENERATION["prompts_file"] if fidelity else None,
         "n_prompts": GENERATION["n_prompts"] if fidelity else fig20_n_prompts(wildcards.prompt_set),
         "seeds": GENERATION["seeds"] if fidelity else [grid_seed(wildcards.prompt_set)],
-        "steps": model["num_inference_steps"],
+        "steps": generation_steps(model),
         "cfg": GENERATION["cfg"],
         "guidance_scale": GENERATION["guidance_scale"],
         "blur_sigma": GENERATION["blur_sigma"],
@@ -70,6 +70,11 @@ def generation_run_settings(wildcards):
     if model.get("lora"):
         settings["lora"] = magnet_adapter_folder(model["lora"])
     return json.dumps(settings, sort_keys=True)
+
+
+def generation_steps(model):
+    """Sampling steps of a generation run: `analyses.generation.steps`, else the model's own."""
+    return GENERATION["steps"] or model["num_inference_steps"]
 
 
 def fig20_n_prompts(prompt_set):
@@ -112,7 +117,7 @@ def clipscore_prompt_set(prompt_set):
 
 
 def clipscore_run_settings(wildcards, model):
-    """GenerationRun JSON of a Table 3 run: the set's prompts and seeds, unperturbed, CFG `cfg`, the model's steps."""
+    """GenerationRun JSON of a Table 3 run: the set's prompts and seeds, unperturbed, CFG `cfg`, the generation steps."""
     prompt_set = clipscore_prompt_set(wildcards.prompt_set)
     settings = {
         "model": wildcards.model,
@@ -125,7 +130,7 @@ def clipscore_run_settings(wildcards, model):
         "prompts_list": prompt_set["prompts"],
         "n_prompts": prompt_set["n_prompts"],
         "seeds": prompt_set["seeds"],
-        "steps": model["num_inference_steps"],
+        "steps": generation_steps(model),
         "cfg": GENERATION["cfg"],
         "max_sequence_length": GENERATION["max_sequence_length"],
     }

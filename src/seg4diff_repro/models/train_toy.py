@@ -37,10 +37,11 @@ The recipe (every choice is recorded in the saved folder's ``seg4diff_model.json
    global content of the image from one vector, without having to look at the text tokens: the image
    tokens would then not need joint attention to the words, and the grounding the analysis measures
    would not form. Without it, text reaches the image only through joint attention.
-7. AdamW, linear warm-up + cosine decay, gradient clipping at 1, an exponential moving average of the
-   transformer weights (saved instead of the raw weights), bf16 autocast on CUDA and fp32 on CPU, all
-   random draws seeded. The folder is saved in float16 (≈ 18 MB with the compacted tokenizer files); the
-   VAE is rounded to float16 before the transformer is trained on its latents.
+7. AdamW, linear warm-up + cosine decay (over the steps or the time cap, whichever ends first), gradient
+   clipping at 1, an exponential moving average of the transformer weights (saved instead of the raw
+   weights), bf16 autocast on CUDA and fp32 on CPU, all random draws seeded. The folder is saved in float16
+   (≈ 18 MB with the compacted tokenizer files); the VAE is rounded to float16 before the transformer is trained
+   on its latents.
 8. **Grounding alignment at one layer** (optional, ``align_layer``): the paper's expert layers emerge in models
    trained for months on billions of images; a toy model trained for minutes does not grow one (the harder toy
    world's three trainings without this term grounded no better than the random control: benchmarks/RESULTS.md).
@@ -124,18 +125,31 @@ def class_name_prompt(caption: str, class_names: Sequence[str] = TOY_CLASS_NAMES
     return " ".join(names)
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+def _lr_factor(step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate.
+
+    The decay follows whichever is further along: the steps done of ``total`` or ``time_fraction``, the share of the
+    phase's wall-clock budget spent, so that a run stopped by its time cap has still decayed its learning rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_fraction)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _set_scheduled_lr(optimizer: torch.optim.Optimizer, peak_lr: float, step: int, total: int, warmup: int) -> None:
+def _set_scheduled_lr(
+    optimizer: torch.optim.Optimizer, peak_lr: float, step: int, total: int, warmup: int, time_fraction: float = 0.0
+) -> None:
     """Give every parameter group the scheduled learning rate of ``step``."""
     for group in optimizer.param_groups:
-        group["lr"] = peak_lr * _lr_factor(step, total, warmup)
+        group["lr"] = peak_lr * _lr_factor(step, total, warmup, time_fraction)
+
+
+def _budget_fraction(phase_start: float, deadline: float | None) -> float:
+    """The share of the time from ``phase_start`` to ``deadline`` spent so far (0 without a deadline)."""
+    if deadline is None or deadline <= phase_start:
+        return 0.0
+    return (time.monotonic() - phase_start) / (deadline - phase_start)
 
 
 def _time_is_up(deadline: float | None, phase: str, step: int, total: int) -> bool:
@@ -543,10 +557,11 @@ def train_toy_model(
         tr_first = tr_last = align_first = align_last = None
         tr_done, window, align_window = 0, [], []
         bar = progress(range(transformer_steps), desc="train transformer", unit="step")
+        phase_start = time.monotonic()
         for step in bar:
             if _time_is_up(deadline, "transformer", step, transformer_steps):
                 break
-            _set_scheduled_lr(optimizer, lr, step, transformer_steps, warmup)
+            _set_scheduled_lr(optimizer, lr, step, transformer_steps, warmup, _budget_fraction(phase_start, deadline))
             batch = sample_batch(g)
             optimizer.zero_grad(set_to_none=True)
             try:
@@ -643,7 +658,7 @@ def train_toy_model(
             "pooled_text_projection": "zeroed and frozen: text reaches the image only through joint attention",
             "optimizer": "AdamW",
             "weight_decay": weight_decay,
-            "schedule": "linear warm-up, cosine decay to 10%",
+            "schedule": "linear warm-up, cosine decay to 10% over the steps or the time cap, whichever ends first",
             "grad_clip": 1.0,
             "ema_decay": ema_decay,
             "autocast": "bf16" if device_t.type == "cuda" else "none (fp32)",
