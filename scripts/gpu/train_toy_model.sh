@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Train a model of the harder toy world (issue 16: datasets/toy_world.py, TOY_WORLD_SD3_CONFIG) on one GPU, with a
-# fixed seed. (The committed models/toy_sd3 is the toy-shapes model: see its seg4diff_model.json for its recipe.)
+# fixed seed. (The committed models/toy_sd3 came from it in five stages, each continuing the last with INIT_FROM:
+# its seg4diff_model.json nests every stage's recipe; benchmarks/RESULTS.md, "Harder toy world", gives each one.)
 #
 # Run from the repository root on the GPU machine (no network): `bash scripts/gpu/train_toy_model.sh`. Where diffusers
-# is missing it installs the wheels of $WHEELS (default .gpuwheels/: diffusers, open_clip_torch, ftfy, wcwidth) into
-# /tmp/site.
+# is missing it installs the wheels of $WHEELS (default .gpuwheels/: diffusers, open_clip_torch, ftfy, wcwidth, and for
+# the checks, which read the package's config module, the Python 3.12 wheels of jsonschema, jsonschema-specifications,
+# referencing, rpds-py, attrs and pyyaml) into /tmp/site.
 #
 # HEADS lists the widths to train (attention heads of 16 channels) and ALIGN_WEIGHTS the weights of the alignment
 # loss at ALIGN_LAYER (when set): one training per combination, run side by side on the GPU (the tiny models leave
