@@ -249,9 +249,9 @@ def test_unperturbed_sd3_run_equals_the_stock_pipeline_and_perturbed_runs_differ
     prompts = [e["prompt"] for e in manifest["images"]]
     assert prompts == load_prompts(limit=2) and [e["seed"] for e in manifest["images"]] == [3, 3]
     pipe = load_sd3_pipeline(generation_run / "models/toy_sd3")
-    assert manifest["sampling"]["steps"] == generation_steps(generation_run)
-    stock = pipe(prompt=prompts, negative_prompt=[""] * 2, num_inference_steps=generation_steps(generation_run),
-                 guidance_scale=7.5,
+    steps = generation_steps(generation_run)
+    assert manifest["sampling"]["steps"] == steps
+    stock = pipe(prompt=prompts, negative_prompt=[""] * 2, num_inference_steps=steps, guidance_scale=7.5,
                  generator=[torch.Generator().manual_seed(3) for _ in prompts], max_sequence_length=77,
                  output_type="np").images
     np.testing.assert_allclose(images.astype(float), np.round(stock * 255), atol=1)
