@@ -56,6 +56,26 @@ localrules:
 report: "workflow/report/workflow.rst"
 
 
+# Local runs: the jobs' `seg4diff-repro` commands run in processes forked from one interpreter that has imported
+# torch, diffusers and the plotting libraries once (src/seg4diff_repro/fork_server.py), which saves each job their
+# 2-10 s of imports. Its log: logs/fork_server.log. SEG4DIFF_FORK_SERVER=off runs every job in its own process.
+onstart:
+    if workflow.local_exec and not workflow.deployment_settings.deployment_method:
+        FORK_SERVER["socket"] = start_server(
+            Path("logs/fork_server.log"), parent_pid=os.getpid(), env=job_environment()
+        )
+        if FORK_SERVER["socket"]:
+            os.environ[SERVER_ENV] = FORK_SERVER["socket"]
+
+
+onsuccess:
+    stop_server(FORK_SERVER.pop("socket", None))
+
+
+onerror:
+    stop_server(FORK_SERVER.pop("socket", None))
+
+
 ALL_TARGETS = list(dict.fromkeys([
     *run_targets(),
     *timestep_sweep_targets(),  # Fig. 2's sweep pairs too

@@ -146,7 +146,7 @@ def toy_config() -> dict:
         (lambda c: c["models"]["toy_sd3_magnet_coco"].update(backbone="flux"),
          "models.toy_sd3_magnet_coco.backbone = 'flux', but its adapter (lora: toy_sd3_coco)"),
         (lambda c: c["models"]["toy_sd3_magnet_coco"].update(analysis_layer=3),
-         "set models.toy_sd3_magnet_coco.analysis_layer to 7"),
+         "set models.toy_sd3_magnet_coco.analysis_layer to 5"),
         (lambda c: c["magnet"]["runs"]["toy_sd3_coco"].update(model="missing"),
          "magnet.runs.toy_sd3_coco.model = 'missing' is not defined"),
         (lambda c: c["magnet"]["runs"].update(again={"model": "toy_sd3_magnet_coco", "protocol": "coco", "data": {"prepared": "toy_world_objects"}}),

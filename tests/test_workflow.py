@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The trained toy model's layer that the shared toy run (conftest.py) perturbs: its grounding layer (config.yaml's
 # analysis_layer), where a perturbation changes the images most (at layer 0 by at most 6 grey levels).
-TEST_SD3_LAYER = 7
+TEST_SD3_LAYER = 5
 
 
 def generation_steps(workdir: Path) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from seg4diff_repro.cli_attention_figures import add_attention_figure_commands
@@ -372,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `seg4diff-repro` command: in the workflow's warm fork server where one runs (fork_server.py), else here."""
+    if argv is None:
+        from seg4diff_repro.fork_server import run_job
+
+        run_job(sys.argv[1:])
+    else:
+        run_command(argv)
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the process's arguments) and run the subcommand in this process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     quiet_library_progress_bars()  # in a job's log: no loading and download bars of diffusers, transformers, hub
     args = build_parser().parse_args(argv)

@@ -19,6 +19,17 @@ if (PACKAGE_SRC / "seg4diff_repro").is_dir():
     _job_pythonpath = f"export PYTHONPATH={shlex.quote(str(PACKAGE_SRC))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 else:  # a copy of the workflow without the package (tests): the installed package
     _job_pythonpath = ""
+
+
+def job_environment() -> dict:
+    """The environment variables a job's shell gives its `seg4diff-repro` command (the shell prefix below)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(workflow.basedir) / 'workflow/bin'}:{env.get('PATH', '')}"
+    if _job_pythonpath:
+        env["PYTHONPATH"] = str(PACKAGE_SRC) + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+    return env
+
+
 # Snakemake's default prefix is `set -euo pipefail; `; a custom prefix replaces it, so it is repeated here.
 shell.prefix(
     f"set -euo pipefail; export PATH={shlex.quote(str(Path(workflow.basedir) / 'workflow/bin'))}:$PATH; "
@@ -27,7 +38,10 @@ shell.prefix(
 
 from seg4diff_repro.attention.cache import CACHE_FORMAT
 from seg4diff_repro.config import apply_defaults, check_config, load_schema, looks_like_local_path, lora_base
+from seg4diff_repro.fork_server import SERVER_ENV, start_server, stop_server
 from seg4diff_repro.provenance import command_fingerprint
+
+FORK_SERVER = {}  # the socket of the jobs' fork server while one runs (Snakefile: onstart)
 
 SCHEMA = Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
 
