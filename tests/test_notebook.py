@@ -70,9 +70,9 @@ def check_what_it_computed(report: dict) -> None:
     assert report["classes"] == ["circle", "square", "triangle", "star", "cross", "ring"]
     miou = {int(layer): value for layer, value in report["miou"].items()}
     # The toy model's finding (benchmarks/RESULTS.md, "One-shot trainings"): layer 5, config.yaml's analysis layer,
-    # tells the shapes apart best, far above the median layer (72 and 36 mIoU on 64 images; noisier on the few here).
+    # tells the shapes apart best, far above the median layer (64 and 37 mIoU on 64 images; noisier on the few here).
     assert report["analysis_layer"] == 5 and report["cache_layer"] == 5
-    assert report["best"] == 5 and miou[5] > 50 and miou[5] > np.median(list(miou.values())) + 15
+    assert report["best"] == 5 and miou[5] > 45 and miou[5] > np.median(list(miou.values())) + 15
 
 
 def cached_map(cache_dir: Path, image_id: str, layer: int, class_index: int = 0) -> np.ndarray:
