@@ -195,8 +195,8 @@ def test_default_toy_dry_run_perturbs_the_configured_layers_and_only_flux_double
     flux = sorted(o.rsplit("/", 1)[1] for o in runs if "/toy_flux_random/" in o)
     assert flux == ["none", "perturb_l0", "perturb_l1"]  # 2 double-stream blocks of 4
     # config.yaml's subsets of the 12-block toy model's layers: 4 perturbed for Fig. 5, 3 grid rows.
-    assert sorted(o.rsplit("_l", 1)[1] for o in runs if "/toy_sd3/fidelity/perturb_l" in o) == ["0", "11", "4", "7"]
-    assert sorted(o.rsplit("_l", 1)[1] for o in runs if "/toy_sd3/fig19/guidance_l" in o) == ["0", "11", "6"]
+    assert sorted(o.rsplit("_l", 1)[1] for o in runs if "/toy_sd3/fidelity/perturb_l" in o) == ["0", "11", "5", "7"]
+    assert sorted(o.rsplit("_l", 1)[1] for o in runs if "/toy_sd3/fig19/guidance_l" in o) == ["0", "11", "5"]
     assert set(TARGETS) <= {f for o in planned_outputs(dry_run) for f in o.split(", ")}
 
 

@@ -95,7 +95,8 @@ def test_without_a_pipeline_run_it_works_in_a_temporary_folder_and_creates_no_pi
     assert not cache_dir.is_relative_to(root) and "extracted into" in report["cache_cell_text"]
     assert report["cache_cell_pngs"] == 1
     assert report["cache_map"] and np.asarray(report["cache_map"]).shape == (32, 32)
-    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, report["cache_image"], 7), atol=1e-6)
+    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, report["cache_image"], report["cache_layer"]),
+                               atol=1e-6)
     assert [folder for folder in PIPELINE_FOLDERS if (root / folder).exists()] == []
 
 
@@ -131,8 +132,9 @@ def test_it_reads_the_pipelines_data_scores_and_attention_cache_and_changes_noth
     assert report["cache_dir"] == str(cache_dir) and report["cache_image"] == "toy_val_00000"
     assert "the pipeline's, results/attention/toy_sd3/toy_objects/t8" in report["cache_cell_text"]
     assert report["cache_cell_pngs"] == 1
-    assert not np.allclose(cached_map(cache_dir, "toy_val_00000", 7), cached_map(caches["toy_crowd"], "toy_val_00000", 7))
-    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, "toy_val_00000", 7), atol=1e-6)
+    layer = report["cache_layer"]
+    assert not np.allclose(cached_map(cache_dir, "toy_val_00000", layer), cached_map(caches["toy_crowd"], "toy_val_00000", layer))
+    np.testing.assert_allclose(report["cache_map"], cached_map(cache_dir, "toy_val_00000", layer), atol=1e-6)
     assert snapshot(root) == before  # every file's bytes and mtime, the cache's included
 
 
